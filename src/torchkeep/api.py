@@ -1,0 +1,341 @@
+"""save / load / restore: the three calls a training loop needs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep._version import __version__
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    DeviceUnavailableError,
+    KeyMismatchError,
+    UnsupportedObjectError,
+)
+from torchkeep.format.dtypes import DTYPE_TO_ST
+from torchkeep.format.header import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, HASH_NAME, HeaderBuilder, digest
+from torchkeep.legacy import is_legacy, load_legacy
+from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
+from torchkeep.storage.local import AtomicFile, buffer_of, write_buffers
+from torchkeep.tree import flatten, format_path, is_stateful
+
+__all__ = ["load", "restore", "save"]
+
+PathLike = str | os.PathLike[str]
+MapLocation = str | torch.device | Mapping[str, Any] | Callable[[torch.Tensor, str], torch.Tensor] | None
+
+
+def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as contiguous CPU memory ready to write (a copy only when needed)."""
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+def _hash_all(bufs: list[memoryview]) -> list[str]:
+    return [digest(b) for b in bufs]
+
+
+def save(
+    obj: Any,
+    path: PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    durable: bool = True,
+) -> Path:
+    """Save a state tree atomically as a torchkeep (safetensors) file.
+
+    Stateful leaves (modules, optimizers, schedulers, ``GradScaler``, :class:`RNGState`,
+    anything with ``state_dict``/``load_state_dict``) are saved through ``state_dict()``.
+    Nothing is pickled; a leaf that cannot be represented raises an error naming its path.
+
+    Args:
+        obj: the state tree.
+        path: target file; its parent directory is created if needed.
+        metadata: JSON-serialisable user metadata, read back with ``tk.open(path).metadata``.
+        durable: fsync the file and its directory (default). ``False`` keeps the atomic
+            rename but skips the fsyncs: for scratch files, tmpfs, or files uploaded at once.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UnsupportedObjectError: a leaf is neither data nor Stateful (message names its path).
+        UnsupportedDtypeError: a tensor dtype that safetensors cannot hold.
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> model = torch.nn.Linear(2, 2)
+        >>> p = tk.save({"model": model, "epoch": 3}, os.path.join(tempfile.mkdtemp(), "ckpt.safetensors"))
+        >>> tk.load(p)["epoch"]
+        3
+    """
+    path = Path(os.fspath(path)).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; give a file name such as {path / 'ckpt.safetensors'}")
+    flat = flatten(obj)
+    meta = {
+        "format": "pt",
+        FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}",
+        "torchkeep.hash": HASH_NAME,
+        "torchkeep.library": __version__,
+        "torchkeep.torch": torch.__version__.split("+")[0],
+        "torchkeep.created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        TREE_KEY: json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
+    }
+    if metadata:
+        meta[USER_KEY] = _metadata_json(metadata)
+    keep = {k: _cpu_bytes(t) for k, t in flat.tensors.items()}
+    builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in keep.items()], meta)
+    bufs = [buffer_of(keep[s.name]) for s in builder.specs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(path, durable=durable) as f, ThreadPoolExecutor(1) as pool:
+        hashes = pool.submit(_hash_all, bufs)  # hashing runs beside the writes (both drop the GIL)
+        write_buffers(f.fd, builder.header_size, bufs)
+        os.pwrite(f.fd, builder.seal(hashes.result()), 0)
+        f.commit()
+    return path
+
+
+def _metadata_json(metadata: Mapping[str, Any]) -> str:
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise UnsupportedObjectError("metadata", metadata, "metadata must be a dict with string keys.")
+    try:
+        return json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedObjectError("metadata", metadata, f"metadata must be JSON-serialisable ({e}).") from None
+
+
+def _placer(map_location: MapLocation) -> Callable[[torch.Tensor, str | None], torch.Tensor] | None:
+    """Turn a ``map_location`` into ``place(tensor, original_device)`` (None: leave on CPU)."""
+    if map_location is None:
+        return lambda t, dev: t if dev is None else t.to(dev)
+    if isinstance(map_location, (str, torch.device)):
+        target = torch.device(map_location)
+        return None if target.type == "cpu" else (lambda t, dev: t.to(target))
+    if isinstance(map_location, Mapping):
+        table = {str(k): v for k, v in map_location.items()}
+        return lambda t, dev: t.to(table.get(dev or "cpu", dev or "cpu"))
+    if callable(map_location):
+        return lambda t, dev: map_location(t, dev or "cpu")
+    raise TypeError(f"map_location must be a device, a string, a dict or a callable, not {type(map_location).__name__}")
+
+
+def _checked_placer(path: Path, map_location: MapLocation) -> Callable[[torch.Tensor, str | None], torch.Tensor] | None:
+    place = _placer(map_location)
+    if place is None:
+        return None
+
+    def run(t: torch.Tensor, dev: str | None) -> torch.Tensor:
+        try:
+            return place(t, dev)
+        except (RuntimeError, AssertionError) as e:
+            raise DeviceUnavailableError(path, dev or "cpu", map_location, str(e).splitlines()[0]) from None
+
+    return run
+
+
+def load(
+    path: PathLike,
+    *,
+    map_location: MapLocation = "cpu",
+    verify: bool = True,
+    trust_pickle: bool = False,
+) -> Any:
+    """Load a checkpoint and return its state tree (Stateful leaves come back as state dicts).
+
+    The format is detected from the content, not the extension: torchkeep files, plain
+    safetensors files (a flat ``{name: tensor}`` dict) and legacy ``torch.save`` files.
+
+    Args:
+        path: the file.
+        map_location: where tensors go: ``"cpu"`` (default), a device, ``None`` for the
+            device each tensor was saved from, a dict like ``{"cuda:1": "cuda:0"}``, or
+            ``fn(tensor, saved_device) -> tensor``.
+        verify: check every checksum before returning (any flipped bit raises).
+        trust_pickle: allow legacy pickles that hold more than tensors (runs their code!).
+
+    Raises:
+        CheckpointNotFoundError, CorruptCheckpointError, ChecksumMismatchError,
+        UnsafeCheckpointError, DeviceUnavailableError.
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> p = tk.save({"w": torch.arange(3), "cfg": {"lr": 0.1}}, os.path.join(tempfile.mkdtemp(), "c.safetensors"))
+        >>> tk.load(p)["cfg"]
+        {'lr': 0.1}
+    """
+    path = Path(os.fspath(path)).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(path)
+    if path.is_file():
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if is_legacy(head):
+            return load_legacy(path, map_location=map_location, trust_pickle=trust_pickle)
+    with Checkpoint(path, verify=verify) as ck:
+        return ck.tree(place=_checked_placer(path, map_location))
+
+
+def _targets(targets: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(path, target)`` for every Stateful / Generator leaf of a nested dict of targets."""
+    if is_stateful(targets) or isinstance(targets, torch.Generator):
+        return [(prefix, targets)]
+    if isinstance(targets, Mapping):
+        out: list[tuple[tuple[Any, ...], Any]] = []
+        for k, v in targets.items():
+            out.extend(_targets(v, (*prefix, k)))
+        return out
+    raise TypeError(
+        f"restore target {format_path(prefix) or '<root>'} is a {type(targets).__name__}; targets are objects with "
+        "load_state_dict() (modules, optimizers, schedulers, tk.RNGState()), torch.Generators, or dicts of them"
+    )
+
+
+def _lookup(tree: Any, path: tuple[Any, ...]) -> tuple[bool, Any]:
+    node = tree
+    for p in path:
+        if not isinstance(node, Mapping) or p not in node:
+            return False, None
+        node = node[p]
+    return True, node
+
+
+def _check_module(where: str, module: torch.nn.Module, sd: Any, strict: bool) -> dict[str, Any]:
+    """Validate a module state dict before anything is copied; returns what to load."""
+    if not isinstance(sd, Mapping):
+        raise KeyMismatchError(where, fix=f"the checkpoint holds a {type(sd).__name__} here, not a module state dict")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in sd.items()
+        if k in expected
+        and isinstance(v, torch.Tensor)
+        and isinstance(expected[k], torch.Tensor)
+        and v.shape != expected[k].shape
+    ]
+    if strict and (missing or unexpected or mismatched):
+        raise KeyMismatchError(
+            where,
+            missing,
+            unexpected,
+            mismatched,
+            fix="pass strict=False to load the keys that match and skip the rest (they are reported as a warning)",
+        )
+    if missing or unexpected or mismatched:
+        warnings.warn(
+            str(
+                KeyMismatchError(where, missing, unexpected, mismatched, fix="loaded the matching keys (strict=False)")
+            ),
+            stacklevel=3,
+        )
+    bad = {k for k, _, _ in mismatched}
+    return {k: v for k, v in sd.items() if k not in bad and k in expected}
+
+
+def _check_optimizer(where: str, opt: torch.optim.Optimizer, sd: Any) -> None:
+    groups = sd.get("param_groups") if isinstance(sd, Mapping) else None
+    if not isinstance(groups, list):
+        raise KeyMismatchError(where, fix="the checkpoint holds no optimizer state dict here")
+    saved = [len(g.get("params", ())) for g in groups]
+    have = [len(g["params"]) for g in opt.param_groups]
+    if saved != have:
+        raise KeyMismatchError(
+            where,
+            fix=f"the optimizer has param groups of sizes {have}, the checkpoint {saved}; "
+            "build the optimizer over the same parameters as when it was saved",
+        )
+
+
+def restore(
+    path: PathLike,
+    targets: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    map_location: MapLocation = "cpu",
+    verify: bool = True,
+    trust_pickle: bool = False,
+) -> Any:
+    """Load a checkpoint and ``load_state_dict`` it into each target, in place.
+
+    Every target is checked (keys, shapes, optimizer groups) before any is modified, and
+    checksums are verified before anything is copied, so a failed restore leaves your
+    objects as they were.
+
+    Args:
+        path: the checkpoint.
+        targets: a dict (possibly nested) mirroring the saved tree, whose leaves are
+            modules, optimizers, schedulers, scalers, :class:`RNGState`, generators or
+            any object with ``load_state_dict``.
+        strict: missing targets or module keys / shapes that differ raise
+            :class:`~torchkeep.errors.KeyMismatchError`; ``False`` loads what matches
+            and warns about the rest.
+        map_location, verify, trust_pickle: as in :func:`load`.
+
+    Returns:
+        The loaded tree (as :func:`load` returns it), e.g. to read ``state["epoch"]``.
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> model = torch.nn.Linear(2, 2)
+        >>> p = tk.save({"model": model, "epoch": 4}, os.path.join(tempfile.mkdtemp(), "c.safetensors"))
+        >>> fresh = torch.nn.Linear(2, 2)
+        >>> tk.restore(p, {"model": fresh})["epoch"]
+        4
+        >>> torch.equal(fresh.weight, model.weight)
+        True
+    """
+    plan = _targets(targets)
+    tree = load(path, map_location=map_location, verify=verify, trust_pickle=trust_pickle)
+    found: list[tuple[str, Any, Any]] = []
+    absent: list[str] = []
+    for tpath, target in plan:
+        ok, sub = _lookup(tree, tpath)
+        where = format_path(tpath)
+        if not ok:
+            absent.append(where)
+            continue
+        if isinstance(target, torch.nn.Module):
+            sub = _check_module(where, target, sub, strict)
+        elif isinstance(target, torch.optim.Optimizer):
+            _check_optimizer(where, target, sub)
+        elif isinstance(target, torch.Generator) and not isinstance(sub, torch.Generator):
+            raise KeyMismatchError(where, fix="the checkpoint holds no torch.Generator here")
+        found.append((where, target, sub))
+    if absent:
+        available = sorted(map(str, tree)) if isinstance(tree, Mapping) else []
+        if strict:
+            raise KeyMismatchError(
+                str(path),
+                missing=absent,
+                fix=f"the checkpoint's top-level keys are {available}; rename the targets, "
+                "or pass strict=False to restore only those present",
+            )
+        warnings.warn(f"{path}: not in the checkpoint, left unchanged: {', '.join(sorted(absent))}", stacklevel=2)
+    for _where, target, sub in found:
+        if isinstance(target, torch.Generator):
+            target.set_state(sub.get_state())
+        elif isinstance(target, torch.nn.Module):
+            target.load_state_dict(sub, strict=False)  # keys were checked above
+        else:
+            # schedulers pop keys from the dict they get: hand them a copy, keep ours intact
+            target.load_state_dict(copy.copy(sub) if isinstance(sub, dict) else sub)
+    return tree

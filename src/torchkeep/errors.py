@@ -1,0 +1,181 @@
+"""The torchkeep exception tree.
+
+Every error derives from :class:`TorchkeepError` *and* from the built-in exception a
+caller would naturally catch (``KeyError``, ``ValueError``, ``TypeError``, ...), so
+existing ``except`` clauses keep working. Each carries its data as attributes and its
+message says what to do next.
+
+Example:
+    >>> import torchkeep as tk
+    >>> try:
+    ...     tk.load("missing.safetensors")
+    ... except tk.errors.TorchkeepError as e:
+    ...     print(type(e).__name__)
+    CheckpointNotFoundError
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
+    "DeviceUnavailableError",
+    "KeyMismatchError",
+    "TorchkeepError",
+    "UnsafeCheckpointError",
+    "UnsupportedDtypeError",
+    "UnsupportedObjectError",
+    "format_names",
+]
+
+
+def format_names(names: Iterable[str], limit: int = 10) -> str:
+    """Sorted, comma-separated names, at most ``limit`` of them, with a count of the rest."""
+    items = sorted(str(n) for n in names)
+    shown = ", ".join(items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items) - limit} more)"
+    return shown
+
+
+class TorchkeepError(Exception):
+    """Root of every error torchkeep raises."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we never want that
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """The path does not exist."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        super().__init__(
+            f"{self.path}: no such checkpoint file. Check the path (cwd-relative paths are resolved from the current directory)."
+        )
+
+
+class CorruptCheckpointError(TorchkeepError, ValueError):
+    """The file is not a readable checkpoint: truncated, empty, bad header, bad offsets."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(
+            f"{self.path}: corrupt or not a checkpoint: {reason}. "
+            "Restore it from a backup or re-save it; `torchkeep verify FILE` checks a file without loading it."
+        )
+
+
+class ChecksumMismatchError(CorruptCheckpointError):
+    """Stored bytes do not match their recorded checksum (a flipped bit, a torn write).
+
+    Attributes:
+        path: the file.
+        key: the tensor name whose data is damaged, or ``"<header>"``.
+    """
+
+    def __init__(self, path: str | Path, key: str, expected: str = "", actual: str = "") -> None:
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        what = "the header" if key == "<header>" else f"tensor {key!r}"
+        detail = f" (expected {expected}, got {actual})" if expected else ""
+        super().__init__(path, f"checksum mismatch in {what}{detail}")
+        self.args = (
+            f"{self.path}: checksum mismatch in {what}{detail}: the file was damaged after it was written. "
+            "Nothing was loaded. Use an earlier checkpoint, or pass verify=False to read it anyway at your own risk.",
+        )
+
+
+class UnsupportedDtypeError(TorchkeepError, TypeError):
+    """A tensor's dtype cannot be stored in a safetensors file."""
+
+    def __init__(self, path: str, dtype: Any) -> None:
+        self.path = path
+        self.dtype = dtype
+        super().__init__(
+            f"{path}: dtype {dtype} cannot be stored in a safetensors file. "
+            f"Convert it first, e.g. tensor.to(torch.float32), or store its integer representation."
+        )
+
+
+class UnsupportedObjectError(TorchkeepError, TypeError):
+    """A leaf of the state tree is neither data nor Stateful, so it cannot be saved without pickle."""
+
+    def __init__(self, path: str, obj: Any, hint: str = "") -> None:
+        self.path = path
+        self.obj_type = type(obj).__name__
+        what = getattr(obj, "__qualname__", None) if callable(obj) else None
+        shown = f"<{what}>" if what else f"object of type {type(obj).__module__}.{type(obj).__qualname__}"
+        hint = hint or (
+            "Saved trees hold tensors, numbers, strings, bools, None, dtypes, devices, lists/tuples/dicts "
+            "and objects with state_dict()/load_state_dict(). Remove it from the tree or give it those two methods."
+        )
+        super().__init__(f"{path or '<root>'}: cannot save {shown}. {hint}")
+
+
+class UnsafeCheckpointError(TorchkeepError, RuntimeError):
+    """A pickle-based file needs more than plain weights to load: loading it could run code."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(
+            f"{self.path}: refused to unpickle: {reason}. Loading it could run arbitrary code. "
+            "If, and only if, you trust where this file came from, pass trust_pickle=True; "
+            "then convert it once with tk.save(tk.load(path, trust_pickle=True), 'model.safetensors')."
+        )
+
+
+class KeyMismatchError(TorchkeepError, KeyError):
+    """Keys in a checkpoint and in a target do not match.
+
+    Attributes:
+        missing: keys the target needs that the checkpoint lacks.
+        unexpected: keys the checkpoint has that the target lacks.
+        mismatched: ``(key, checkpoint_shape, target_shape)`` triples.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[tuple[str, Any, Any]] = (),
+        fix: str = "",
+    ) -> None:
+        self.where = where
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched, key=lambda m: m[0])
+        lines = [f"{where}: checkpoint and target do not match"]
+        if self.missing:
+            lines.append(f"  missing in checkpoint ({len(self.missing)}): {format_names(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  unexpected in checkpoint ({len(self.unexpected)}): {format_names(self.unexpected)}")
+        if self.mismatched:
+            shown = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched[:10]]
+            more = f", ... ({len(self.mismatched) - 10} more)" if len(self.mismatched) > 10 else ""
+            lines.append(f"  shape mismatch, checkpoint vs target ({len(self.mismatched)}): {', '.join(shown)}{more}")
+        if fix:
+            lines.append(f"  fix: {fix}")
+        super().__init__("\n".join(lines))
+
+
+class DeviceUnavailableError(TorchkeepError, RuntimeError):
+    """A tensor cannot be placed on the requested device (e.g. saved on CUDA, no GPU here)."""
+
+    def __init__(self, path: str | Path, saved_device: str, map_location: Any, reason: str) -> None:
+        self.path = str(path)
+        self.saved_device = saved_device
+        self.map_location = map_location
+        super().__init__(
+            f"{self.path}: cannot place a tensor saved on {saved_device} with map_location={map_location!r}: "
+            f"{reason}. Pass map_location='cpu' (the default) or a device this machine has."
+        )

@@ -1,0 +1,219 @@
+"""Open a safetensors/torchkeep file, read tensors into fresh memory, and verify them.
+
+:func:`torchkeep.open` returns a :class:`Checkpoint`; :func:`torchkeep.load` uses one
+to read everything. Reading is ``preadv`` straight into each tensor's memory (no
+staging copy), and checksums are computed in a second thread while the next batch
+is read, so ``verify=True`` costs little.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from torchkeep.errors import CheckpointNotFoundError, ChecksumMismatchError, CorruptCheckpointError, KeyMismatchError
+from torchkeep.format.dtypes import ST_TO_DTYPE
+from torchkeep.format.header import HashState, Header, TensorSpec, digest, parse_header
+from torchkeep.storage.local import buffer_of, read_into
+from torchkeep.tree import SkeletonError, unflatten
+
+__all__ = ["Checkpoint", "open_checkpoint"]
+
+TREE_KEY = "torchkeep.tree"
+USER_KEY = "torchkeep.user"
+_BATCH = 64 << 20  # bytes read per preadv batch before its checksums are handed to the hash thread
+
+
+def _hash_all(bufs: list[memoryview]) -> list[str]:
+    return [digest(b) for b in bufs]
+
+
+class Checkpoint:
+    """A read-only handle on a checkpoint file; reads only the tensors asked for.
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> p = tk.save({"w": torch.ones(3), "b": torch.zeros(1)}, os.path.join(tempfile.mkdtemp(), "c.safetensors"))
+        >>> with tk.open(p) as ck:
+        ...     sorted(ck.keys()), ck.get("w").sum().item()
+        (['b', 'w'], 3.0)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.verify = verify
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(self.path) from None
+        except IsADirectoryError:
+            raise CorruptCheckpointError(self.path, "it is a directory, not a file") from None
+        try:
+            size = os.fstat(self._fd).st_size
+            self.header: Header = parse_header(lambda off, n: os.pread(self._fd, n, off), size, str(self.path))
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def is_torchkeep(self) -> bool:
+        """True for files written by torchkeep (False for plain safetensors files)."""
+        return self.header.is_torchkeep
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """User metadata passed to ``save(..., metadata=...)`` ({} when none)."""
+        raw = self.header.metadata.get(USER_KEY)
+        return self._json(raw, USER_KEY) if raw else {}
+
+    @property
+    def skeleton(self) -> Any:
+        """The typed JSON skeleton of the state tree (``None`` for plain safetensors files)."""
+        raw = self.header.metadata.get(TREE_KEY)
+        return self._json(raw, TREE_KEY) if raw else None
+
+    def _json(self, raw: str, key: str) -> Any:
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise CorruptCheckpointError(self.path, f"metadata {key} is not valid JSON") from None
+
+    def keys(self) -> list[str]:
+        """Stored tensor names (tree paths joined with ``/``), in file order."""
+        return list(self.header.tensors)
+
+    def spec(self, key: str) -> TensorSpec:
+        try:
+            return self.header.tensors[key]
+        except KeyError:
+            raise KeyMismatchError(str(self.path), missing=[key], fix="pick a name from ck.keys()") from None
+
+    # -- tensors ----------------------------------------------------------------------------
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, read (and verified) on its own."""
+        return self.read([key])[key]
+
+    def read(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Read the named tensors (all when ``None``) into fresh CPU memory, verifying checksums."""
+        specs = (
+            sorted((self.spec(k) for k in keys), key=lambda s: s.start)
+            if keys is not None
+            else list(self.header.tensors.values())
+        )
+        out: dict[str, torch.Tensor] = {}
+        verify = self.verify and self.header.checksums is not None
+        pending: list[tuple[list[TensorSpec], Future[list[str]]]] = []
+        with ThreadPoolExecutor(1) as pool:
+            for run in _runs(specs):
+                tensors = [torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype]) for s in run]
+                bufs = [buffer_of(t) for t in tensors]
+                try:
+                    read_into(self._fd, self.header.size + run[0].start, bufs)
+                except EOFError:
+                    raise CorruptCheckpointError(
+                        self.path, "the file ended before its last tensor (truncated)"
+                    ) from None
+                for s, t in zip(run, tensors, strict=True):
+                    out[s.name] = t
+                if verify:
+                    pending.append((run, pool.submit(_hash_all, bufs)))
+            for run, fut in pending:
+                assert self.header.checksums is not None
+                for s, h in zip(run, fut.result(), strict=True):
+                    expected = self.header.checksums[s.name]
+                    if h != expected:
+                        raise ChecksumMismatchError(self.path, s.name, expected, h)
+        return out
+
+    def verify_all(self, progress: Any = None) -> int:
+        """Check every checksum without keeping the data; returns bytes checked.
+
+        ``progress(nbytes)`` is called after each chunk (for progress bars).
+        """
+        if self.header.checksums is None:
+            return 0
+        checked = 0
+        for s in self.header.tensors.values():
+            h = HashState()
+            pos = s.start
+            while pos < s.end:
+                n = min(_BATCH, s.end - pos)
+                chunk = os.pread(self._fd, n, self.header.size + pos)
+                if not chunk:
+                    raise CorruptCheckpointError(self.path, f"the file ended inside tensor {s.name!r} (truncated)")
+                h.update(chunk)
+                pos += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            checked += s.nbytes
+            if h.hexdigest() != self.header.checksums[s.name]:
+                raise ChecksumMismatchError(self.path, s.name, self.header.checksums[s.name], h.hexdigest())
+        return checked
+
+    def tree(self, *, place: Any = None) -> Any:
+        """The whole state tree (Stateful leaves as their state dicts)."""
+        tensors = self.read()
+        skeleton = self.skeleton
+        if skeleton is None:  # a plain safetensors file: a flat dict
+            return tensors if place is None else {k: place(t, None) for k, t in tensors.items()}
+        try:
+            return unflatten(skeleton, tensors.__getitem__, place)
+        except SkeletonError as e:
+            raise CorruptCheckpointError(self.path, str(e)) from None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self.header.tensors)})"
+
+
+def _runs(specs: list[TensorSpec]) -> Iterator[list[TensorSpec]]:
+    """Group specs into batches of adjacent file ranges of about ``_BATCH`` bytes."""
+    run: list[TensorSpec] = []
+    size = 0
+    for s in specs:
+        if run and (s.start != run[-1].end or size >= _BATCH):
+            yield run
+            run, size = [], 0
+        run.append(s)
+        size += s.nbytes
+    if run:
+        yield run
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
+    """Open a checkpoint for lazy reading: ``keys()``, ``get(key)``, ``metadata``, ``skeleton``.
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> p = tk.save({"w": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "c.safetensors"))
+        >>> with tk.open(p) as ck:
+        ...     ck.get("w").tolist()
+        [1.0, 1.0]
+    """
+    return Checkpoint(path, verify=verify)

@@ -1,0 +1,155 @@
+"""Local files: atomic, durable commits and vectored reads/writes of tensor memory.
+
+Call order for a write (what :func:`torchkeep.save` does)::
+
+    with AtomicFile(path, durable=True) as f:   # temp file beside ``path``
+        write_buffers(f.fd, offset, buffers)     # data, any number of calls
+        os.pwrite(f.fd, header, 0)               # header last
+        f.commit()                               # fsync, rename, fsync directory
+
+Leaving the block without ``commit()`` (an exception) removes the temp file; the
+previous file at ``path`` is never touched until the rename.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+__all__ = ["AtomicFile", "buffer_of", "read_into", "write_buffers"]
+
+_IOV_MAX = 1024
+_MAX_IO = 1 << 30  # Linux transfers at most ~2 GiB per call; stay well below
+
+
+def buffer_of(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (no copy).
+
+    The caller keeps ``t`` alive while the view is used.
+    """
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+def _chunks(buffers: Sequence[memoryview]) -> list[list[memoryview]]:
+    batches: list[list[memoryview]] = []
+    cur: list[memoryview] = []
+    size = 0
+    for b in buffers:
+        for i in range(0, max(len(b), 1), _MAX_IO):
+            part = b[i : i + _MAX_IO]
+            if not len(part):
+                continue
+            if cur and (len(cur) >= _IOV_MAX or size + len(part) > _MAX_IO):
+                batches.append(cur)
+                cur, size = [], 0
+            cur.append(part)
+            size += len(part)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def write_buffers(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
+    """Write ``buffers`` back to back at ``offset`` with ``pwritev``; returns the end offset."""
+    for batch in _chunks(buffers):
+        while batch:
+            n = os.pwritev(fd, batch, offset)
+            offset += n
+            # a short write: drop what went out and retry the rest
+            while batch and n >= len(batch[0]):
+                n -= len(batch[0])
+                batch = batch[1:]
+            if batch and n:
+                batch = [batch[0][n:], *batch[1:]]
+    return offset
+
+
+def read_into(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
+    """Fill ``buffers`` from consecutive bytes at ``offset`` with ``preadv``; returns the end offset.
+
+    Raises:
+        EOFError: the file ended early.
+    """
+    for batch in _chunks(buffers):
+        while batch:
+            n = os.preadv(fd, batch, offset)
+            if n == 0:
+                raise EOFError(offset)
+            offset += n
+            while batch and n >= len(batch[0]):
+                n -= len(batch[0])
+                batch = batch[1:]
+            if batch and n:
+                batch = [batch[0][n:], *batch[1:]]
+    return offset
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A temp file beside ``path`` that replaces ``path`` atomically on :meth:`commit`.
+
+    Args:
+        path: the final file.
+        durable: fsync the file before and the directory after the rename. Without it
+            the rename is still atomic, but a power loss may lose the new file.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "x.bin")
+        >>> with AtomicFile(p) as f:
+        ...     _ = os.write(f.fd, b"hi")
+        ...     f.commit()
+        >>> open(p, "rb").read()
+        b'hi'
+    """
+
+    def __init__(self, path: str | Path, *, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.durable = durable
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{secrets.token_hex(6)}")
+        # mode 0o666 through the umask, like any file a program creates
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self.committed = False
+
+    def commit(self) -> None:
+        if self.durable:
+            os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, self.path)
+        self.committed = True
+        if self.durable:
+            _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.committed:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.committed:
+            self.abort()

@@ -1,0 +1,375 @@
+"""Flatten a state tree into tensors plus a typed JSON skeleton, and back. Pure: no I/O.
+
+Skeleton nodes (JSON):
+
+====================  ==========================================================
+``null/true/1/1.5/"s"``  ``None``, bools, ints, finite floats, strings as themselves
+``{"f": "nan"}``         non-finite floats (``"nan"``, ``"inf"``, ``"-inf"``)
+``{"l": [...]}``         list;  ``{"t": [...]}`` tuple
+``{"d": {...}}``         dict with string keys (order kept)
+``{"D": [[k, v], ...]}`` dict with any keys (ints, tuples, ...); keys are nodes too
+``{"o": [[k, v]], "m": node}``  ``OrderedDict`` (``m``: ``state_dict()._metadata``)
+``{"dt": "float32"}``    ``torch.dtype``; ``{"sz": [..]}`` ``torch.Size``; ``{"dev": "cuda:0"}`` device
+``{"T": key, ...}``      tensor stored under ``key``; optional ``v`` = ``[offset, shape,
+                         stride]`` view into it, ``dev`` original device, ``rg`` requires
+                         grad, ``P`` ``nn.Parameter``, ``np`` NumPy array
+``{"ns": dtype, "v": x}``  NumPy scalar
+``{"G": device, "s": T}``  ``torch.Generator`` with its state tensor
+``{"S": cls, "v": node}``  a Stateful leaf (``state_dict()`` output), ``cls`` for display
+====================  ==========================================================
+
+Example:
+    >>> import torch
+    >>> flat = flatten({"w": torch.zeros(2), "step": 3})
+    >>> sorted(flat.tensors), flat.skeleton["d"]["step"]
+    (['w'], 3)
+    >>> unflatten(flat.skeleton, flat.tensors.__getitem__)["step"]
+    3
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchkeep.errors import UnsupportedDtypeError, UnsupportedObjectError
+from torchkeep.format.dtypes import DTYPE_TO_ST, dtype_from_name, dtype_name
+
+__all__ = ["Flat", "SkeletonError", "flatten", "format_path", "is_stateful", "tensor_nodes", "unflatten"]
+
+Path = tuple[Any, ...]
+
+
+class SkeletonError(ValueError):
+    """The skeleton JSON is malformed (a corrupt or foreign file)."""
+
+
+def is_stateful(obj: Any) -> bool:
+    """True for objects with callable ``state_dict`` and ``load_state_dict`` (not classes)."""
+    return (
+        not isinstance(obj, type)
+        and callable(getattr(obj, "state_dict", None))
+        and callable(getattr(obj, "load_state_dict", None))
+    )
+
+
+def format_path(path: Path) -> str:
+    """``("optimizer", "param_groups", 0, "foo")`` -> ``optimizer.param_groups[0].foo``."""
+    out = ""
+    for p in path:
+        if isinstance(p, str) and p and "." not in p and "[" not in p:
+            out += f".{p}" if out else p
+        else:
+            out += f"[{p!r}]"
+    return out
+
+
+def _component(p: Any) -> str:
+    s = p if isinstance(p, str) else repr(p)
+    return s.replace("%", "%25").replace("/", "%2F")
+
+
+@dataclass
+class Flat:
+    """Result of :func:`flatten`: tensors to store (by key) and the JSON skeleton."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    skeleton: Any = None
+
+
+@dataclass
+class _Leaf:
+    node: dict
+    tensor: torch.Tensor
+    path: Path
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.leaves: list[_Leaf] = []
+        self.by_id: dict[int, dict] = {}
+        self.names: set[str] = set()
+        self.active: set[int] = set()
+
+    def key_for(self, path: Path) -> str:
+        key = "/".join(_component(p) for p in path) or "tensor"
+        if key in self.names:
+            i = 2
+            while f"{key}~{i}" in self.names:
+                i += 1
+            key = f"{key}~{i}"
+        self.names.add(key)
+        return key
+
+    def tensor(self, t: torch.Tensor, path: Path, extra: dict | None = None) -> dict:
+        seen = self.by_id.get(id(t))
+        if seen is not None:
+            return seen
+        where = format_path(path)
+        if t.layout != torch.strided:
+            raise UnsupportedObjectError(where, t, f"{t.layout} tensors are not supported; call .to_dense() first.")
+        if t.dtype not in DTYPE_TO_ST:
+            raise UnsupportedDtypeError(where, t.dtype)
+        if t.device.type == "meta":
+            raise UnsupportedObjectError(
+                where, t, "a meta tensor has no data; materialise it (e.g. .to_empty()) first."
+            )
+        node: dict[str, Any] = {"T": None}
+        if t.device.type != "cpu":
+            node["dev"] = str(t.device)
+        if isinstance(t, torch.nn.Parameter):
+            node["P"] = 1
+        if t.requires_grad:
+            node["rg"] = 1
+        if extra:
+            node.update(extra)
+        self.by_id[id(t)] = node
+        self.leaves.append(_Leaf(node, t, path))
+        return node
+
+    def encode(self, obj: Any, path: Path) -> Any:
+        if obj is None or obj is True or obj is False or type(obj) is str:
+            return obj
+        if type(obj) is int:
+            return obj
+        if type(obj) is float:
+            return obj if math.isfinite(obj) else {"f": repr(obj)}
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, path)
+        if isinstance(obj, torch.dtype):
+            return {"dt": dtype_name(obj)}
+        if isinstance(obj, torch.Size):
+            return {"sz": list(obj)}
+        if isinstance(obj, torch.device):
+            return {"dev": str(obj)}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "biufc":
+                raise UnsupportedObjectError(
+                    format_path(path), obj, f"NumPy arrays of dtype {obj.dtype} are not supported."
+                )
+            return self.tensor(torch.from_numpy(np.ascontiguousarray(obj)), path, {"np": 1})
+        if isinstance(obj, np.generic) and obj.dtype.kind in "biufc":
+            return {"ns": obj.dtype.name, "v": self.encode(obj.item(), path)}
+        if isinstance(obj, torch.Generator):
+            state = obj.get_state()
+            return {"G": str(obj.device), "s": self.tensor(state, (*path, "state"))}
+        oid = id(obj)
+        if oid in self.active:
+            raise UnsupportedObjectError(format_path(path), obj, "the tree contains a reference cycle.")
+        self.active.add(oid)
+        try:
+            return self._container(obj, path)
+        finally:
+            self.active.discard(oid)
+
+    def _container(self, obj: Any, path: Path) -> Any:
+        if type(obj) is list:
+            return {"l": [self.encode(v, (*path, i)) for i, v in enumerate(obj)]}
+        if type(obj) is tuple:
+            return {"t": [self.encode(v, (*path, i)) for i, v in enumerate(obj)]}
+        if isinstance(obj, OrderedDict):
+            node: dict[str, Any] = {"o": [[self.encode(k, path), self.encode(v, (*path, k))] for k, v in obj.items()]}
+            meta = getattr(obj, "_metadata", None)
+            if meta is not None:
+                node["m"] = self.encode(meta, (*path, "_metadata"))
+            return node
+        if type(obj) is dict:
+            if all(type(k) is str for k in obj):
+                return {"d": {k: self.encode(v, (*path, k)) for k, v in obj.items()}}
+            return {"D": [[self.encode(k, path), self.encode(v, (*path, k))] for k, v in obj.items()]}
+        if is_stateful(obj):
+            cls = type(obj)
+            return {"S": f"{cls.__module__}.{cls.__qualname__}", "v": self.encode(obj.state_dict(), path)}
+        raise UnsupportedObjectError(format_path(path), obj)
+
+    def resolve(self) -> dict[str, torch.Tensor]:
+        """Name stored tensors; tensors sharing storage become views of one stored tensor."""
+        groups: dict[tuple[str, int], list[_Leaf]] = {}
+        for leaf in self.leaves:
+            t = leaf.tensor
+            ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+            if ptr == 0:
+                groups[("", id(leaf))] = [leaf]
+            else:
+                groups.setdefault((str(t.device), ptr), []).append(leaf)
+        out: dict[str, torch.Tensor] = {}
+        for members in groups.values():
+            base = _covering(members) if len(members) > 1 else None
+            if base is None:
+                for leaf in members:
+                    key = self.key_for(leaf.path)
+                    leaf.node["T"] = key
+                    out[key] = leaf.tensor
+                continue
+            key = self.key_for(base.path)
+            out[key] = base.tensor
+            b = base.tensor
+            for leaf in members:
+                leaf.node["T"] = key
+                if leaf is base:
+                    continue
+                t = leaf.tensor
+                if t.storage_offset() == b.storage_offset() and t.shape == b.shape and t.stride() == b.stride():
+                    continue
+                leaf.node["v"] = [t.storage_offset() - b.storage_offset(), list(t.shape), list(t.stride())]
+        return out
+
+
+def _covering(members: list[_Leaf]) -> _Leaf | None:
+    """The contiguous member whose bytes cover every other member of a shared storage."""
+    dtype = members[0].tensor.dtype
+    if any(m.tensor.dtype != dtype for m in members):
+        return None
+    spans = []
+    for m in members:
+        t = m.tensor
+        lo = t.storage_offset()
+        hi = lo + 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True) if s > 0)
+        spans.append((lo, hi))
+    for m, (lo, hi) in zip(members, spans, strict=True):
+        if m.tensor.is_contiguous() and all(lo <= a and b <= hi for a, b in spans):
+            return m
+    return None
+
+
+def flatten(obj: Any) -> Flat:
+    """Split a state tree into ``{key: tensor}`` and a JSON-able skeleton.
+
+    Stateful leaves are replaced by their ``state_dict()``. Tensors that share storage
+    are stored once when one of them covers the others (tied weights, a view and its
+    base); the others become views of it.
+
+    Raises:
+        UnsupportedObjectError: a leaf that cannot be represented, naming its path.
+        UnsupportedDtypeError: a tensor dtype safetensors cannot hold.
+    """
+    f = _Flattener()
+    skeleton = f.encode(obj, ())
+    return Flat(tensors=f.resolve(), skeleton=skeleton)
+
+
+def tensor_nodes(skeleton: Any) -> list[dict]:
+    """Every tensor node of a skeleton (for inspection), depth first."""
+    out: list[dict] = []
+
+    def walk(n: Any) -> None:
+        if isinstance(n, list):
+            for v in n:
+                walk(v)
+        elif isinstance(n, dict):
+            if "T" in n:
+                out.append(n)
+                return
+            for v in n.values():
+                walk(v)
+
+    walk(skeleton)
+    return out
+
+
+def unflatten(
+    skeleton: Any,
+    get: Callable[[str], torch.Tensor],
+    place: Callable[[torch.Tensor, str | None], torch.Tensor] | None = None,
+) -> Any:
+    """Rebuild a tree from its skeleton.
+
+    Args:
+        skeleton: the JSON skeleton from :func:`flatten`.
+        get: ``key -> tensor`` (CPU) for stored tensors; called once per key.
+        place: ``(tensor, original_device or None) -> tensor`` to move tensors
+            (``map_location``); identity when omitted.
+
+    Raises:
+        SkeletonError: malformed skeleton.
+    """
+    cache: dict[str, torch.Tensor] = {}
+
+    def stored(key: Any, dev: str | None) -> torch.Tensor:
+        if not isinstance(key, str):
+            raise SkeletonError(f"bad tensor reference {key!r}")
+        ck = f"{key}\x00{dev}"
+        t = cache.get(ck)
+        if t is None:
+            t = get(key)
+            if place is not None:
+                t = place(t, dev)
+            cache[ck] = t
+        return t
+
+    def tensor(n: dict) -> torch.Tensor:
+        t = stored(n["T"], n.get("dev"))
+        view = n.get("v")
+        if view is not None:
+            try:
+                off, shape, stride = view
+                t = t.as_strided(shape, stride, t.storage_offset() + off)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise SkeletonError(f"bad view {view!r} of {n['T']!r}: {e}") from None
+        if n.get("np"):
+            return t.numpy()
+        if n.get("P"):
+            return torch.nn.Parameter(t, requires_grad=bool(n.get("rg")))
+        if n.get("rg") and (t.is_floating_point() or t.is_complex()):
+            t = t.requires_grad_(True) if t.is_leaf else t.detach().requires_grad_(True)
+        return t
+
+    def dec(n: Any) -> Any:
+        if n is None or isinstance(n, (bool, int, float, str)):
+            return n
+        if isinstance(n, dict):
+            if "d" in n:
+                return {k: dec(v) for k, v in n["d"].items()}
+            if "l" in n:
+                return [dec(v) for v in n["l"]]
+            if "t" in n:
+                return tuple(dec(v) for v in n["t"])
+            if "T" in n:
+                return tensor(n)
+            if "D" in n:
+                return {_key(dec(k)): dec(v) for k, v in n["D"]}
+            if "o" in n:
+                od: OrderedDict = OrderedDict((_key(dec(k)), dec(v)) for k, v in n["o"])
+                if "m" in n:
+                    od._metadata = dec(n["m"])  # type: ignore[attr-defined]
+                return od
+            if "f" in n:
+                return float(n["f"])
+            if "dt" in n:
+                return dtype_from_name(n["dt"])
+            if "sz" in n:
+                return torch.Size(n["sz"])
+            if "dev" in n:
+                return torch.device(n["dev"])
+            if "ns" in n:
+                return np.dtype(n["ns"]).type(dec(n["v"]))
+            if "S" in n:
+                return dec(n["v"])
+            if "G" in n:
+                state = stored(n["s"]["T"], None)
+                try:
+                    g = torch.Generator(device=n["G"])
+                except RuntimeError:
+                    g = torch.Generator()
+                g.set_state(state.cpu() if g.device.type == "cpu" else state)
+                return g
+        raise SkeletonError(f"unknown skeleton node {str(n)[:80]}")
+
+    try:
+        return dec(skeleton)
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        if isinstance(e, SkeletonError):
+            raise
+        raise SkeletonError(f"malformed skeleton: {e!r}") from None
+
+
+def _key(k: Any) -> Any:
+    if isinstance(k, list):  # never produced; tuples are the hashable sequence
+        raise SkeletonError("a dict key decoded to a list")
+    return k
