@@ -170,6 +170,10 @@ class Checkpoint:
             raise CorruptCheckpointError(self.path, str(e)) from None
 
     # -- lifecycle --------------------------------------------------------------------------
+    def fileno(self) -> int:
+        """The open file descriptor (valid until :meth:`close`)."""
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

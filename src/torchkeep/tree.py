@@ -30,6 +30,8 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,12 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from torchkeep.errors import UnsupportedDtypeError, UnsupportedObjectError
+from torchkeep.errors import TorchkeepError, UnsupportedDtypeError, UnsupportedObjectError
 from torchkeep.format.dtypes import DTYPE_TO_ST, dtype_from_name, dtype_name
 
 __all__ = ["Flat", "SkeletonError", "flatten", "format_path", "is_stateful", "tensor_nodes", "unflatten"]
 
 Path = tuple[Any, ...]
+_INT_DIGITS = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
 
 
 class SkeletonError(ValueError):
@@ -83,7 +86,7 @@ class Flat:
     skeleton: Any = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Leaf:
     node: dict
     tensor: torch.Tensor
@@ -98,7 +101,13 @@ class _Flattener:
         self.active: set[int] = set()
 
     def key_for(self, path: Path) -> str:
-        key = "/".join(_component(p) for p in path) or "tensor"
+        try:
+            key = "/".join(path)  # fast path: plain string components
+            if "%" in key or any("/" in p for p in path):
+                raise TypeError
+        except TypeError:
+            key = "/".join(_component(p) for p in path)
+        key = key or "tensor"
         if key in self.names:
             i = 2
             while f"{key}~{i}" in self.names:
@@ -111,37 +120,46 @@ class _Flattener:
         seen = self.by_id.get(id(t))
         if seen is not None:
             return seen
-        where = format_path(path)
-        if t.layout != torch.strided:
-            raise UnsupportedObjectError(where, t, f"{t.layout} tensors are not supported; call .to_dense() first.")
-        if t.dtype not in DTYPE_TO_ST:
-            raise UnsupportedDtypeError(where, t.dtype)
-        if t.device.type == "meta":
-            raise UnsupportedObjectError(
-                where, t, "a meta tensor has no data; materialise it (e.g. .to_empty()) first."
-            )
+        dev = t.device
+        if t.layout != torch.strided or t.dtype not in DTYPE_TO_ST or dev.type == "meta":
+            self._refuse(t, path)
         node: dict[str, Any] = {"T": None}
-        if t.device.type != "cpu":
-            node["dev"] = str(t.device)
-        if isinstance(t, torch.nn.Parameter):
-            node["P"] = 1
+        if dev.type != "cpu":
+            node["dev"] = str(dev)
         if t.requires_grad:
             node["rg"] = 1
+            if isinstance(t, torch.nn.Parameter):
+                node["P"] = 1
+        elif type(t) is torch.nn.Parameter:
+            node["P"] = 1
         if extra:
             node.update(extra)
         self.by_id[id(t)] = node
         self.leaves.append(_Leaf(node, t, path))
         return node
 
+    @staticmethod
+    def _refuse(t: torch.Tensor, path: Path) -> None:
+        where = format_path(path)
+        if t.layout != torch.strided:
+            raise UnsupportedObjectError(where, t, f"{t.layout} tensors are not supported; call .to_dense() first.")
+        if t.dtype not in DTYPE_TO_ST:
+            raise UnsupportedDtypeError(where, t.dtype)
+        raise UnsupportedObjectError(where, t, "a meta tensor has no data; materialise it (e.g. .to_empty()) first.")
+
     def encode(self, obj: Any, path: Path) -> Any:
-        if obj is None or obj is True or obj is False or type(obj) is str:
+        if isinstance(obj, torch.Tensor):  # first: the common case in large trees
+            return self.tensor(obj, path)
+        if obj is None or obj is True or obj is False:
             return obj
+        if type(obj) is str:
+            return _check_str(obj, path)
         if type(obj) is int:
+            if obj.bit_length() > 3 * _INT_DIGITS > 0:
+                _check_int(obj, path)
             return obj
         if type(obj) is float:
             return obj if math.isfinite(obj) else {"f": repr(obj)}
-        if isinstance(obj, torch.Tensor):
-            return self.tensor(obj, path)
         if isinstance(obj, torch.dtype):
             return {"dt": dtype_name(obj)}
         if isinstance(obj, torch.Size):
@@ -149,13 +167,21 @@ class _Flattener:
         if isinstance(obj, torch.device):
             return {"dev": str(obj)}
         if isinstance(obj, np.ndarray):
-            if obj.dtype.kind not in "biufc":
+            if obj.dtype.kind not in "biufc" or not obj.dtype.isnative:
                 raise UnsupportedObjectError(
-                    format_path(path), obj, f"NumPy arrays of dtype {obj.dtype} are not supported."
+                    format_path(path), obj, f"NumPy arrays of dtype {obj.dtype.str} are not supported."
                 )
-            return self.tensor(torch.from_numpy(np.ascontiguousarray(obj)), path, {"np": 1})
-        if isinstance(obj, np.generic) and obj.dtype.kind in "biufc":
-            return {"ns": obj.dtype.name, "v": self.encode(obj.item(), path)}
+            # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+            arr = obj if obj.flags.c_contiguous else np.array(obj, order="C")
+            with warnings.catch_warnings():  # a read-only array: we only ever read it
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(arr)
+            return self.tensor(t, path, {"np": 1})
+        if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
+            value = obj.item()
+            if isinstance(value, np.generic):  # longdouble has no Python equivalent: .item() returns itself
+                raise UnsupportedObjectError(format_path(path), obj, f"NumPy {obj.dtype} scalars are not supported.")
+            return {"ns": obj.dtype.name, "v": self.encode(value, path)}
         if isinstance(obj, torch.Generator):
             state = obj.get_state()
             return {"G": str(obj.device), "s": self.tensor(state, (*path, "state"))}
@@ -181,7 +207,7 @@ class _Flattener:
             return node
         if type(obj) is dict:
             if all(type(k) is str for k in obj):
-                return {"d": {k: self.encode(v, (*path, k)) for k, v in obj.items()}}
+                return {"d": {_check_str(k, path): self.encode(v, (*path, k)) for k, v in obj.items()}}
             return {"D": [[self.encode(k, path), self.encode(v, (*path, k))] for k, v in obj.items()]}
         if is_stateful(obj):
             cls = type(obj)
@@ -190,14 +216,16 @@ class _Flattener:
 
     def resolve(self) -> dict[str, torch.Tensor]:
         """Name stored tensors; tensors sharing storage become views of one stored tensor."""
-        groups: dict[tuple[str, int], list[_Leaf]] = {}
+        groups: dict[tuple[Any, int], list[_Leaf]] = {}
         for leaf in self.leaves:
             t = leaf.tensor
-            ptr = t.untyped_storage().data_ptr() if t.numel() else 0
-            if ptr == 0:
-                groups[("", id(leaf))] = [leaf]
+            # the address where the tensor's storage begins identifies the storage
+            base = t.data_ptr() - t.storage_offset() * t.element_size() if t.numel() else 0
+            # a conj/neg view shares memory with its source but not its values: store it on its own
+            if base == 0 or t.is_conj() or t.is_neg():
+                groups[(None, id(leaf))] = [leaf]
             else:
-                groups.setdefault((str(t.device), ptr), []).append(leaf)
+                groups.setdefault((t.device, base), []).append(leaf)
         out: dict[str, torch.Tensor] = {}
         for members in groups.values():
             base = _covering(members) if len(members) > 1 else None
@@ -219,6 +247,25 @@ class _Flattener:
                     continue
                 leaf.node["v"] = [t.storage_offset() - b.storage_offset(), list(t.shape), list(t.stride())]
         return out
+
+
+def _check_int(i: int, path: Path) -> None:
+    try:
+        str(i)  # json writes (and reads back) ints through str: bounded by int_max_str_digits
+    except ValueError:
+        raise UnsupportedObjectError(
+            format_path(path), i, f"ints longer than {_INT_DIGITS} digits cannot be stored; store str(value)."
+        ) from None
+
+
+def _check_str(s: str, path: Path) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedObjectError(
+            format_path(path), s, f"the string {s[:40]!r} is not valid Unicode (a lone surrogate); it cannot be UTF-8."
+        ) from None
+    return s
 
 
 def _covering(members: list[_Leaf]) -> _Leaf | None:
@@ -317,7 +364,8 @@ def unflatten(
         if n.get("P"):
             return torch.nn.Parameter(t, requires_grad=bool(n.get("rg")))
         if n.get("rg") and (t.is_floating_point() or t.is_complex()):
-            t = t.requires_grad_(True) if t.is_leaf else t.detach().requires_grad_(True)
+            # a new tensor object: the cached one may also be handed out without requires_grad
+            t = t.detach().requires_grad_(True)
         return t
 
     def dec(n: Any) -> Any:
@@ -363,8 +411,8 @@ def unflatten(
 
     try:
         return dec(skeleton)
-    except (KeyError, TypeError, ValueError, RecursionError) as e:
-        if isinstance(e, SkeletonError):
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as e:
+        if isinstance(e, (SkeletonError, TorchkeepError)):  # e.g. DeviceUnavailableError from place()
             raise
         raise SkeletonError(f"malformed skeleton: {e!r}") from None
 

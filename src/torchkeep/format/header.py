@@ -23,6 +23,8 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as encode_basestring
+from typing import NamedTuple, NoReturn
 
 import xxhash
 
@@ -53,7 +55,6 @@ CHECKSUMS_KEY = "torchkeep.checksums"
 FORMAT_KEY = "torchkeep.format"
 _ZERO = "0" * 32
 _PREFIX = b'{"__metadata__":{"' + DIGEST_KEY.encode() + b'":"'
-_CK_SENTINEL = "\x00torchkeep-checksums\x00"
 
 HashState = xxhash.xxh3_128
 
@@ -63,8 +64,7 @@ def digest(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """One tensor entry of a header; ``start``/``end`` are offsets into the data section."""
 
     name: str
@@ -92,6 +92,8 @@ class HeaderBuilder:
 
     Tensors are ordered by element size (largest first, stable), so every tensor
     starts at a multiple of its own element size, as safetensors' writer does.
+    ``torchkeep.checksums`` is the concatenated 32-digit hex digests of the tensors in
+    data order (fixed width: sealing never moves a byte).
 
     Example:
         >>> b = HeaderBuilder([("w", "F32", (2,))], {"torchkeep.format": "torchkeep/1"})
@@ -104,35 +106,29 @@ class HeaderBuilder:
     def __init__(self, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
         order = sorted(range(len(entries)), key=lambda i: -ITEMSIZE[entries[i][1]])
         specs: list[TensorSpec] = []
+        parts: list[str] = []
         offset = 0
+        enc = encode_basestring
         for i in order:
             name, st, shape = entries[i]
-            nbytes = math.prod(shape) * ITEMSIZE[st]
-            specs.append(TensorSpec(name, st, tuple(shape), offset, offset + nbytes))
-            offset += nbytes
+            end = offset + math.prod(shape) * ITEMSIZE[st]
+            specs.append(TensorSpec(name, st, shape, offset, end))
+            parts.append(f'{enc(name)}:{{"dtype":"{st}","shape":[{",".join(map(str, shape))}],"data_offsets":[{offset},{end}]}}')
+            offset = end
         self.specs = specs
         self.data_size = offset
-        meta = {DIGEST_KEY: _ZERO, **metadata, CHECKSUMS_KEY: _CK_SENTINEL}
-        head: dict[str, object] = {"__metadata__": meta}
-        for s in specs:
-            head[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [s.start, s.end]}
-        text = json.dumps(head, separators=(",", ":"), ensure_ascii=False)
-        before, after = text.split(json.dumps(_CK_SENTINEL)[1:-1])
-        self._before = before.encode()
-        self._after = after.encode()
-        placeholder = self._checksums_text([_ZERO] * len(specs))
-        self.header_size = 8 + len(_pad(self._before + placeholder + self._after))
-
-    def _checksums_text(self, hexes: Sequence[str]) -> bytes:
-        mapping = {s.name: h for s, h in zip(self.specs, hexes, strict=True)}
-        inner = json.dumps(mapping, separators=(",", ":"), ensure_ascii=False)
-        return json.dumps(inner, ensure_ascii=False)[1:-1].encode()
+        meta = {DIGEST_KEY: _ZERO, **metadata}
+        meta_text = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
+        # the checksums value goes last in __metadata__, then the tensor entries
+        self._before = ('{"__metadata__":' + meta_text[:-1] + f',"{CHECKSUMS_KEY}":"').encode()
+        self._after = ('"}' + "".join("," + p for p in parts) + "}").encode()
+        self.header_size = 8 + len(_pad(self._before + (_ZERO * len(specs)).encode() + self._after))
 
     def seal(self, checksums: Sequence[str]) -> bytes:
         """The complete ``8 + N`` header bytes, given one hex checksum per spec (data order)."""
-        body = _pad(self._before + self._checksums_text(checksums) + self._after)
-        if 8 + len(body) != self.header_size:  # fixed-width hex keeps the layout stable
-            raise RuntimeError("internal error: header size changed while sealing")
+        if len(checksums) != len(self.specs) or any(len(h) != 32 for h in checksums):
+            raise ValueError("seal() needs one 32-digit hex checksum per tensor")
+        body = _pad(self._before + "".join(checksums).encode() + self._after)
         prefix = struct.pack("<Q", len(body))
         sealed_digest = digest(prefix + body).encode()
         start = len(_PREFIX)
@@ -220,35 +216,36 @@ def parse_header(read: Callable[[int, int], bytes], file_size: int, path: str) -
     specs = _validate_entries(head, data_size, path)
     checksums = None
     if CHECKSUMS_KEY in meta:
-        try:
-            checksums = json.loads(meta[CHECKSUMS_KEY])
-        except ValueError:
-            raise CorruptCheckpointError(path, "torchkeep.checksums is not valid JSON") from None
-        if not isinstance(checksums, dict) or set(checksums) != set(specs):
-            raise CorruptCheckpointError(path, "torchkeep.checksums does not list exactly the stored tensors")
+        hexes = meta[CHECKSUMS_KEY]
+        names = list(specs)
+        if len(hexes) != 32 * len(names):
+            raise CorruptCheckpointError(path, "torchkeep.checksums does not hold one digest per stored tensor")
+        checksums = {name: hexes[32 * i : 32 * i + 32] for i, name in enumerate(names)}
     return Header(size=8 + n, tensors=specs, metadata=meta, checksums=checksums, file_size=file_size)
 
 
 def _validate_entries(head: dict, data_size: int, path: str) -> dict[str, TensorSpec]:
     specs: list[TensorSpec] = []
+    itemsize = ITEMSIZE
     for name, info in head.items():
-        if not isinstance(info, dict):
-            raise CorruptCheckpointError(path, f"entry {name!r} is not an object")
-        st, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(st, str):
-            raise CorruptCheckpointError(path, f"tensor {name!r} has no dtype")
-        if st not in ITEMSIZE:
-            raise UnsupportedDtypeError(f"{path}: tensor {name!r}", st)
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise CorruptCheckpointError(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
-            raise CorruptCheckpointError(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
-        start, end = offs
+        try:
+            st = info["dtype"]
+            shape = info["shape"]
+            start, end = info["data_offsets"]
+            n = itemsize[st]
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    raise ValueError
+                n *= d
+            if type(start) is not int or type(end) is not int:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            _entry_error(name, info, path)
         if not 0 <= start <= end <= data_size:
             raise CorruptCheckpointError(
                 path, f"tensor {name!r} spans bytes [{start}, {end}) outside the {data_size}-byte data section"
             )
-        if end - start != math.prod(shape) * ITEMSIZE[st]:
+        if end - start != n:
             raise CorruptCheckpointError(path, f"tensor {name!r}: {end - start} bytes stored for shape {shape} of {st}")
         specs.append(TensorSpec(name, st, tuple(shape), start, end))
     specs.sort(key=lambda s: (s.start, s.end))
@@ -264,3 +261,17 @@ def _validate_entries(head: dict, data_size: int, path: str) -> dict[str, Tensor
             path, f"the data section is {data_size} bytes but the tensors cover {pos} (truncated or padded)"
         )
     return {s.name: s for s in specs}
+
+
+def _entry_error(name: str, info: object, path: str) -> NoReturn:
+    """Raise the precise error for a malformed tensor entry."""
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(path, f"entry {name!r} is not an object")
+    st, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(st, str):
+        raise CorruptCheckpointError(path, f"tensor {name!r} has no dtype")
+    if st not in ITEMSIZE:
+        raise UnsupportedDtypeError(f"{path}: tensor {name!r}", st)
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CorruptCheckpointError(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    raise CorruptCheckpointError(path, f"tensor {name!r} has invalid data_offsets {offs!r}")

@@ -13,7 +13,6 @@ previous file at ``path`` is never touched until the rename.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 from collections.abc import Sequence
@@ -31,28 +30,27 @@ _MAX_IO = 1 << 30  # Linux transfers at most ~2 GiB per call; stay well below
 def buffer_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (no copy).
 
-    The caller keeps ``t`` alive while the view is used.
+    The view keeps ``t``'s memory alive.
     """
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+    if t.dim() == 0:
+        t = t.reshape(1)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
 def _chunks(buffers: Sequence[memoryview]) -> list[list[memoryview]]:
+    """Split buffers into ``preadv``/``pwritev`` batches: at most IOV_MAX views and ~1 GiB each."""
     batches: list[list[memoryview]] = []
     cur: list[memoryview] = []
     size = 0
     for b in buffers:
-        for i in range(0, max(len(b), 1), _MAX_IO):
-            part = b[i : i + _MAX_IO]
-            if not len(part):
-                continue
-            if cur and (len(cur) >= _IOV_MAX or size + len(part) > _MAX_IO):
+        n = b.nbytes
+        parts = [b] if n <= _MAX_IO else [b[i : i + _MAX_IO] for i in range(0, n, _MAX_IO)]
+        for part in parts:
+            if cur and (len(cur) >= _IOV_MAX or size + part.nbytes > _MAX_IO):
                 batches.append(cur)
                 cur, size = [], 0
             cur.append(part)
-            size += len(part)
+            size += part.nbytes
     if cur:
         batches.append(cur)
     return batches
