@@ -13,8 +13,9 @@ Example:
 from torchkeep import errors
 from torchkeep._version import __version__
 from torchkeep.api import load, restore, save
+from torchkeep.inspection import inspect, verify
 from torchkeep.reader import Checkpoint
 from torchkeep.reader import open_checkpoint as open
 from torchkeep.rng import RNGState
 
-__all__ = ["Checkpoint", "RNGState", "__version__", "errors", "load", "open", "restore", "save"]
+__all__ = ["Checkpoint", "RNGState", "__version__", "errors", "inspect", "load", "open", "restore", "save", "verify"]

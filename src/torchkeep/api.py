@@ -39,17 +39,32 @@ MapLocation = str | torch.device | Mapping[str, Any] | Callable[[torch.Tensor, s
 
 
 def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor as contiguous CPU memory ready to write (a copy only when needed)."""
+    """The tensor as contiguous CPU memory ready to write (a copy only when needed).
+
+    Accelerator tensors are copied into pinned host memory without blocking; the caller
+    synchronises once (:func:`_host_copies`) before the bytes are read.
+    """
     t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
     if t.device.type != "cpu":
-        t = t.to("cpu")
+        pinned = t.device.type == "cuda"
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
+        host.copy_(t, non_blocking=pinned)
+        return host
     if not t.is_contiguous():
         t = t.contiguous()
     return t
+
+
+def _host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``_cpu_bytes`` of every tensor, with one synchronisation for all device-to-host copies."""
+    out = {k: _cpu_bytes(t) for k, t in tensors.items()}
+    if torch.cuda.is_available() and any(t.is_cuda for t in tensors.values()):
+        torch.cuda.synchronize()
+    return out
 
 
 def _hash_all(bufs: list[memoryview]) -> list[str]:
@@ -118,12 +133,12 @@ def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durab
         "torchkeep.hash": HASH_NAME,
         "torchkeep.library": __version__,
         "torchkeep.torch": torch.__version__.split("+")[0],
-        "torchkeep.created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torchkeep.created": _created(),
         TREE_KEY: json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
     }
     if metadata:
         meta[USER_KEY] = _metadata_json(metadata)
-    keep = {k: _cpu_bytes(t) for k, t in flat.tensors.items()}
+    keep = _host_copies(flat.tensors)
     builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in keep.items()], meta)
     bufs = [buffer_of(keep[s.name]) for s in builder.specs]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +148,13 @@ def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durab
         os.pwrite(f.fd, builder.seal(hashes.result()), 0)
         f.commit()
     return path
+
+
+def _created() -> str:
+    """Creation time, UTC; ``SOURCE_DATE_EPOCH`` pins it for reproducible files."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 def _metadata_json(metadata: Mapping[str, Any]) -> str:

@@ -80,16 +80,23 @@ class ChecksumMismatchError(CorruptCheckpointError):
         key: the tensor name whose data is damaged, or ``"<header>"``.
     """
 
-    def __init__(self, path: str | Path, key: str, expected: str = "", actual: str = "") -> None:
+    def __init__(self, path: str | Path, key: str, expected: str = "", actual: str = "", *, detail: str = "") -> None:
         self.key = key
         self.expected = expected
         self.actual = actual
         what = "the header" if key == "<header>" else f"tensor {key!r}"
-        detail = f" (expected {expected}, got {actual})" if expected else ""
+        if expected:
+            detail = f" (expected {expected}, got {actual})"
+        elif detail:
+            detail = f" ({detail})"
         super().__init__(path, f"checksum mismatch in {what}{detail}")
+        fix = (
+            "Use an earlier checkpoint: without an intact header nothing in the file can be located."
+            if key == "<header>"
+            else "Use an earlier checkpoint, or pass verify=False to read it anyway at your own risk."
+        )
         self.args = (
-            f"{self.path}: checksum mismatch in {what}{detail}: the file was damaged after it was written. "
-            "Nothing was loaded. Use an earlier checkpoint, or pass verify=False to read it anyway at your own risk.",
+            f"{self.path}: checksum mismatch in {what}{detail}: the file was damaged. Nothing was loaded. {fix}",
         )
 
 

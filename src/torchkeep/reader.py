@@ -59,7 +59,7 @@ class Checkpoint:
             size = os.fstat(self._fd).st_size
             self.header: Header = parse_header(lambda off, n: os.pread(self._fd, n, off), size, str(self.path))
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     # -- metadata ---------------------------------------------------------------------------

@@ -113,7 +113,9 @@ class HeaderBuilder:
             name, st, shape = entries[i]
             end = offset + math.prod(shape) * ITEMSIZE[st]
             specs.append(TensorSpec(name, st, shape, offset, end))
-            parts.append(f'{enc(name)}:{{"dtype":"{st}","shape":[{",".join(map(str, shape))}],"data_offsets":[{offset},{end}]}}')
+            parts.append(
+                f'{enc(name)}:{{"dtype":"{st}","shape":[{",".join(map(str, shape))}],"data_offsets":[{offset},{end}]}}'
+            )
             offset = end
         self.specs = specs
         self.data_size = offset
@@ -183,7 +185,11 @@ def parse_header(read: Callable[[int, int], bytes], file_size: int, path: str) -
     if n < 2 or n > MAX_HEADER_SIZE or 8 + n > file_size:
         probe = read(8, len(_PREFIX))
         if probe == _PREFIX:
-            raise ChecksumMismatchError(path, "<header>")
+            raise ChecksumMismatchError(
+                path,
+                "<header>",
+                detail=f"its length field says {n} bytes in a {file_size}-byte file: truncated or damaged",
+            )
         if n > MAX_HEADER_SIZE:
             raise CorruptCheckpointError(path, f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit")
         raise CorruptCheckpointError(

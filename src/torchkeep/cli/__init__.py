@@ -1,0 +1,83 @@
+"""The ``torchkeep`` command line: a typer app, one module per verb, thin over the library.
+
+Exit codes: 0 success, 1 the check failed (``verify`` found damage, ``demo`` did not
+resume exactly), 2 the command could not run (missing or unreadable file, bad usage).
+Errors print one red line naming the file, never a traceback.
+
+Example:
+    >>> from typer.testing import CliRunner
+    >>> from torchkeep.cli import app
+    >>> CliRunner().invoke(app, ["verify", "no-such-file.safetensors"]).exit_code
+    2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from torchkeep._version import __version__
+from torchkeep.cli.demo import demo_command
+from torchkeep.cli.inspect import inspect_command
+from torchkeep.cli.verify import verify_command
+from torchkeep.errors import TorchkeepError
+
+__all__ = ["app", "main"]
+
+
+class _Group(TyperGroup):
+    """Turns library errors into one red line on stderr and exit status 2."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (TorchkeepError, OSError) as e:
+            # messages already name the file and say what to do; keep them on one line
+            message = " ".join(str(e).split())
+            if isinstance(e, OSError) and not isinstance(e, TorchkeepError) and e.filename:
+                message = f"{e.filename}: {e.strerror or message}"
+            Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}")
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="torchkeep",
+    help="Save, resume, inspect and verify PyTorch checkpoints, without pickle.\n\nStart with: torchkeep demo",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"torchkeep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the torchkeep version and exit."
+    ),
+) -> None:
+    """Save, resume, inspect and verify PyTorch checkpoints, without pickle.
+
+    Start with: torchkeep demo
+    """
+
+
+app.command("inspect", no_args_is_help=True)(inspect_command)
+app.command("verify", no_args_is_help=True)(verify_command)
+app.command("demo")(demo_command)
+
+
+def main() -> None:
+    """Console-script entry point (``torchkeep = "torchkeep.cli:main"``)."""
+    app(prog_name="torchkeep")

@@ -1,0 +1,81 @@
+"""``torchkeep verify FILE``: check every checksum, exit 0 when intact and 1 when damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from torchkeep.cli.inspect import human_bytes
+from torchkeep.inspection import verify
+
+__all__ = ["PROGRESS_MIN_BYTES", "verify_command"]
+
+#: Files at least this large get a progress bar (on a terminal, without --json).
+PROGRESS_MIN_BYTES = 64 << 20
+
+
+def _exit_code(result: dict) -> int:
+    if result["ok"]:
+        return 0
+    # 1: a checksum names the damage; 2: not checkable at all (not a checkpoint, legacy file, bad layout)
+    return 1 if result["key"] else 2
+
+
+def verify_command(
+    file: Path = typer.Argument(..., metavar="FILE", help="The checkpoint to check.", show_default=False),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check every checksum of a checkpoint; exit 0 if intact, 1 if damaged, 2 if unreadable.
+
+    Reads the whole file and names the damaged tensor (or the header) on failure.
+
+    Example: torchkeep verify ckpt.safetensors && echo intact
+    """
+    err = Console(stderr=True, highlight=False)
+    size = os.stat(file).st_size if file.is_file() else 0
+    started = time.perf_counter()
+    if json_out or size < PROGRESS_MIN_BYTES or not err.is_terminal:
+        result = verify(file)
+    else:
+        columns = (
+            TextColumn("verifying"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("verify", total=size)
+            result = verify(file, progress=lambda n: bar.advance(task, n))
+    elapsed = time.perf_counter() - started
+    code = _exit_code(result)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        raise typer.Exit(code)
+    out = Console(highlight=False, soft_wrap=True)
+    name = escape(str(file))
+    if code == 0 and result["checksums"]:
+        out.print(
+            f"[bold green]ok[/] {name}: all {result['tensors']:,} tensor checksums and the header match "
+            f"({human_bytes(result['bytes_checked'])} in {elapsed:.2f} s)"
+        )
+    elif code == 0:
+        out.print(
+            f"[bold yellow]ok, unchecked[/] {name}: a plain {escape(result['format'])} file has no checksums; "
+            f"its layout ({result['tensors']:,} tensors) is consistent, but bit flips cannot be detected"
+        )
+    elif code == 1:
+        key = result["key"]
+        what = "the header" if key == "<header>" else f"tensor {key!r}"
+        out.print(f"[bold red]DAMAGED[/] {name}: {escape(what)} does not match its checksum")
+        out.print(f"[red]{escape(result['error'])}[/]")
+    else:
+        err.print(f"[bold red]error:[/] {escape(' '.join(result['error'].split()))}", soft_wrap=True)
+    raise typer.Exit(code)
