@@ -372,7 +372,7 @@ def restore(
             mapped.verify()
         skeleton = ck.skeleton
         try:
-            views = unflatten(skeleton, mapped.view) if skeleton is not None else {k: mapped.view(k) for k in ck.keys()}
+            views = unflatten(skeleton, mapped.view) if ck.has_tree else {k: mapped.view(k) for k in ck.keys()}
         except SkeletonError as e:
             raise CorruptCheckpointError(path, str(e)) from None
         found = _match_targets(path, views, plan, strict)
@@ -385,7 +385,7 @@ def restore(
                 owned[key] = _clone(mapped.view(key))
             return owned[key]
 
-        if skeleton is None:
+        if not ck.has_tree:
             done = {tp[0] for tp, _ in results}
             tree: Any = {k: (place(get(k), None) if place else get(k)) for k in ck.keys() if k not in done}
         else:

@@ -75,10 +75,15 @@ class Checkpoint:
         return self._json(raw, USER_KEY) if raw else {}
 
     @property
+    def has_tree(self) -> bool:
+        """True when the file records a state tree (torchkeep files; not plain safetensors)."""
+        return TREE_KEY in self.header.metadata
+
+    @property
     def skeleton(self) -> Any:
         """The typed JSON skeleton of the state tree (``None`` for plain safetensors files)."""
         raw = self.header.metadata.get(TREE_KEY)
-        return self._json(raw, TREE_KEY) if raw else None
+        return self._json(raw, TREE_KEY) if raw is not None else None
 
     def _json(self, raw: str, key: str) -> Any:
         try:
@@ -162,7 +167,7 @@ class Checkpoint:
         """The whole state tree (Stateful leaves as their state dicts)."""
         tensors = self.read()
         skeleton = self.skeleton
-        if skeleton is None:  # a plain safetensors file: a flat dict
+        if not self.has_tree:  # a plain safetensors file: a flat dict
             return tensors if place is None else {k: place(t, None) for k, t in tensors.items()}
         try:
             return unflatten(skeleton, tensors.__getitem__, place)

@@ -160,8 +160,11 @@ class Header:
         return self.metadata.get(FORMAT_KEY, "").startswith(FORMAT_NAME)
 
 
+_OWN_KEYS = (FORMAT_KEY.encode(), CHECKSUMS_KEY.encode(), b'"torchkeep.tree"')
+
+
 def _looks_torchkeep(raw: bytes) -> bool:
-    return raw.startswith(_PREFIX) or FORMAT_KEY.encode() in raw
+    return raw.startswith(_PREFIX) or any(k in raw for k in _OWN_KEYS)
 
 
 def parse_header(read: Callable[[int, int], bytes], file_size: int, path: str) -> Header:

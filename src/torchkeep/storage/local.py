@@ -32,8 +32,10 @@ def buffer_of(t: torch.Tensor) -> memoryview:
 
     The view keeps ``t``'s memory alive.
     """
-    if t.dim() == 0:
-        t = t.reshape(1)
+    if t.numel() == 0:
+        return memoryview(bytearray())
+    if t.dim() != 1:
+        t = t.reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
@@ -44,6 +46,8 @@ def _chunks(buffers: Sequence[memoryview]) -> list[list[memoryview]]:
     size = 0
     for b in buffers:
         n = b.nbytes
+        if n == 0:
+            continue
         parts = [b] if n <= _MAX_IO else [b[i : i + _MAX_IO] for i in range(0, n, _MAX_IO)]
         for part in parts:
             if cur and (len(cur) >= _IOV_MAX or size + part.nbytes > _MAX_IO):
