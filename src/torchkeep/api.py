@@ -376,6 +376,9 @@ def restore(
         except SkeletonError as e:
             raise CorruptCheckpointError(path, str(e)) from None
         found = _match_targets(path, views, plan, strict)
+        # targets torchkeep cannot pre-check (schedulers, user objects) go first, so that if
+        # one of them raises, the pre-checked modules and optimizers are still untouched
+        found.sort(key=lambda f: isinstance(f[1], (torch.nn.Module, torch.optim.Optimizer)))
         results = [(tpath, _apply(target, sub, _clone)) for tpath, target, sub in found]
         # the rest of the tree, in memory of its own: restored subtrees are not copied again
         owned: dict[str, torch.Tensor] = {}

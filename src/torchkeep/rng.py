@@ -50,7 +50,7 @@ class RNGState:
         random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
         n = state["numpy"]
         np.random.set_state(
-            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+            (n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
         )
         torch.set_rng_state(state["torch"].cpu())
         cuda = state.get("cuda")

@@ -124,7 +124,8 @@ class AtomicFile:
     def __init__(self, path: str | Path, *, durable: bool = True) -> None:
         self.path = Path(path)
         self.durable = durable
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{secrets.token_hex(6)}")
+        # the name part is cut so that the temp name fits wherever the target name does
+        self.tmp = self.path.with_name(f".{self.path.name[:200]}.tmp-{secrets.token_hex(6)}")
         # mode 0o666 through the umask, like any file a program creates
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         self.committed = False

@@ -1,0 +1,333 @@
+"""Legacy torch.save files: detected by content, loaded only through weights_only=True, CUDA-tagged fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchkeep as tk
+from torchkeep.errors import CorruptCheckpointError, DeviceUnavailableError, TorchkeepError, UnsafeCheckpointError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "legacy"
+
+
+def _fixture_module() -> Any:
+    spec = importlib.util.spec_from_file_location("torchkeep_legacy_fixtures", FIXTURES / "make_fixtures.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXPECTED = _fixture_module().expected()
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+class Config:
+    """A custom class: a weights-only load must refuse it."""
+
+    def __init__(self, lr: float, layers: list[int]) -> None:
+        self.lr = lr
+        self.layers = layers
+
+
+class Planted:
+    """Unpickling this runs ``Path(marker).touch()``: a harmless stand-in for ``os.system``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.fixture
+def load_spy(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record every torch.load call's keyword arguments."""
+    calls: list[dict[str, Any]] = []
+    real = torch.load
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(dict(kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------ detection by content
+
+
+def test_torch_save_file_named_safetensors_loads(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    torch.save(EXPECTED, path)
+    assert_same(tk.load(path), EXPECTED)
+
+
+def test_torchkeep_file_named_pt_loads(tmp_path: Path, load_spy: list[dict[str, Any]]) -> None:
+    for name in ("x.pt", "x.pth", "x.ckpt", "x.bin", "noext"):
+        path = tk.save({"w": torch.arange(5.0), "epoch": 3}, tmp_path / name)
+        loaded = tk.load(path)
+        assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(5.0))
+    assert load_spy == []  # our own format never goes near torch.load / pickle
+
+
+def test_old_non_zip_torch_save_loads(tmp_path: Path) -> None:
+    path = tmp_path / "old.safetensors"
+    torch.save(EXPECTED, path, _use_new_zipfile_serialization=False)
+    assert_same(tk.load(path), EXPECTED)
+
+
+def test_plain_safetensors_file_named_pt_loads(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.pt"
+    save_file({"a": torch.ones(2, 3), "b": torch.arange(4)}, str(path))
+    loaded = tk.load(path)
+    assert sorted(loaded) == ["a", "b"] and torch.equal(loaded["b"], torch.arange(4))
+
+
+def test_a_module_state_dict_restores_from_a_legacy_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    path = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict(), "epoch": 5}, path)
+    fresh = torch.nn.Linear(4, 2)
+    assert tk.restore(path, {"model": fresh})["epoch"] == 5
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
+# ------------------------------------------------------------------------------------------ safety
+
+
+def test_planted_code_is_refused_even_with_force_no_weights_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_spy: list[dict[str, Any]]
+) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "payload": Planted(marker)}, path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UnsafeCheckpointError) as info:
+        tk.load(path)
+    assert not marker.exists()
+    assert isinstance(info.value, TorchkeepError) and isinstance(info.value, RuntimeError)
+    assert "trust_pickle=True" in str(info.value)
+    assert str(path) in str(info.value)
+    # exactly one attempt, weights_only=True passed explicitly; never retried unsafely
+    assert len(load_spy) == 1 and load_spy[0].get("weights_only") is True
+    with pytest.raises(UnsafeCheckpointError):
+        tk.restore(path, {"model": torch.nn.Linear(1, 1)})
+    assert not marker.exists()
+    assert all(call.get("weights_only") is True for call in load_spy)
+
+
+def test_planted_code_really_runs_when_trusted(tmp_path: Path) -> None:
+    """The control for the test above: the payload is live, so 'marker not created' means something."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "payload": Planted(marker)}, path)
+    tree = tk.load(path, trust_pickle=True)
+    assert marker.exists()
+    assert torch.equal(tree["w"], torch.ones(2))
+
+
+def test_custom_class_needs_trust_pickle(tmp_path: Path, load_spy: list[dict[str, Any]]) -> None:
+    path = tmp_path / "cfg.pt"
+    torch.save({"w": torch.zeros(3), "config": Config(0.1, [4, 4])}, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        tk.load(path)
+    assert "Config" in str(info.value)
+    assert [c.get("weights_only") for c in load_spy] == [True]
+
+    tree = tk.load(path, trust_pickle=True)
+    assert isinstance(tree["config"], Config)
+    assert (tree["config"].lr, tree["config"].layers) == (0.1, [4, 4])
+    assert [c.get("weights_only") for c in load_spy] == [True, False]
+
+
+def test_full_model_pickle_needs_trust_pickle(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    with pytest.raises(UnsafeCheckpointError):
+        tk.load(path)
+    loaded = tk.load(path, trust_pickle=True)
+    assert isinstance(loaded, torch.nn.Sequential)
+    assert torch.equal(loaded[0].weight, model[0].weight)
+
+
+def test_torch_load_never_called_unsafely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_spy: list[dict[str, Any]]
+) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    safe, custom = tmp_path / "safe.pt", tmp_path / "custom.pt"
+    torch.save(EXPECTED, safe)
+    torch.save(Config(1.0, []), custom)
+    tk.load(safe)
+    tk.load(safe, map_location="cpu", verify=False)
+    tk.restore(safe, {}, strict=False)
+    for _ in range(2):
+        with pytest.raises(UnsafeCheckpointError):
+            tk.load(custom)
+    assert len(load_spy) == 5
+    assert all("weights_only" in c and c["weights_only"] is True for c in load_spy), load_spy
+
+
+def test_legacy_zip_is_not_unpickled_by_anything_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchkeep's own code never unpickles: only torch.load's weights-only unpickler reads legacy files."""
+    path = tmp_path / "w.pt"
+    torch.save(EXPECTED, path)
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("pickle.load/loads called")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    assert_same(tk.load(path), EXPECTED)
+
+
+def test_truncated_legacy_file_is_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "cut.pt"
+    torch.save(EXPECTED, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError) as info:
+        tk.load(path)
+    assert str(path) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ committed fixtures
+
+
+def test_fixture_cpu_loads() -> None:
+    assert_same(tk.load(FIXTURES / "cpu.pt"), EXPECTED)
+
+
+def test_fixture_nonzip_loads() -> None:
+    assert (FIXTURES / "nonzip.pt").read_bytes()[:1] == b"\x80"  # a raw pickle, not a zip
+    assert_same(tk.load(FIXTURES / "nonzip.pt"), EXPECTED)
+
+
+def test_fixture_cuda_tagged_really_is_tagged() -> None:
+    with zipfile.ZipFile(FIXTURES / "cuda0.pt") as z:
+        (name,) = [n for n in z.namelist() if n.endswith("/data.pkl")]
+        pkl = z.read(name)
+    assert b"cuda:0" in pkl and b"cpu" not in pkl
+
+
+def test_fixture_cuda_tagged_loads_on_cpu_by_default() -> None:
+    tree = tk.load(FIXTURES / "cuda0.pt")  # default map_location="cpu"
+    assert_same(tree, EXPECTED)
+    assert all(t.device.type == "cpu" for t in (tree["model"]["weight"], tree["half"], tree["index"]))
+
+
+def test_fixture_cuda_tagged_with_map_location_dict_and_device() -> None:
+    assert_same(tk.load(FIXTURES / "cuda0.pt", map_location={"cuda:0": "cpu"}), EXPECTED)
+    assert_same(tk.load(FIXTURES / "cuda0.pt", map_location=torch.device("cpu")), EXPECTED)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_fixture_cuda_tagged_needs_a_mapping_without_cuda() -> None:
+    with pytest.raises(RuntimeError):  # what plain torch.load does here: the fixture is a real CUDA file
+        torch.load(FIXTURES / "cuda0.pt", weights_only=True)
+    with pytest.raises(DeviceUnavailableError) as info:
+        tk.load(FIXTURES / "cuda0.pt", map_location=None)  # "where it was saved": there is no cuda:0 here
+    assert "map_location" in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fixture_cuda_tagged_loads_onto_cuda() -> None:
+    tree = tk.load(FIXTURES / "cuda0.pt", map_location=None)
+    assert tree["model"]["weight"].device == torch.device("cuda:0")
+    assert torch.equal(tree["model"]["weight"].cpu(), EXPECTED["model"]["weight"])
+
+
+def test_fixtures_are_what_the_script_makes(tmp_path: Path) -> None:
+    """The script is kept with the files: rerunning it gives files that load to the same tree."""
+    _fixture_module().main(tmp_path)
+    for name in ("cpu.pt", "cuda0.pt", "nonzip.pt"):
+        assert_same(tk.load(tmp_path / name), tk.load(FIXTURES / name), name)
+
+
+def test_callable_map_location_gets_tensor_and_saved_device(tmp_path: Path) -> None:
+    """tk.load's callable is fn(tensor, saved_device) for every format, legacy included."""
+    seen: list[tuple[tuple[int, ...], str]] = []
+
+    def to_double(t: torch.Tensor, device: str) -> torch.Tensor:
+        seen.append((tuple(t.shape), device))
+        return t.to(torch.float64)
+
+    tree = tk.load(FIXTURES / "cuda0.pt", map_location=to_double)
+    assert tree["model"]["bias"].dtype == torch.float64
+    assert torch.equal(tree["model"]["bias"], EXPECTED["model"]["bias"].double())
+    assert {d for _, d in seen} == {"cuda:0"}
+    assert tree["step"] == 7 and tree["names"] == ["a", "b"]
+
+    sd = torch.nn.Linear(2, 2).state_dict()
+    torch.save(sd, tmp_path / "sd.pt")
+    loaded = tk.load(tmp_path / "sd.pt", map_location=lambda t, d: t)
+    assert type(loaded) is type(sd) and getattr(loaded, "_metadata", None) == sd._metadata
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_non_zip_files_of_every_pickle_protocol_are_detected(tmp_path: Path, protocol: int) -> None:
+    path = tmp_path / "old.bin"
+    torch.save(EXPECTED, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    if protocol <= 3:
+        assert_same(tk.load(path), EXPECTED)
+    else:
+        # detected as legacy and handed to torch, whose weights-only unpickler has no FRAME opcode
+        # (protocol 4+): refused as unsafe, never misread as a corrupt safetensors file
+        with pytest.raises(UnsafeCheckpointError, match="operand"):
+            tk.load(path)
+    assert_same(tk.load(path, trust_pickle=True), EXPECTED)
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_not_legacy(tmp_path: Path) -> None:
+    """A header length of 0x280 begins with b"\\x80\\x02", the bytes that open a protocol-2 pickle."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    for pad in range(0, 800):
+        save_file({"w": torch.arange(3.0)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    else:
+        pytest.skip("could not make a header of that length")
+    loaded = tk.load(path)
+    assert list(loaded) == ["w"] and torch.equal(loaded["w"], torch.arange(3.0))
+
+
+def test_is_legacy_by_first_bytes() -> None:
+    from torchkeep.legacy import is_legacy
+
+    assert is_legacy(b"PK\x03\x04\x00\x00\x08\x08")  # a torch.save zip
+    assert is_legacy(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:8])  # a pre-1.6 torch.save
+    assert is_legacy(pickle.dumps({"x": 1}, protocol=2)[:8])  # any raw pickle: refused safely later
+    for n in (0x80, 0x280, 0x8002_80, 99_999_872):  # safetensors header lengths whose low byte is 0x80
+        assert not is_legacy(n.to_bytes(8, "little")), hex(n)
+    assert not is_legacy(b"\x80\x02")  # too short to tell: the reader reports it
