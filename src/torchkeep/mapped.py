@@ -18,8 +18,7 @@ import torch
 
 from torchkeep.errors import ChecksumMismatchError
 from torchkeep.format.dtypes import ST_TO_DTYPE
-from torchkeep.format.header import TensorSpec, digest
-from torchkeep.reader import Checkpoint
+from torchkeep.reader import Checkpoint, first_mismatch, split_by_bytes
 
 __all__ = ["MappedCheckpoint", "adopt"]
 
@@ -40,30 +39,17 @@ class MappedCheckpoint:
         sums = self.header.checksums
         if sums is None or self._mm is None:
             return
-        specs = list(self.header.tensors.values())
-        total = sum(s.nbytes for s in specs) or 1
-        # split by bytes so both threads get similar work
-        parts: list[list[TensorSpec]] = [[] for _ in range(threads)]
-        acc = 0
-        for s in specs:
-            parts[min(threads - 1, acc * threads // total)].append(s)
-            acc += s.nbytes
         mv = memoryview(self._mm)
         base = self.header.size
-
-        def check(part: list[TensorSpec]) -> tuple[str, str, str] | None:
-            for s in part:
-                h = digest(mv[base + s.start : base + s.end])
-                if h != sums[s.name]:
-                    return s.name, sums[s.name], h
-            return None
-
+        pairs = [(s, mv[base + s.start : base + s.end]) for s in self.header.tensors.values()]
         try:
             with ThreadPoolExecutor(threads) as pool:
-                for bad in pool.map(check, parts):
+                for bad in pool.map(first_mismatch, split_by_bytes(pairs, threads), [sums] * threads):
                     if bad is not None:
                         raise ChecksumMismatchError(self.ck.path, *bad)
         finally:
+            for _, b in pairs:
+                b.release()
             mv.release()
 
     def view(self, key: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,8 +31,50 @@ USER_KEY = "torchkeep.user"
 _BATCH = 64 << 20  # bytes read per preadv batch before its checksums are handed to the hash thread
 
 
-def _hash_all(bufs: list[memoryview]) -> list[str]:
-    return [digest(b) for b in bufs]
+_THREADS = 2
+_PIECE = 32 << 20  # bytes per read job
+
+
+def _jobs(specs: list[TensorSpec], bufs: list[memoryview], base: int) -> list[tuple[int, list[memoryview]]]:
+    """``(file offset, buffers)`` read jobs of about ``_PIECE`` bytes over adjacent file ranges."""
+    jobs: list[tuple[int, list[memoryview]]] = []
+    cur: list[memoryview] = []
+    cur_off = end = -1
+    size = 0
+    for s, b in zip(specs, bufs, strict=True):
+        for i in range(0, b.nbytes, _PIECE):
+            piece = b[i : i + _PIECE] if b.nbytes > _PIECE else b
+            off = base + s.start + i
+            if cur and (off != end or size + piece.nbytes > _PIECE):
+                jobs.append((cur_off, cur))
+                cur, size = [], 0
+            if not cur:
+                cur_off = off
+            cur.append(piece)
+            size += piece.nbytes
+            end = off + piece.nbytes
+    if cur:
+        jobs.append((cur_off, cur))
+    return jobs
+
+
+def split_by_bytes(items: list[tuple[TensorSpec, memoryview]], parts: int) -> list[list[tuple[TensorSpec, memoryview]]]:
+    """Split ``(spec, buffer)`` pairs into ``parts`` lists of similar byte counts."""
+    total = sum(s.nbytes for s, _ in items) or 1
+    out: list[list[tuple[TensorSpec, memoryview]]] = [[] for _ in range(parts)]
+    acc = 0
+    for item in items:
+        out[min(parts - 1, acc * parts // total)].append(item)
+        acc += item[0].nbytes
+    return out
+
+
+def first_mismatch(items: list[tuple[TensorSpec, memoryview]], sums: dict[str, str]) -> tuple[str, str, str] | None:
+    for s, b in items:
+        h = digest(b)
+        if h != sums[s.name]:
+            return s.name, sums[s.name], h
+    return None
 
 
 class Checkpoint:
@@ -107,35 +149,31 @@ class Checkpoint:
         return self.read([key])[key]
 
     def read(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Read the named tensors (all when ``None``) into fresh CPU memory, verifying checksums."""
+        """Read the named tensors (all when ``None``) into fresh CPU memory, verifying checksums.
+
+        Reads run in two threads, so the page faults of the fresh memory are taken on both
+        cores; checksums are computed afterwards in two threads, before anything is returned.
+        """
         specs = (
             sorted((self.spec(k) for k in keys), key=lambda s: s.start)
             if keys is not None
             else list(self.header.tensors.values())
         )
-        out: dict[str, torch.Tensor] = {}
-        verify = self.verify and self.header.checksums is not None
-        pending: list[tuple[list[TensorSpec], Future[list[str]]]] = []
-        with ThreadPoolExecutor(1) as pool:
-            for run in _runs(specs):
-                tensors = [torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype]) for s in run]
-                bufs = [buffer_of(t) for t in tensors]
-                try:
-                    read_into(self._fd, self.header.size + run[0].start, bufs)
-                except EOFError:
-                    raise CorruptCheckpointError(
-                        self.path, "the file ended before its last tensor (truncated)"
-                    ) from None
-                for s, t in zip(run, tensors, strict=True):
-                    out[s.name] = t
-                if verify:
-                    pending.append((run, pool.submit(_hash_all, bufs)))
-            for run, fut in pending:
-                assert self.header.checksums is not None
-                for s, h in zip(run, fut.result(), strict=True):
-                    expected = self.header.checksums[s.name]
-                    if h != expected:
-                        raise ChecksumMismatchError(self.path, s.name, expected, h)
+        out = {s.name: torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype]) for s in specs}
+        bufs = [buffer_of(out[s.name]) for s in specs]
+        jobs = _jobs(specs, bufs, self.header.size)
+        with ThreadPoolExecutor(_THREADS) as pool:
+            try:
+                for _ in pool.map(lambda job: read_into(self._fd, job[0], job[1]), jobs):
+                    pass
+            except EOFError:
+                raise CorruptCheckpointError(self.path, "the file ended before its last tensor (truncated)") from None
+            sums = self.header.checksums
+            if self.verify and sums is not None:
+                pairs = list(zip(specs, bufs, strict=True))
+                for bad in pool.map(first_mismatch, split_by_bytes(pairs, _THREADS), [sums] * _THREADS):
+                    if bad is not None:
+                        raise ChecksumMismatchError(self.path, *bad)
         return out
 
     def verify_all(self, progress: Any = None) -> int:
@@ -199,20 +237,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self.header.tensors)})"
-
-
-def _runs(specs: list[TensorSpec]) -> Iterator[list[TensorSpec]]:
-    """Group specs into batches of adjacent file ranges of about ``_BATCH`` bytes."""
-    run: list[TensorSpec] = []
-    size = 0
-    for s in specs:
-        if run and (s.start != run[-1].end or size >= _BATCH):
-            yield run
-            run, size = [], 0
-        run.append(s)
-        size += s.nbytes
-    if run:
-        yield run
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:
