@@ -25,7 +25,8 @@ from torchkeep.errors import (
     UnsupportedObjectError,
 )
 from torchkeep.format.dtypes import DTYPE_TO_ST
-from torchkeep.format.header import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, HASH_NAME, HeaderBuilder, digest
+from torchkeep.format.header import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, HASH_NAME, HeaderBuilder
+from torchkeep.hashing import Digests
 from torchkeep.legacy import is_legacy, load_legacy
 from torchkeep.mapped import MappedCheckpoint, adopt
 from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
@@ -65,10 +66,6 @@ def _host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and any(t.is_cuda for t in tensors.values()):
         torch.cuda.synchronize()
     return out
-
-
-def _hash_all(bufs: list[memoryview]) -> list[str]:
-    return [digest(b) for b in bufs]
 
 
 @contextmanager
@@ -143,7 +140,7 @@ def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durab
     bufs = [buffer_of(keep[s.name]) for s in builder.specs]
     path.parent.mkdir(parents=True, exist_ok=True)
     with AtomicFile(path, durable=durable) as f, ThreadPoolExecutor(1) as pool:
-        hashes = pool.submit(_hash_all, bufs)  # hashing runs beside the writes (both drop the GIL)
+        hashes = Digests(bufs, pool)  # large tensors hash beside the writes (both drop the GIL)
         write_buffers(f.fd, builder.header_size, bufs)
         os.pwrite(f.fd, builder.seal(hashes.result()), 0)
         f.commit()

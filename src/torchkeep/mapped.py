@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import ChecksumMismatchError
 from torchkeep.format.dtypes import ST_TO_DTYPE
-from torchkeep.reader import Checkpoint, first_mismatch, split_by_bytes
+from torchkeep.reader import Checkpoint, check_digests
 
 __all__ = ["MappedCheckpoint", "adopt"]
 
@@ -41,14 +40,13 @@ class MappedCheckpoint:
             return
         mv = memoryview(self._mm)
         base = self.header.size
-        pairs = [(s, mv[base + s.start : base + s.end]) for s in self.header.tensors.values()]
+        specs = list(self.header.tensors.values())
+        bufs = [mv[base + s.start : base + s.end] for s in specs]
         try:
             with ThreadPoolExecutor(threads) as pool:
-                for bad in pool.map(first_mismatch, split_by_bytes(pairs, threads), [sums] * threads):
-                    if bad is not None:
-                        raise ChecksumMismatchError(self.ck.path, *bad)
+                check_digests(self.ck.path, specs, bufs, sums, pool, threads)
         finally:
-            for _, b in pairs:
+            for b in bufs:
                 b.release()
             mv.release()
 

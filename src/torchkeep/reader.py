@@ -20,7 +20,8 @@ import torch
 
 from torchkeep.errors import CheckpointNotFoundError, ChecksumMismatchError, CorruptCheckpointError, KeyMismatchError
 from torchkeep.format.dtypes import ST_TO_DTYPE
-from torchkeep.format.header import HashState, Header, TensorSpec, digest, parse_header
+from torchkeep.format.header import HashState, Header, TensorSpec, parse_header
+from torchkeep.hashing import Digests
 from torchkeep.storage.local import buffer_of, read_into
 from torchkeep.tree import SkeletonError, unflatten
 
@@ -58,23 +59,18 @@ def _jobs(specs: list[TensorSpec], bufs: list[memoryview], base: int) -> list[tu
     return jobs
 
 
-def split_by_bytes(items: list[tuple[TensorSpec, memoryview]], parts: int) -> list[list[tuple[TensorSpec, memoryview]]]:
-    """Split ``(spec, buffer)`` pairs into ``parts`` lists of similar byte counts."""
-    total = sum(s.nbytes for s, _ in items) or 1
-    out: list[list[tuple[TensorSpec, memoryview]]] = [[] for _ in range(parts)]
-    acc = 0
-    for item in items:
-        out[min(parts - 1, acc * parts // total)].append(item)
-        acc += item[0].nbytes
-    return out
-
-
-def first_mismatch(items: list[tuple[TensorSpec, memoryview]], sums: dict[str, str]) -> tuple[str, str, str] | None:
-    for s, b in items:
-        h = digest(b)
+def check_digests(
+    path: Path,
+    specs: list[TensorSpec],
+    bufs: list[memoryview],
+    sums: dict[str, str],
+    pool: ThreadPoolExecutor,
+    threads: int = _THREADS,
+) -> None:
+    """Raise :class:`ChecksumMismatchError` for the first tensor (in file order) whose bytes do not match."""
+    for s, h in zip(specs, Digests(bufs, pool, threads=threads).result(), strict=True):
         if h != sums[s.name]:
-            return s.name, sums[s.name], h
-    return None
+            raise ChecksumMismatchError(path, s.name, sums[s.name], h)
 
 
 class Checkpoint:
@@ -170,10 +166,7 @@ class Checkpoint:
                 raise CorruptCheckpointError(self.path, "the file ended before its last tensor (truncated)") from None
             sums = self.header.checksums
             if self.verify and sums is not None:
-                pairs = list(zip(specs, bufs, strict=True))
-                for bad in pool.map(first_mismatch, split_by_bytes(pairs, _THREADS), [sums] * _THREADS):
-                    if bad is not None:
-                        raise ChecksumMismatchError(self.path, *bad)
+                check_digests(self.path, specs, bufs, sums, pool)
         return out
 
     def verify_all(self, progress: Any = None) -> int:
