@@ -45,6 +45,8 @@ def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
     Accelerator tensors are copied into pinned host memory without blocking; the caller
     synchronises once (:func:`_host_copies`) before the bytes are read.
     """
+    if t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+        return t.detach() if t.requires_grad else t  # the common case, no copy
     t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()

@@ -120,12 +120,11 @@ class _Flattener:
         seen = self.by_id.get(id(t))
         if seen is not None:
             return seen
-        dev = t.device
-        if t.layout != torch.strided or t.dtype not in DTYPE_TO_ST or dev.type == "meta":
+        if t.layout is not torch.strided or t.dtype not in DTYPE_TO_ST or t.is_meta:
             self._refuse(t, path)
         node: dict[str, Any] = {"T": None}
-        if dev.type != "cpu":
-            node["dev"] = str(dev)
+        if not t.is_cpu:
+            node["dev"] = str(t.device)
         if t.requires_grad:
             node["rg"] = 1
             if isinstance(t, torch.nn.Parameter):
@@ -225,7 +224,7 @@ class _Flattener:
             if base == 0 or t.is_conj() or t.is_neg():
                 groups[(None, id(leaf))] = [leaf]
             else:
-                groups.setdefault((t.device, base), []).append(leaf)
+                groups.setdefault((t.get_device(), base), []).append(leaf)
         out: dict[str, torch.Tensor] = {}
         for members in groups.values():
             base = _covering(members) if len(members) > 1 else None

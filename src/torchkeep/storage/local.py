@@ -36,7 +36,9 @@ def buffer_of(t: torch.Tensor) -> memoryview:
         return memoryview(bytearray())
     if t.dim() != 1:
         t = t.reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    if t.dtype is not torch.uint8:
+        t = t.view(torch.uint8)
+    return memoryview(t.numpy())  # a 1-D uint8 array: already a flat byte view
 
 
 def _chunks(buffers: Sequence[memoryview]) -> list[list[memoryview]]:
