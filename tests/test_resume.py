@@ -7,7 +7,6 @@ seeded generator, Adam, StepLR, and a little Python/NumPy randomness).
 from __future__ import annotations
 
 import importlib.util
-import math
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,33 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from compare import assert_same
 
 import torchkeep as tk
 
 HELPER = Path(__file__).parent / "helpers" / "resume_train.py"
 N = 10  # two epochs of five batches
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Exact equality of two trees: same container types, same dtypes, bitwise-equal tensors."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, (
-            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        )
-        assert torch.equal(a, b), f"{where}: tensors differ"
-    elif isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def start(*args: Any) -> subprocess.Popen[str]:

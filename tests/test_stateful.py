@@ -10,31 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from compare import assert_same
 
 import torchkeep as tk
 from torchkeep.errors import KeyMismatchError, TorchkeepError, UnsupportedObjectError
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Exact equality of two trees: same container types, same dtypes, bitwise-equal tensors."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, (
-            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        )
-        assert torch.equal(a, b), f"{where}: tensors differ"
-    elif isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
