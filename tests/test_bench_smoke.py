@@ -6,6 +6,7 @@ No timing is asserted: this only keeps the benchmark runnable.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,18 @@ def test_tiny_run_prints_every_table_and_contender(tmp_path: Path) -> None:
     assert len(data["bars"]) == 12
     # the benchmark's files are gone: only its (empty) parent directory is left
     assert list(files.iterdir()) == []
+
+
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path: Path) -> None:
+    """bench_gpu.py runs end to end on the CPU (its real run needs CUDA) and prints every row."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+    env = {**os.environ, "TK_BENCH_DIR": str(tmp_path)}
+    cmd = [sys.executable, str(script), "--device", "cpu", "--scale", "0.001", "--repeat", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [
+        line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ") and "s |" not in line
+    ]
+    for name in ["save: torchkeep (durable=False)", "load: torch.load", "restore: torchkeep into the model"]:
+        assert name in rows, name
+    assert list(tmp_path.iterdir()) == []
