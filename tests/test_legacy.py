@@ -144,11 +144,16 @@ def test_planted_code_is_refused_even_with_force_no_weights_only(
 
 
 def test_planted_code_really_runs_when_trusted(tmp_path: Path) -> None:
-    """The control for the test above: the payload is live, so 'marker not created' means something."""
+    """The control for the test above: the payload is live (plain torch.load runs it), so 'marker
+    not created' means something; torchkeep refuses it even with trust_pickle=True, because the
+    scan finds a dangerous global (a method reached through builtins.getattr)."""
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.ones(2), "payload": Planted(marker)}, path)
-    tree = tk.load(path, trust_pickle=True)
+    with pytest.raises(UnsafeCheckpointError):
+        tk.load(path, trust_pickle=True)
+    assert not marker.exists()
+    tree = torch.load(path, weights_only=False)  # the test itself, not the library, runs it
     assert marker.exists()
     assert torch.equal(tree["w"], torch.ones(2))
 

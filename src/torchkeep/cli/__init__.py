@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from torchkeep._version import __version__
 from torchkeep.cli.demo import demo_command
 from torchkeep.cli.inspect import inspect_command
+from torchkeep.cli.scan import scan_command
 from torchkeep.cli.verify import verify_command
 from torchkeep.errors import TorchkeepError
 
@@ -75,6 +76,7 @@ def _root(
 
 app.command("inspect", no_args_is_help=True)(inspect_command)
 app.command("verify", no_args_is_help=True)(verify_command)
+app.command("scan", no_args_is_help=True)(scan_command)
 app.command("demo")(demo_command)
 
 

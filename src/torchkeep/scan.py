@@ -1,0 +1,577 @@
+"""Static pickle scan: which globals a ``torch.save`` file or raw pickle imports, without running it.
+
+Nothing from the file is ever imported or executed: the pickle's opcodes are walked with
+:func:`pickletools.genops` over an abstract stack and memo, so ``STACK_GLOBAL`` operands that
+arrive through the memo (``BINGET``) are still resolved. Safety is an allowlist: every global
+outside the set ``torch.load(weights_only=True)`` accepts is *unsafe*; a second, explicit list
+marks the *dangerous* ones (code execution, imports, nested deserializers, ...) with a reason.
+
+Example:
+    >>> import torch, tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "sd.pt")
+    >>> torch.save(torch.nn.Linear(2, 2).state_dict(), p)
+    >>> report = scan(p)
+    >>> report.ok, report.unsafe
+    (True, [])
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickletools
+import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
+from torchkeep.legacy import check_zip, is_legacy
+
+__all__ = ["ScanReport", "dangerous_reason", "safe_globals", "scan"]
+
+#: Opcodes that call or build objects; counted in :attr:`ScanReport.calls` (only globals decide safety).
+CALL_OPCODES = ("REDUCE", "BUILD", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX")
+
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER: the pre-1.6 (non-zip) format
+_UNRESOLVED = "<unresolvable STACK_GLOBAL>"
+
+# --------------------------------------------------------------------------------------------- the dangerous set
+
+_SHELL = "runs shell commands or touches the process"
+_EVAL = "evaluates or compiles Python code"
+_IMPORT = "imports arbitrary modules"
+_ATTR = "reaches arbitrary attributes (a getattr chain)"
+_CALL = "builds a deferred call to anything"
+_NESTED = "nested deserializer: unpickles or loads more, unchecked, data"
+_FILES = "reads, writes or deletes files"
+_NET = "opens network connections"
+_NATIVE = "loads or calls native code"
+_JIT = "compiles or runs TorchScript / generated code"
+
+#: Whole modules (and their submodules) nothing in a checkpoint needs.
+_DANGEROUS_MODULES: dict[str, str] = {
+    **dict.fromkeys(["os", "posix", "nt", "subprocess", "_posixsubprocess", "pty", "sys", "signal"], _SHELL),
+    **dict.fromkeys(["multiprocessing", "_thread", "threading", "asyncio"], _SHELL),
+    **dict.fromkeys(["importlib", "pkgutil", "pydoc", "zipimport"], _IMPORT),
+    **dict.fromkeys(["runpy", "code", "codeop", "timeit", "cProfile", "profile", "pdb", "bdb", "trace"], _EVAL),
+    **dict.fromkeys(["doctest", "idlelib", "venv", "ensurepip", "pip", "setuptools", "distutils"], _EVAL),
+    **dict.fromkeys(["pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"], _NESTED),
+    **dict.fromkeys(["shutil", "tempfile", "glob"], _FILES),
+    **dict.fromkeys(["socket", "_socket", "ssl", "http", "urllib", "urllib2", "requests", "webbrowser"], _NET),
+    **dict.fromkeys(["ftplib", "smtplib", "telnetlib", "xmlrpc", "aiohttp", "httplib"], _NET),
+    **dict.fromkeys(["ctypes", "_ctypes", "cffi"], _NATIVE),
+    "torch.hub": "downloads and runs code",
+    "torch.jit": _JIT,
+    "torch._dynamo": _JIT,
+    "torch._inductor": _JIT,
+    "torch.package": _JIT,
+    "torch.utils.cpp_extension": _NATIVE,
+    "numpy.testing": _EVAL,  # numpy.testing._private.utils.runstring is exec()
+    "numpy.f2py": _NATIVE,
+    "numpy.distutils": _NATIVE,
+}
+
+#: Single names inside otherwise ordinary modules.
+_DANGEROUS_NAMES: dict[str, str] = {
+    **dict.fromkeys([f"builtins.{n}" for n in ("eval", "exec", "compile", "breakpoint", "input")], _EVAL),
+    "builtins.__import__": _IMPORT,
+    **dict.fromkeys([f"builtins.{n}" for n in ("getattr", "setattr", "delattr", "globals", "locals", "vars")], _ATTR),
+    **dict.fromkeys(["builtins.open", "io.open", "_io.open", "io.FileIO", "_io.FileIO", "codecs.open"], _FILES),
+    **dict.fromkeys(["builtins.exit", "builtins.quit"], _SHELL),
+    **dict.fromkeys(["operator.attrgetter", "operator.itemgetter", "operator.methodcaller"], _ATTR),
+    "operator.call": _CALL,
+    "functools.partial": _CALL,
+    "functools.reduce": _CALL,
+    **dict.fromkeys(
+        [f"types.{n}" for n in ("FunctionType", "LambdaType", "CodeType", "MethodType", "ModuleType")], _EVAL
+    ),
+    "torch.load": _NESTED,
+    "torch.serialization.load": _NESTED,
+    "torch.serialization._load": _NESTED,
+    "torch.storage._load_from_bytes": _NESTED,
+    "torch._C._import_ir_module": _JIT,
+    "torch._C._import_ir_module_from_package": _JIT,
+    "numpy.load": _NESTED,
+    "numpy.loads": _NESTED,
+    "numpy.lib.npyio.load": _NESTED,
+    "numpy.lib._npyio_impl.load": _NESTED,
+    "numpy.core.numeric.load": _NESTED,
+}
+
+
+def dangerous_reason(full_name: str) -> str | None:
+    """Why ``"module.name"`` is dangerous in a checkpoint, or ``None`` when it is not on the explicit list.
+
+    Example:
+        >>> dangerous_reason("posix.system")
+        'runs shell commands or touches the process'
+        >>> dangerous_reason("collections.OrderedDict") is None
+        True
+    """
+    if full_name in _DANGEROUS_NAMES:
+        return _DANGEROUS_NAMES[full_name]
+    parts = full_name.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # longest module prefix first: torch.jit before torch
+        reason = _DANGEROUS_MODULES.get(".".join(parts[:i]))
+        if reason is not None:
+            return reason
+    return None
+
+
+#: A bare module object reached as an attribute (``GLOBAL pathlib os``) is a foothold for BUILD/getattr.
+_MODULE_OBJECTS = frozenset(
+    {"os", "posix", "nt", "sys", "subprocess", "builtins", "__builtins__", "importlib", "ctypes", "pickle"}
+    | {"marshal", "shutil", "socket", "runpy"}
+)
+
+
+def _reached_through(qualname: str) -> str | None:
+    """Dangerous things reached by attribute traversal inside the name: ``GLOBAL pathlib os.system``.
+
+    Protocol 4 resolves dotted names attribute by attribute, so ``pathlib`` + ``os.system`` is
+    ``os.system`` although the module is harmless. Every tail of a dotted name is checked.
+    """
+    parts = qualname.split(".")
+    if len(parts) == 1:
+        return f"the {qualname} module object itself" if qualname in _MODULE_OBJECTS else None
+    for i in range(len(parts)):
+        tail = ".".join(parts[i:])
+        reason = dangerous_reason(tail) or (_DANGEROUS_MODULES.get(tail) if "." not in tail else None)
+        if reason is None and parts[i] in _MODULE_OBJECTS:
+            reason = f"reaches the {parts[i]} module through attribute access"
+        if reason is None and parts[i].startswith("__") and parts[i] not in ("__init__", "__new__"):
+            reason = f"reaches {parts[i]} through attribute access"
+        if reason is not None:
+            return reason
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the allowlist
+
+#: Used only when torch's own weights-only tables cannot be read (a torch without them).
+_FALLBACK_ALLOWED = frozenset(
+    {
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch.Size",
+        "torch.device",
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+        "_codecs.encode",
+        "builtins.set",
+        "torch.storage.UntypedStorage",
+        "torch.storage.TypedStorage",
+    }
+)
+
+
+def safe_globals() -> frozenset[str]:
+    """The ``"module.name"`` globals ``torch.load(weights_only=True)`` accepts right now.
+
+    Read from torch at call time (its built-in table plus anything registered with
+    ``torch.serialization.add_safe_globals``), so the scan and torch agree; a small fixed set
+    (plain containers, tensor rebuild functions, storages, dtypes) stands in on a torch too old
+    to have those tables.
+
+    Example:
+        >>> "torch._utils._rebuild_tensor_v2" in safe_globals(), "posix.system" in safe_globals()
+        (True, False)
+    """
+    names: set[str] = set()
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        names.update(wou._get_allowed_globals())
+        names.update(wou._get_user_allowed_globals())
+    except Exception:  # older or newer torch without these private helpers
+        names.update(_FALLBACK_ALLOWED)
+        try:
+            import torch
+
+            for attr in dir(torch):
+                value = getattr(torch, attr, None)
+                if isinstance(value, torch.dtype):
+                    names.add(str(value))
+                elif isinstance(value, type) and attr.endswith(("Storage", "Tensor")):
+                    names.add(f"torch.{attr}")
+        except Exception:
+            pass
+    try:
+        import torch
+
+        for entry in torch.serialization.get_safe_globals():
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+                names.add(entry[1])
+            else:
+                names.add(f"{getattr(entry, '__module__', '')}.{getattr(entry, '__qualname__', '')}")
+    except Exception:
+        pass
+    return frozenset(names)
+
+
+# --------------------------------------------------------------------------------------------- the report
+
+
+@dataclass
+class ScanReport:
+    """What a file's pickles import, and whether ``torch.load(weights_only=True)`` would accept it.
+
+    Attributes:
+        path: the file scanned.
+        format: ``"torch-zip"``, ``"torch-legacy"`` (pre-1.6 non-zip torch.save), ``"pickle"`` or
+            ``"safetensors"`` (no pickle at all).
+        globals: every ``"module.name"`` the pickles import, sorted.
+        unsafe: those outside the weights-only allowlist (dangerous ones included), sorted.
+        dangerous: the explicitly dangerous ones, ``{name: reason}``.
+        issues: structural problems (several PROTO, bytes after STOP, unresolvable STACK_GLOBAL,
+            a truncated or malformed pickle).
+        calls: how often each call/build opcode appears (``REDUCE``, ``BUILD``, ``NEWOBJ``, ...).
+        called: the globals actually invoked by those opcodes, sorted.
+        pickles: the pickles scanned (zip entry names, or ``"pickle@offset"``).
+        complete: False when a pickle could not be parsed to its end.
+    """
+
+    path: str
+    format: str = "pickle"
+    globals: list[str] = field(default_factory=list)
+    unsafe: list[str] = field(default_factory=list)
+    dangerous: dict[str, str] = field(default_factory=dict)
+    issues: list[str] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
+    called: list[str] = field(default_factory=list)
+    pickles: list[str] = field(default_factory=list)
+    complete: bool = True
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is unsafe, nothing dangerous, and the pickles are well formed."""
+        return not self.unsafe and not self.dangerous and not self.issues
+
+    @property
+    def verdict(self) -> str:
+        """``"clean"``, ``"UNSAFE"`` or ``"unreadable"`` (a truncated pickle with nothing dangerous in it)."""
+        if self.ok:
+            return "clean"
+        if self.dangerous or self.unsafe or self.complete:
+            return "UNSAFE"
+        return "unreadable"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field plus ``ok`` and ``verdict``."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "ok": self.ok,
+            "verdict": self.verdict,
+            "globals": list(self.globals),
+            "unsafe": list(self.unsafe),
+            "dangerous": dict(sorted(self.dangerous.items())),
+            "issues": list(self.issues),
+            "calls": dict(self.calls),
+            "called": list(self.called),
+            "pickles": list(self.pickles),
+            "complete": self.complete,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {self.verdict} ({self.format}, {len(self.globals)} globals)"]
+        for name in self.globals:
+            if name in self.dangerous:
+                lines.append(f"  DANGEROUS {name}: {self.dangerous[name]}")
+            elif name in self.unsafe:
+                lines.append(f"  unsafe    {name}")
+            else:
+                lines.append(f"  ok        {name}")
+        for name, why in sorted(self.dangerous.items()):
+            if name not in self.globals:
+                lines.append(f"  DANGEROUS {name}: {why}")
+        lines.extend(f"  issue: {issue}" for issue in self.issues)
+        if self.calls:
+            lines.append("  calls: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.calls.items())))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- the opcode walker
+
+
+class _Global:
+    """A global reference on the abstract stack."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_UNKNOWN = object()  # any other value: its contents never matter for safety
+_MARK = object()
+
+
+class _Bounded:
+    """A reader whose ``read(n)`` never asks the file for more than what is left.
+
+    ``BufferedReader.read(n)`` allocates ``n`` bytes up front, so a pickle claiming a 2**60-byte
+    ``BINBYTES8`` would otherwise allocate before failing.
+    """
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self._fh = fh
+        self._end = size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(self._end - self._fh.tell(), 0)
+        return self._fh.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self._fh.readline(max(self._end - self._fh.tell(), 0))
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+
+class _Acc:
+    """What the walk of all pickles in one file has found."""
+
+    def __init__(self) -> None:
+        self.globals: set[str] = set()
+        self.dangerous: dict[str, str] = {}
+        self.issues: list[str] = []
+        self.calls: Counter[str] = Counter()
+        self.called: set[str] = set()
+        self.complete = True
+
+    def add_global(self, module: str, name: str) -> str:
+        # the same renames the unpickler applies to protocol 0-2 pickles (__builtin__ -> builtins)
+        if (module, name) in NAME_MAPPING:
+            module, name = NAME_MAPPING[(module, name)]
+        elif module in IMPORT_MAPPING:
+            module = IMPORT_MAPPING[module]
+        full = f"{module}.{name}"
+        self.globals.add(full)
+        reason = dangerous_reason(full) or _reached_through(name)
+        if reason is not None:
+            self.dangerous[full] = reason
+        return full
+
+
+def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
+    """Walk one pickle from the stream's position to its STOP; return (offset after STOP, top value)."""
+    stack: list[Any] = []
+    memo: dict[Any, Any] = {}
+    protos = 0
+    first = True
+
+    def pop() -> Any:
+        return stack.pop() if stack else _UNKNOWN
+
+    def pop_mark() -> list[Any]:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is _MARK:
+                items = stack[i + 1 :]
+                del stack[i:]
+                return items
+        acc.issues.append(f"{where}: an opcode expects a MARK that is not there")
+        items = stack[:]
+        stack.clear()
+        return items
+
+    def note_call(target: Any) -> None:
+        if isinstance(target, _Global):
+            acc.called.add(target.name)
+
+    try:
+        for op, arg, pos in pickletools.genops(stream):
+            name = op.name
+            if name in CALL_OPCODES:
+                acc.calls[name] += 1
+            if name == "PROTO":
+                protos += 1
+                if protos > 1 or not first:
+                    acc.issues.append(f"{where}: a PROTO opcode at byte {pos} (only one, first, is valid)")
+            elif name in ("GLOBAL", "INST"):
+                module, _, qual = str(arg).partition(" ")
+                ref = _Global(acc.add_global(module, qual))
+                if name == "INST":
+                    pop_mark()
+                    note_call(ref)
+                    stack.append(_UNKNOWN)
+                else:
+                    stack.append(ref)
+            elif name == "STACK_GLOBAL":
+                qual, module = pop(), pop()
+                if isinstance(module, str) and isinstance(qual, str):
+                    stack.append(_Global(acc.add_global(module, qual)))
+                else:
+                    acc.dangerous[_UNRESOLVED] = "its module/name are not plain strings, so the import cannot be known"
+                    acc.issues.append(f"{where}: STACK_GLOBAL at byte {pos} with operands that are not plain strings")
+                    stack.append(_UNKNOWN)
+            elif name in _STRING_OPS or name in _BYTES_OPS:
+                stack.append(arg)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1] if stack else _UNKNOWN
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1] if stack else _UNKNOWN
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, _UNKNOWN))
+            elif name == "MARK":
+                stack.append(_MARK)
+            elif name == "DUP":
+                stack.append(stack[-1] if stack else _UNKNOWN)
+            elif name == "POP":
+                pop()
+            elif name == "POP_MARK":
+                pop_mark()
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                acc.dangerous[f"<extension code {arg}>"] = (
+                    "copyreg extension codes name a global only known at load time"
+                )
+                stack.append(_UNKNOWN)
+            elif name in ("REDUCE", "NEWOBJ"):
+                pop()
+                note_call(pop())
+                stack.append(_UNKNOWN)
+            elif name == "NEWOBJ_EX":
+                pop(), pop()
+                note_call(pop())
+                stack.append(_UNKNOWN)
+            elif name == "OBJ":
+                items = pop_mark()
+                note_call(items[0] if items else _UNKNOWN)
+                stack.append(_UNKNOWN)
+            elif name == "STOP":
+                last = pop()
+                return pos + 1, last
+            elif name == "FRAME":
+                pass
+            else:
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    pop_mark()
+                    for _ in range(before.index(pickletools.markobject)):
+                        pop()
+                else:
+                    for _ in before:
+                        pop()
+                value = arg if name in ("LONG1", "LONG4", "LONG", "INT", "BININT", "BININT1", "BININT2") else _UNKNOWN
+                stack.extend([value] * len(op.stack_after))
+            first = False
+    except (ValueError, UnicodeDecodeError, OverflowError, MemoryError, IndexError) as e:
+        acc.complete = False
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        kind = "truncated" if any(w in message for w in ("exhausted", "expected", "not enough")) else "malformed"
+        acc.issues.append(f"{where}: {kind} pickle ({message})")
+        return -1, _UNKNOWN
+    acc.complete = False
+    acc.issues.append(f"{where}: truncated pickle (no STOP opcode)")
+    return -1, _UNKNOWN
+
+
+# --------------------------------------------------------------------------------------------- the entry point
+
+
+def scan(path: str | os.PathLike[str]) -> ScanReport:
+    """Statically scan a ``torch.save`` file (zip or pre-1.6) or a raw pickle; never executes it.
+
+    Zip files first pass :func:`torchkeep.legacy.check_zip`; then every ``*.pkl`` entry is
+    walked. A pre-1.6 ``torch.save`` file is five pickles followed by raw storage bytes: the five
+    are walked. A raw pickle is walked, and bytes after its STOP are reported. A safetensors
+    file holds no pickle and is clean.
+
+    Args:
+        path: the file.
+
+    Returns:
+        A :class:`ScanReport`; ``report.ok`` is True when ``torch.load(weights_only=True)``
+        would accept every global and the pickles are well formed.
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        CorruptCheckpointError: not a pickle, zip or safetensors file, or a zip that fails the
+            sanity checks (compressed entries, sizes past the end of the file, too many entries).
+
+    Example:
+        >>> import os, pickle, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "evil.pkl")
+        >>> with open(p, "wb") as f:
+        ...     _ = f.write(b"cposix\\nsystem\\n(S'echo hi'\\ntR.")  # never run by scan
+        >>> r = scan(p)
+        >>> r.ok, r.dangerous
+        (False, {'posix.system': 'runs shell commands or touches the process'})
+    """
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise CheckpointNotFoundError(path)
+    size = path.stat().st_size
+    acc = _Acc()
+    pickles: list[str] = []
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if head.startswith(b"PK\x03\x04"):
+            fmt = "torch-zip"
+            check_zip(path)
+            with zipfile.ZipFile(path) as zf:
+                infos = [i for i in zf.infolist() if i.filename.endswith(".pkl")]
+                if any("/code/" in i.filename or i.filename.startswith("code/") for i in zf.infolist()):
+                    acc.dangerous["<TorchScript archive>"] = "code/ entries are compiled and run by torch.jit.load"
+                for info in infos:
+                    try:
+                        data = zf.read(info)
+                    except (zipfile.BadZipFile, OSError, ValueError) as e:
+                        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} is damaged ({e})") from None
+                    pickles.append(info.filename)
+                    end, _ = _walk(io.BytesIO(data), info.filename, acc)
+                    if end >= 0 and end < len(data):
+                        acc.issues.append(f"{info.filename}: {len(data) - end:,} bytes after the STOP opcode")
+        elif _looks_like_safetensors(head, size) and not is_legacy(head[:8]):
+            fmt = "safetensors"
+        elif head[:1] and head[0] in _OPCODE_BYTES:
+            fmt = "pickle"
+            stream = _Bounded(fh, size)
+            fh.seek(0)
+            pickles.append("pickle@0")
+            end, top = _walk(stream, "pickle@0", acc)
+            if end >= 0 and top == _TORCH_MAGIC and not isinstance(top, bool):
+                # pre-1.6 torch.save: magic, protocol version, sys info, the data, storage keys; then raw bytes
+                fmt = "torch-legacy"
+                for _ in range(4):
+                    fh.seek(end)
+                    pickles.append(f"pickle@{end}")
+                    end, _ = _walk(stream, f"pickle@{end}", acc)
+                    if end < 0:
+                        break
+            elif end >= 0 and end < size:
+                acc.issues.append(f"pickle@0: {size - end:,} bytes after the STOP opcode")
+        else:
+            raise CorruptCheckpointError(path, "not a pickle, a torch.save file or a safetensors file")
+    allowed = safe_globals()
+    unsafe = {g for g in acc.globals if g not in allowed} | set(acc.dangerous)
+    return ScanReport(
+        path=str(path),
+        format=fmt,
+        globals=sorted(acc.globals),
+        unsafe=sorted(unsafe),
+        dangerous=dict(sorted(acc.dangerous.items())),
+        issues=acc.issues,
+        calls={k: acc.calls[k] for k in CALL_OPCODES if acc.calls[k]},
+        called=sorted(acc.called),
+        pickles=pickles,
+        complete=acc.complete,
+    )
+
+
+_OPCODE_BYTES = frozenset(op.code.encode("latin-1")[0] for op in pickletools.opcodes)
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
