@@ -13,9 +13,31 @@ Example:
 from torchkeep import errors
 from torchkeep._version import __version__
 from torchkeep.api import load, restore, save
+from torchkeep.convert import convert
+from torchkeep.diff import DiffReport, diff
 from torchkeep.inspection import inspect, verify
+from torchkeep.loading import LoadReport, load_into
 from torchkeep.reader import Checkpoint
 from torchkeep.reader import open_checkpoint as open
 from torchkeep.rng import RNGState
+from torchkeep.scan import ScanReport, scan
 
-__all__ = ["Checkpoint", "RNGState", "__version__", "errors", "inspect", "load", "open", "restore", "save", "verify"]
+__all__ = [
+    "Checkpoint",
+    "DiffReport",
+    "LoadReport",
+    "RNGState",
+    "ScanReport",
+    "__version__",
+    "convert",
+    "diff",
+    "errors",
+    "inspect",
+    "load",
+    "load_into",
+    "open",
+    "restore",
+    "save",
+    "scan",
+    "verify",
+]

@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "AmbiguousCheckpointError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
+    "ConversionError",
     "CorruptCheckpointError",
     "DeviceUnavailableError",
+    "DtypeMismatchError",
     "KeyMismatchError",
+    "MissingShardError",
     "TorchkeepError",
     "UnsafeCheckpointError",
     "UnsupportedDtypeError",
@@ -119,7 +123,10 @@ class UnsupportedObjectError(TorchkeepError, TypeError):
         self.path = path
         self.obj_type = type(obj).__name__
         what = getattr(obj, "__qualname__", None) if callable(obj) else None
-        shown = f"<{what}>" if what else f"object of type {type(obj).__module__}.{type(obj).__qualname__}"
+        if what:
+            shown = what if what.startswith("<") else f"<{what}>"
+        else:
+            shown = f"object of type {type(obj).__module__}.{type(obj).__qualname__}"
         hint = hint or (
             "Saved trees hold tensors, numbers, strings, bools, None, dtypes, devices, lists/tuples/dicts "
             "and objects with state_dict()/load_state_dict(). Remove it from the tree or give it those two methods."
@@ -186,3 +193,63 @@ class DeviceUnavailableError(TorchkeepError, RuntimeError):
             f"{self.path}: cannot place a tensor saved on {saved_device} with map_location={map_location!r}: "
             f"{reason}. Pass map_location='cpu' (the default) or a device this machine has."
         )
+
+
+class AmbiguousCheckpointError(TorchkeepError, KeyError):
+    """Several state dicts inside a checkpoint could be the weights, and none fits the model best.
+
+    Attributes:
+        source: the checkpoint (a path or ``"<memory>"``).
+        candidates: the dotted keys of the plausible state dicts (``""`` is the top level).
+    """
+
+    def __init__(self, source: str, candidates: Iterable[str]) -> None:
+        self.source = source
+        self.candidates = sorted(candidates)
+        shown = format_names(repr(c) for c in self.candidates)
+        pick = self.candidates[0] if self.candidates else "model"
+        super().__init__(
+            f"{source}: holds several state dicts that fit the model equally well: {shown}. "
+            f"Pick one with key=, e.g. load_into(model, source, key={pick!r})."
+        )
+
+
+class MissingShardError(TorchkeepError, FileNotFoundError):
+    """A sharded checkpoint's index names shard files that do not exist.
+
+    Attributes:
+        index: the ``*.index.json`` file.
+        missing: the shard file names that are absent.
+    """
+
+    def __init__(self, index: str | Path, missing: Iterable[str]) -> None:
+        self.index = str(index)
+        self.missing = sorted(missing)
+        super().__init__(
+            f"{self.index}: {len(self.missing)} shard file(s) listed in the index are missing: "
+            f"{format_names(self.missing)}. Download or copy them next to the index; nothing was loaded."
+        )
+
+
+class DtypeMismatchError(TorchkeepError, TypeError):
+    """Checkpoint tensors have other dtypes than the model's and ``dtype_policy="error"`` was asked for.
+
+    Attributes:
+        mismatched: ``(key, checkpoint_dtype, model_dtype)`` triples, as strings.
+    """
+
+    def __init__(self, where: str, mismatched: Iterable[tuple[str, str, str]]) -> None:
+        self.where = where
+        self.mismatched = sorted(mismatched)
+        shown = ", ".join(f"{k} {a} -> {b}" for k, a, b in self.mismatched[:10])
+        more = f", ... ({len(self.mismatched) - 10} more)" if len(self.mismatched) > 10 else ""
+        super().__init__(
+            f"{where}: {len(self.mismatched)} tensor(s) have another dtype than the model: {shown}{more}. "
+            'Nothing was loaded. Pass dtype_policy="cast" to convert them to the model\'s dtypes, '
+            "or convert the model first (e.g. model.half())."
+        )
+
+
+class ConversionError(TorchkeepError, ValueError):
+    """``convert`` cannot do what was asked: the output would overwrite the input, an unknown
+    format, a bad shard size, or weights it cannot find. The message says what to pass instead."""

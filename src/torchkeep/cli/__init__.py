@@ -21,7 +21,9 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from torchkeep._version import __version__
+from torchkeep.cli.convert import convert_command
 from torchkeep.cli.demo import demo_command
+from torchkeep.cli.diff import diff_command
 from torchkeep.cli.inspect import inspect_command
 from torchkeep.cli.scan import scan_command
 from torchkeep.cli.verify import verify_command
@@ -76,6 +78,8 @@ def _root(
 
 app.command("inspect", no_args_is_help=True)(inspect_command)
 app.command("verify", no_args_is_help=True)(verify_command)
+app.command("convert", no_args_is_help=True)(convert_command)
+app.command("diff", no_args_is_help=True)(diff_command)
 app.command("scan", no_args_is_help=True)(scan_command)
 app.command("demo")(demo_command)
 

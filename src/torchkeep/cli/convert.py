@@ -1,0 +1,111 @@
+"""``torchkeep convert SRC DST``: legacy torch files to torchkeep, torchkeep to plain safetensors or torch, sharding."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from torchkeep.cli.inspect import human_bytes
+from torchkeep.cli.verify import PROGRESS_MIN_BYTES
+from torchkeep.convert import FORMATS, INDEX_SUFFIX, convert, input_size
+
+__all__ = ["byte_progress", "convert_command"]
+
+
+def byte_progress(
+    label: str, total: int, *, json_out: bool = False
+) -> AbstractContextManager[Callable[[int], None] | None]:
+    """A context giving a ``progress(nbytes)`` callback that drives a rich bar on stderr, or ``None``
+    when no bar is wanted (``--json``, input under 64 MiB, or stderr is not a terminal)."""
+    err = Console(stderr=True, highlight=False)
+    if json_out or total < PROGRESS_MIN_BYTES or not err.is_terminal:
+        return nullcontext(None)
+
+    class _Bar:
+        def __enter__(self) -> Callable[[int], None]:
+            columns = (TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn())
+            self.bar = Progress(*columns, TimeRemainingColumn(), console=err, transient=True)
+            self.bar.__enter__()
+            task = self.bar.add_task(label, total=total)
+            return lambda n: self.bar.advance(task, n)
+
+        def __exit__(self, *exc: object) -> None:
+            self.bar.__exit__(*exc)  # type: ignore[arg-type]
+
+    return _Bar()
+
+
+def _written(path: Path) -> tuple[int, int]:
+    """``(files, bytes)`` written: the index plus its shards, or one file."""
+    if path.name.endswith(INDEX_SUFFIX):
+        shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
+        return len(shards) + 1, sum((path.parent / s).stat().st_size for s in shards) + path.stat().st_size
+    return 1, path.stat().st_size
+
+
+def convert_command(
+    src: Path = typer.Argument(..., metavar="SRC", help="The checkpoint to read (never modified).", show_default=False),
+    dst: Path = typer.Argument(..., metavar="DST", help="The file to write.", show_default=False),
+    to: str = typer.Option(
+        None,
+        "--to",
+        metavar="FORMAT",
+        help=f"Output format, one of {', '.join(FORMATS)}. Default: from DST's name "
+        "(.safetensors -> torchkeep, .pt/.pth/.bin/.ckpt -> torch).",
+        show_default=False,
+    ),
+    max_shard_size: str = typer.Option(
+        None,
+        "--max-shard-size",
+        metavar="SIZE",
+        help="Split into shards of at most SIZE (5GB, 500MB, 4GiB) with an HF-style .safetensors.index.json.",
+        show_default=False,
+    ),
+    key: str = typer.Option(
+        None,
+        "--key",
+        metavar="PATH",
+        help="With --to safetensors: the subtree holding the weights (e.g. ema/model). "
+        "Default: model, model_state_dict, state_dict, module or net, or the whole file if it is flat.",
+        show_default=False,
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow a legacy pickle that needs more than plain data. RUNS ITS CODE."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Convert a checkpoint; the output is written atomically and SRC is never modified.
+
+    \b
+    Examples:
+      # legacy torch.save file -> torchkeep (whole tree: epoch, optimizer, config)
+      torchkeep convert old.pth ckpt.safetensors
+      # the weights only, as a plain safetensors file for other tools
+      torchkeep convert ckpt.safetensors model.safetensors --to safetensors
+      # shards of at most 5 GB + model.safetensors.index.json
+      torchkeep convert ckpt.safetensors model.safetensors --max-shard-size 5GB
+      # torch.save format for old tools
+      torchkeep convert ckpt.safetensors legacy.pt
+    """
+    started = time.perf_counter()
+    with byte_progress("converting", input_size(src) if src.exists() else 0, json_out=json_out) as progress:
+        out = convert(
+            src, dst, to=to, max_shard_size=max_shard_size, trust_pickle=trust_pickle, key=key, progress=progress
+        )
+    files, size = _written(out)
+    elapsed = time.perf_counter() - started
+    if json_out:
+        typer.echo(json.dumps({"src": str(src), "dst": str(out), "files": files, "bytes": size, "seconds": elapsed}))
+        return
+    shards = f" ({files - 1} shards + index)" if files > 1 else ""
+    Console(highlight=False, soft_wrap=True).print(
+        f"[bold green]wrote[/] {escape(str(out))}{shards}: {human_bytes(size)} in {elapsed:.2f} s"
+    )
