@@ -182,6 +182,8 @@ def test_scan_flags_and_load_refuses_without_running(
     with pytest.raises(UnsafeCheckpointError) as info:
         tk.load(path, trust_pickle=True)  # dangerous globals are refused even when trusted
     assert "trust_pickle=True does not unlock" in str(info.value)
+    with pytest.raises((UnsafeCheckpointError, CorruptCheckpointError)):
+        tk.load_into(torch.nn.Linear(2, 2), path)  # the weights-loading path is just as closed
     assert not marker.exists()
 
 
