@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from torchkeep._version import __version__
+from torchkeep.dcp import is_dcp_dir, read_dcp
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -204,7 +205,9 @@ def load(
     """Load a checkpoint and return its state tree (Stateful leaves come back as state dicts).
 
     The format is detected from the content, not the extension: torchkeep files, plain
-    safetensors files (a flat ``{name: tensor}`` dict) and legacy ``torch.save`` files.
+    safetensors files (a flat ``{name: tensor}`` dict), legacy ``torch.save`` files, and
+    ``torch.distributed.checkpoint`` directories (a flat ``{fqn: tensor}`` dict; their pickled
+    ``.metadata`` is read by an allowlist unpickler, see :mod:`torchkeep.dcp`).
 
     Args:
         path: the file.
@@ -232,6 +235,10 @@ def load(
             head = fh.read(8)
         if is_legacy(head):
             return load_legacy(path, map_location=map_location, trust_pickle=trust_pickle)
+    elif is_dcp_dir(path):
+        place = _checked_placer(path, map_location)
+        flat = read_dcp(path)
+        return flat if place is None else {k: place(t, None) for k, t in flat.items()}
     with paused_gc(), Checkpoint(path, verify=verify) as ck:
         return ck.tree(place=_checked_placer(path, map_location))
 

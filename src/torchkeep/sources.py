@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from torchkeep.dcp import is_dcp_dir, read_dcp
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, KeyMismatchError, MissingShardError
 from torchkeep.format.dtypes import ST_TO_DTYPE
 from torchkeep.legacy import is_legacy
@@ -268,6 +269,8 @@ def _lazy_tree(ck: Checkpoint, verify: bool) -> Any:
 
 
 def _open_dir(path: Path, verify: bool) -> Source:
+    if is_dcp_dir(path):
+        return Source(read_dcp(path), str(path))
     indexes = sorted(path.glob("*.index.json"))
     preferred = [p for p in indexes if p.name == "model.safetensors.index.json"]
     if preferred or len(indexes) == 1:

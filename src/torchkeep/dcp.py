@@ -1,0 +1,135 @@
+"""Reading ``torch.distributed.checkpoint`` (DCP) directories without running their pickle.
+
+A DCP directory holds ``.metadata`` — a **pickle** of DCP's own metadata classes — and
+``__<rank>_<n>.distcp`` data files. ``torch.distributed.checkpoint`` unpickles ``.metadata``
+with the full unpickler. torchkeep instead reads it with an allowlist unpickler that can
+only build DCP's metadata dataclasses, paths, dtypes and sizes; anything else in it is
+refused. Before any data is read, every data file the metadata names must exist and hold
+the byte ranges it claims (a checkpoint cut short by a crash is refused, not half-read).
+
+Example:
+    >>> import torch, tempfile, warnings
+    >>> import torch.distributed.checkpoint as dcp
+    >>> d = tempfile.mkdtemp()
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     _ = dcp.save({"w": torch.ones(2)}, checkpoint_id=d, no_dist=True)
+    >>> read_dcp(d)["w"].tolist()
+    [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep.errors import CorruptCheckpointError, MissingShardError, UnsafeCheckpointError
+
+__all__ = ["is_dcp_dir", "read_dcp"]
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED: dict[str, set[str]] = {
+    _DCP_METADATA: {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"LoadItemType", "WriteItemType"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", "device"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+
+
+def is_dcp_dir(path: Path) -> bool:
+    """True for a directory holding a DCP ``.metadata`` file."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def _read_metadata(path: Path) -> Any:
+    meta = path / ".metadata"
+    try:
+        with open(meta, "rb") as f:
+            md = _MetadataUnpickler(io.BytesIO(f.read())).load()
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            meta, f"DCP metadata is a pickle, and this one needs more than DCP's metadata classes ({e})"
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise CorruptCheckpointError(meta, f"unreadable DCP metadata ({type(e).__name__}: {e})") from None
+    if type(md).__name__ != "Metadata" or not hasattr(md, "state_dict_metadata"):
+        raise CorruptCheckpointError(meta, "the .metadata pickle does not hold DCP Metadata")
+    return md
+
+
+def _check_complete(path: Path, md: Any) -> None:
+    """Every data file named must exist and hold the byte ranges the metadata claims."""
+    ends: dict[str, int] = {}
+    for info in (md.storage_data or {}).values():
+        rel = str(info.relative_path)
+        if os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise CorruptCheckpointError(path, f"DCP metadata names a data file outside the directory: {rel!r}")
+        ends[rel] = max(ends.get(rel, 0), int(info.offset) + int(info.length))
+    missing = [rel for rel in ends if not (path / rel).is_file()]
+    if missing:
+        raise MissingShardError(path / ".metadata", missing)
+    short = [rel for rel, end in ends.items() if (path / rel).stat().st_size < end]
+    if short:
+        raise CorruptCheckpointError(
+            path, f"DCP data files shorter than the metadata says (an interrupted save?): {', '.join(sorted(short))}"
+        )
+
+
+def read_dcp(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read every tensor of a DCP directory into CPU memory, as ``{flattened fqn: tensor}``.
+
+    Non-tensor entries (DCP stores them as pickled bytes) are not read.
+
+    Raises:
+        UnsafeCheckpointError: ``.metadata`` needs classes beyond DCP's metadata.
+        MissingShardError / CorruptCheckpointError: the checkpoint is incomplete.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    root = Path(os.fspath(path))
+    md = _read_metadata(root)
+    _check_complete(root, md)
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return md  # the copy read by the allowlist unpickler above, never pickle.load
+
+    state = {
+        fqn: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for fqn, m in md.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=_Reader(str(root)), no_dist=True)
+    return state
