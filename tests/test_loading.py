@@ -336,3 +336,26 @@ def test_loads_onto_each_parameters_own_device(tmp_path: Path) -> None:
     cuda_sd = {k: v.cuda() for k, v in src.state_dict().items()}
     cpu_model = fresh()
     assert load_into(cpu_model, cuda_sd).ok and not cpu_model.conv.weight.is_cuda
+
+
+def test_restore_repairs_prefixes_like_load_into(tmp_path: Path) -> None:
+    """tk.restore plans module targets with load_into's rules: a DataParallel checkpoint restores
+    into the plain model (and its optimizer), and the plain one into a compiled wrapper."""
+    torch.manual_seed(0)
+    trained = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    opt = torch.optim.Adam(trained.parameters())
+    trained(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    path = tk.save({"model": trained, "optimizer": opt, "epoch": 2}, tmp_path / "dp.safetensors")
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    plain_opt = torch.optim.Adam(plain.parameters())
+    state = tk.restore(path, {"model": plain, "optimizer": plain_opt})
+    assert state["epoch"] == 2
+    for k, v in trained.module.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+    assert torch.equal(plain_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+    compiled = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    tk.restore(tk.save({"model": plain}, tmp_path / "plain.safetensors"), {"model": compiled})
+    assert torch.equal(compiled._orig_mod[0].weight, plain[0].weight)

@@ -29,6 +29,7 @@ from torchkeep.format.dtypes import DTYPE_TO_ST
 from torchkeep.format.header import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, HASH_NAME, HeaderBuilder
 from torchkeep.hashing import Digests
 from torchkeep.legacy import is_legacy, load_legacy
+from torchkeep.loading import copy_plan, plan_into
 from torchkeep.mapped import MappedCheckpoint, adopt
 from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
 from torchkeep.storage.local import AtomicFile, buffer_of, write_buffers
@@ -267,40 +268,6 @@ def _lookup(tree: Any, path: tuple[Any, ...]) -> tuple[bool, Any]:
     return True, node
 
 
-def _check_module(where: str, module: torch.nn.Module, sd: Any, strict: bool) -> dict[str, Any]:
-    """Validate a module state dict before anything is copied; returns what to load."""
-    if not isinstance(sd, Mapping):
-        raise KeyMismatchError(where, fix=f"the checkpoint holds a {type(sd).__name__} here, not a module state dict")
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        (k, tuple(v.shape), tuple(expected[k].shape))
-        for k, v in sd.items()
-        if k in expected
-        and isinstance(v, torch.Tensor)
-        and isinstance(expected[k], torch.Tensor)
-        and v.shape != expected[k].shape
-    ]
-    if strict and (missing or unexpected or mismatched):
-        raise KeyMismatchError(
-            where,
-            missing,
-            unexpected,
-            mismatched,
-            fix="pass strict=False to load the keys that match and skip the rest (they are reported as a warning)",
-        )
-    if missing or unexpected or mismatched:
-        warnings.warn(
-            str(
-                KeyMismatchError(where, missing, unexpected, mismatched, fix="loaded the matching keys (strict=False)")
-            ),
-            stacklevel=3,
-        )
-    bad = {k for k, _, _ in mismatched}
-    return {k: v for k, v in sd.items() if k not in bad and k in expected}
-
-
 def _check_optimizer(where: str, opt: torch.optim.Optimizer, sd: Any) -> None:
     groups = sd.get("param_groups") if isinstance(sd, Mapping) else None
     if not isinstance(groups, list):
@@ -426,7 +393,10 @@ def _match_targets(
             absent.append(where)
             continue
         if isinstance(target, torch.nn.Module):
-            sub = _check_module(where, target, sub, strict)
+            if not isinstance(sub, Mapping):
+                raise KeyMismatchError(where, fix=f"the checkpoint holds a {type(sub).__name__} here, not a state dict")
+            # load_into's planning: prefix repair ('module.', '_orig_mod.'), keys, shapes; nothing copied yet
+            sub = plan_into(target, sub, strict=strict, skip_mismatched=not strict, label=f"{path}", key=where)
         elif isinstance(target, torch.optim.Optimizer):
             _check_optimizer(where, target, sub)
         elif isinstance(target, torch.Generator) and not isinstance(sub, torch.Generator):
@@ -451,7 +421,10 @@ def _apply(target: Any, sub: Any, own: Callable[[torch.Tensor], torch.Tensor]) -
         target.set_state(sub.get_state())
         return target
     if isinstance(target, torch.nn.Module):
-        target.load_state_dict(sub, strict=False)  # keys were checked; copies straight into the parameters
+        plan, report = sub
+        copy_plan(plan)  # validated above; copies straight from the mapped file into the parameters
+        if not report.ok:
+            warnings.warn(f"loaded what matched (strict=False): {report}", stacklevel=3)
         return target.state_dict()
     if isinstance(target, torch.optim.Optimizer):
         sub = adopt(target.state_dict(), sub, own)  # reuse the optimizer's existing state memory

@@ -458,14 +458,34 @@ def load_into(
                 batches.setdefault(id(s.verify), (s.verify, []))[1].append(s.stored)
         for check, names in batches.values():
             check(names)
-        done: set[int] = set()
-        with torch.no_grad():
-            for _, dst, s in plan.copies:
-                if id(dst) in done:  # tied weights: one copy per parameter object
-                    continue
-                done.add(id(dst))
-                t = s.load() if isinstance(s, LazyTensor) else s
-                if place is not None:
-                    t = place(t, s.device if isinstance(s, LazyTensor) else str(s.device))
-                dst.copy_(t)
+        copy_plan(plan, place)
     return report
+
+
+def plan_into(
+    model: torch.nn.Module, sd: Mapping[str, Any], *, strict: bool, skip_mismatched: bool, label: str, key: str
+) -> tuple[_Plan, LoadReport]:
+    """Validate ``sd`` against ``model`` (prefix repair, shapes, dtypes) without copying anything.
+
+    :func:`torchkeep.restore` plans every module target first and copies only when all of them
+    pass; raises :class:`~torchkeep.errors.KeyMismatchError` as :func:`load_into` does.
+    """
+    report = LoadReport(source=label, key=key)
+    plan = _plan(
+        model, sd, remap=None, strict=strict, skip_mismatched=skip_mismatched, dtype_policy="cast", report=report
+    )
+    return plan, report
+
+
+def copy_plan(plan: _Plan, place: Callable[[torch.Tensor, str | None], torch.Tensor] | None = None) -> None:
+    """Copy a validated plan into the model's existing tensors (tied weights copied once)."""
+    done: set[int] = set()
+    with torch.no_grad():
+        for _, dst, s in plan.copies:
+            if id(dst) in done:  # tied weights: one copy per parameter object
+                continue
+            done.add(id(dst))
+            t = s.load() if isinstance(s, LazyTensor) else s
+            if place is not None:
+                t = place(t, s.device if isinstance(s, LazyTensor) else str(s.device))
+            dst.copy_(t)
