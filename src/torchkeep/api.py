@@ -129,12 +129,7 @@ def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durab
         raise IsADirectoryError(f"{path}: is a directory; give a file name such as {path / 'ckpt.safetensors'}")
     flat = flatten(obj)
     meta = {
-        "format": "pt",
-        FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}",
-        "torchkeep.hash": HASH_NAME,
-        "torchkeep.library": __version__,
-        "torchkeep.torch": torch.__version__.split("+")[0],
-        "torchkeep.created": _created(),
+        **provenance_metadata(),
         TREE_KEY: json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
     }
     if metadata:
@@ -149,6 +144,18 @@ def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durab
         os.pwrite(f.fd, builder.seal(hashes.result()), 0)
         f.commit()
     return path
+
+
+def provenance_metadata() -> dict[str, str]:
+    """The header metadata every torchkeep file carries: format, hash, versions, creation time."""
+    return {
+        "format": "pt",
+        FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}",
+        "torchkeep.hash": HASH_NAME,
+        "torchkeep.library": __version__,
+        "torchkeep.torch": torch.__version__.split("+")[0],
+        "torchkeep.created": _created(),
+    }
 
 
 def _created() -> str:

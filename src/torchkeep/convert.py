@@ -22,20 +22,19 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep._version import __version__
+from torchkeep.api import provenance_metadata
 from torchkeep.errors import CheckpointNotFoundError, ConversionError, CorruptCheckpointError
 from torchkeep.format.dtypes import DTYPE_TO_ST, ITEMSIZE
-from torchkeep.format.header import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, HASH_NAME, HeaderBuilder
+from torchkeep.format.header import FORMAT_KEY, HeaderBuilder
 from torchkeep.hashing import Digests
 from torchkeep.legacy import is_legacy
 from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
-from torchkeep.storage.local import AtomicFile, buffer_of, write_buffers
+from torchkeep.storage.local import AtomicFile, buffer_of, fsync_dir, write_buffers
 from torchkeep.tree import SkeletonError, flatten, unflatten
 
 __all__ = ["FORMATS", "WEIGHT_KEYS", "convert", "input_size", "parse_size", "select_weights"]
@@ -255,23 +254,6 @@ def _has_tensor(node: Any) -> bool:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _created() -> str:
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
-    return when.isoformat(timespec="seconds")
-
-
-def _own_meta() -> dict[str, str]:
-    return {
-        "format": "pt",
-        FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}",
-        "torchkeep.hash": HASH_NAME,
-        "torchkeep.library": __version__,
-        "torchkeep.torch": torch.__version__.split("+")[0],
-        "torchkeep.created": _created(),
-    }
-
-
 def _plain_meta(user: Mapping[str, Any]) -> dict[str, str]:
     meta = {"format": "pt"}
     for k, v in user.items():
@@ -358,14 +340,6 @@ def _split(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
     return groups
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_sharded(
     src: Path,
     dst: Path,
@@ -406,7 +380,7 @@ def _write_sharded(
     with AtomicFile(index_path) as f:
         os.write(f.fd, json.dumps(index, indent=2, ensure_ascii=False).encode() + b"\n")
         f.commit()
-    _fsync_dir(index_path.parent)
+    fsync_dir(index_path.parent)
     return index_path
 
 
@@ -500,7 +474,7 @@ def convert(
     else:
         flat = flatten(tree)
         tensors = flat.tensors
-        meta = _own_meta()
+        meta = provenance_metadata()
         index_meta = {FORMAT_KEY: meta[FORMAT_KEY], TREE_KEY: flat.skeleton}
         if user:
             index_meta[USER_KEY] = user

@@ -21,7 +21,7 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["AtomicFile", "buffer_of", "read_into", "write_buffers"]
+__all__ = ["AtomicFile", "buffer_of", "fsync_dir", "read_into", "write_buffers"]
 
 _IOV_MAX = 1024
 _MAX_IO = 1 << 30  # Linux transfers at most ~2 GiB per call; stay well below
@@ -97,7 +97,8 @@ def read_into(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
     return offset
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory, so that a rename inside it survives a power loss."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -140,7 +141,7 @@ class AtomicFile:
         os.replace(self.tmp, self.path)
         self.committed = True
         if self.durable:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         if self.fd >= 0:
