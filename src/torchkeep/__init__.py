@@ -19,6 +19,7 @@ from torchkeep.inspection import inspect, verify
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.reader import Checkpoint
 from torchkeep.reader import open_checkpoint as open
+from torchkeep.registry import load_model, register_model, save_model
 from torchkeep.rng import RNGState
 from torchkeep.scan import ScanReport, scan
 
@@ -35,9 +36,12 @@ __all__ = [
     "inspect",
     "load",
     "load_into",
+    "load_model",
     "open",
+    "register_model",
     "restore",
     "save",
+    "save_model",
     "scan",
     "verify",
 ]

@@ -30,7 +30,9 @@ __all__ = [
     "DtypeMismatchError",
     "KeyMismatchError",
     "MissingShardError",
+    "ModelVersionError",
     "TorchkeepError",
+    "UnknownModelError",
     "UnsafeCheckpointError",
     "UnsupportedDtypeError",
     "UnsupportedObjectError",
@@ -253,3 +255,61 @@ class DtypeMismatchError(TorchkeepError, TypeError):
 class ConversionError(TorchkeepError, ValueError):
     """``convert`` cannot do what was asked: the output would overwrite the input, an unknown
     format, a bad shard size, or weights it cannot find. The message says what to pass instead."""
+
+
+class UnknownModelError(TorchkeepError, KeyError):
+    """``load_model`` cannot find the class a model file names, or ``save_model`` got an unregistered class.
+
+    Attributes:
+        name: the registry name (or class path) asked for.
+        registered: the names registered in this process, sorted.
+        class_path: the ``module.QualName`` recorded in the file, if any.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        registered: Iterable[str] = (),
+        *,
+        class_path: str | None = None,
+        tried_import: bool = False,
+        detail: str = "",
+    ) -> None:
+        self.name = name
+        self.registered = sorted(registered)
+        self.class_path = class_path
+        known = format_names(self.registered) if self.registered else "none"
+        if detail:
+            head = detail
+        else:
+            head = f"no model class registered as {name!r}"
+            if class_path:
+                head += f" (saved from {class_path})"
+        fix = (
+            "import the module that defines it (its @torchkeep.register_model decorator registers it), "
+            "install a package that declares it in the 'torchkeep.models' entry-point group"
+        )
+        if class_path and not tried_import:
+            fix += f", or pass allow_import=True to import {class_path} (runs that module's code)"
+        super().__init__(f"{head}. Registered models: {known}. To fix: {fix}.")
+
+
+class ModelVersionError(TorchkeepError, ValueError):
+    """A model file was saved by a newer version of its class than the one registered here.
+
+    Attributes:
+        name: the registry name.
+        file_version: the version recorded in the file.
+        registered_version: the version of the class registered in this process.
+    """
+
+    def __init__(self, name: str, file_version: int, registered_version: int, path: str = "") -> None:
+        self.name = name
+        self.file_version = file_version
+        self.registered_version = registered_version
+        where = f"{path}: " if path else ""
+        super().__init__(
+            f"{where}model {name!r} was saved by version {file_version} of its class, but version "
+            f"{registered_version} is registered here, which cannot know that layout. Upgrade the package that "
+            f"defines {name!r} to version {file_version} or later."
+        )

@@ -353,7 +353,22 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
         "bytes": header.file_size - header.size,
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
         "tree": tree,
+        **_model_record(meta),
     }
+
+
+def _model_record(meta: dict[str, str]) -> dict[str, Any]:
+    """``{"model": {name, version, class, training, config}}`` for files written by ``save_model``, else ``{}``."""
+    raw = meta.get("torchkeep.model")
+    if not raw:
+        return {}
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {"model": {k: record.get(k) for k in ("name", "version", "class", "training", "config")}}
 
 
 def verify(path: str | os.PathLike[str], *, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
