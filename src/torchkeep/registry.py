@@ -490,14 +490,52 @@ def _call(cls: type, config: dict[str, Any]) -> torch.nn.Module:
 
 
 def _meta_safe(model: torch.nn.Module) -> bool:
-    """True when every tensor of a meta-built model will be filled by ``to_empty`` + a strict load."""
+    """True when every tensor of a meta-built model will be filled by allocation + a strict load."""
     for m in model.modules():
         if getattr(m, "_non_persistent_buffers_set", None):
-            return False  # to_empty would leave them uninitialised and the file does not hold them
+            return False  # allocation would leave them uninitialised and the file does not hold them
         for v in m.__dict__.values():
             if isinstance(v, torch.Tensor) and v.is_meta:
                 return False  # a plain tensor attribute computed in __init__
     return True
+
+
+#: Shape-preserving in-place ops that weight initialisers call. On a meta tensor they compute
+#: nothing, yet the first one dispatched in a process imports torch._dynamo (~1 s): skip them.
+_INIT_OPS = frozenset(
+    [
+        "normal_",
+        "uniform_",
+        "fill_",
+        "zero_",
+        "random_",
+        "exponential_",
+        "log_normal_",
+        "cauchy_",
+        "geometric_",
+        "bernoulli_",
+        "erfinv_",
+        "mul_",
+        "add_",
+        "sub_",
+        "div_",
+        "clamp_",
+        "copy_",
+    ]
+)
+
+
+class _SkipMetaInit(torch.overrides.TorchFunctionMode):
+    """Thread-local: initialisers' in-place ops on meta tensors return the tensor untouched."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _INIT_OPS:
+            # torch.nn.init functions come with their arguments as keywords (tensor=...)
+            t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
 
 
 def _build(cls: type, config: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, bool]:
@@ -505,10 +543,11 @@ def _build(cls: type, config: dict[str, Any], device: torch.device) -> tuple[tor
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with torch.device("meta"):
+            with torch.device("meta"), _SkipMetaInit():
                 model = _call(cls, config)
         if isinstance(model, torch.nn.Module) and _meta_safe(model):
-            return model.to_empty(device=device), True
+            # what to_empty does, without the symbolic-shape machinery empty_like pulls in on meta
+            return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device)), True
     except Exception:
         pass  # the class cannot be built on meta: build it for real below
     return _call(cls, config).to(device), False
