@@ -375,3 +375,21 @@ def test_inspect_shows_registry_record(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["inspect", str(p), "--json"])
     assert json.loads(result.output)["model"]["config"]["opts"]["act"] == "tanh"
     assert "model" not in tk.inspect(tk.save({"w": torch.ones(1)}, tmp_path / "plain.safetensors"))
+
+
+def test_inspect_a_model_directory_single_and_sharded(tmp_path: Path) -> None:
+    """`torchkeep inspect DIR` summarises the directory's model file (or its first shard)."""
+    model = rm.TinyNet(sizes=(4, 64, 3))
+    single = tk.save_model(model, f"{tmp_path / 'single'}/")
+    sharded = tk.save_model(model, f"{tmp_path / 'sharded'}/", max_shard_size=400)
+    assert (Path(sharded) / "model.safetensors.index.json").is_file()
+    for d in (single, sharded):
+        info = tk.inspect(d)
+        assert info["model"]["name"] == "test-tiny-net"
+        assert info["model"]["config"]["sizes"] == [4, 64, 3]
+        result = CliRunner().invoke(app, ["inspect", str(d)])
+        assert result.exit_code == 0, result.output
+        assert "test-tiny-net" in result.output
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "empty")])
+    assert result.exit_code == 2 and "without model.safetensors" in result.output
