@@ -196,8 +196,11 @@ def test_inspect_errors_are_typed(tmp_path: Path) -> None:
     junk.write_bytes(b"hello, this is not a checkpoint at all")
     with pytest.raises(CorruptCheckpointError):
         tk.inspect(junk)
+    with pytest.raises(CorruptCheckpointError):
+        tk.inspect(tmp_path)  # a directory: its only .safetensors file is the junk one
+    (tmp_path / "empty").mkdir()
     with pytest.raises(CorruptCheckpointError, match="directory"):
-        tk.inspect(tmp_path)
+        tk.inspect(tmp_path / "empty")
 
 
 # -- inspection.verify -----------------------------------------------------------------------
