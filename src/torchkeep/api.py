@@ -33,7 +33,7 @@ from torchkeep.loading import copy_plan, plan_into
 from torchkeep.mapped import MappedCheckpoint, adopt
 from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
 from torchkeep.storage.local import AtomicFile, buffer_of, write_buffers
-from torchkeep.tree import SkeletonError, flatten, format_path, is_stateful, unflatten
+from torchkeep.tree import Flat, SkeletonError, flatten, format_path, is_stateful, unflatten
 
 __all__ = ["load", "restore", "save"]
 
@@ -127,7 +127,15 @@ def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durab
     path = Path(os.fspath(path)).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory; give a file name such as {path / 'ckpt.safetensors'}")
-    flat = flatten(obj)
+    return save_flat(flatten(obj), path, metadata=metadata, durable=durable)
+
+
+def save_flat(flat: Flat, path: Path, *, metadata: Mapping[str, Any] | None = None, durable: bool = True) -> Path:
+    """Write an already flattened tree (:func:`torchkeep.tree.flatten`) atomically.
+
+    For callers that snapshot a tree first and write it later (asynchronous saves): the
+    tensors of ``flat`` may be host copies, the skeleton keeps the Stateful class names.
+    """
     meta = {
         **provenance_metadata(),
         TREE_KEY: json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
