@@ -130,12 +130,13 @@ def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durab
     return save_flat(flatten(obj), path, metadata=metadata, durable=durable)
 
 
-def save_flat(flat: Flat, path: Path, *, metadata: Mapping[str, Any] | None = None, durable: bool = True) -> Path:
+def save_flat(flat: Flat, path: PathLike, *, metadata: Mapping[str, Any] | None = None, durable: bool = True) -> Path:
     """Write an already flattened tree (:func:`torchkeep.tree.flatten`) atomically.
 
     For callers that snapshot a tree first and write it later (asynchronous saves): the
     tensors of ``flat`` may be host copies, the skeleton keeps the Stateful class names.
     """
+    path = Path(os.fspath(path)).expanduser()
     meta = {
         **provenance_metadata(),
         TREE_KEY: json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
