@@ -94,3 +94,14 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path: Path) -> None:
     for name in ["save: torchkeep (durable=False)", "load: torch.load", "restore: torchkeep into the model"]:
         assert name in rows, name
     assert list(tmp_path.iterdir()) == []
+
+
+def test_async_stall_benchmark_runs(tmp_path: Path) -> None:
+    """bench_async.py prints the stall table and the bar line (no timing is asserted)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_async.py"
+    cmd = [sys.executable, str(script), "--scale", "0.002", "--repeat", "1", "--dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for row in ["copy limit", "async save: stall inside submit()", "sync tk.save (durable)", "bar: async stall"]:
+        assert row in proc.stdout, row
+    assert list(tmp_path.iterdir()) == []
