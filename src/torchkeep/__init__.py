@@ -17,6 +17,7 @@ from torchkeep.convert import convert
 from torchkeep.diff import DiffReport, diff
 from torchkeep.inspection import inspect, verify
 from torchkeep.loading import LoadReport, load_into
+from torchkeep.manager import CheckpointManager
 from torchkeep.reader import Checkpoint
 from torchkeep.reader import open_checkpoint as open
 from torchkeep.registry import load_model, register_model, save_model
@@ -25,6 +26,7 @@ from torchkeep.scan import ScanReport, scan
 
 __all__ = [
     "Checkpoint",
+    "CheckpointManager",
     "DiffReport",
     "LoadReport",
     "RNGState",

@@ -22,13 +22,17 @@ from typing import Any
 
 __all__ = [
     "AmbiguousCheckpointError",
+    "CheckpointLockedError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "ConversionError",
     "CorruptCheckpointError",
     "DeviceUnavailableError",
     "DtypeMismatchError",
+    "FilenameTemplateError",
+    "InsufficientSpaceError",
     "KeyMismatchError",
+    "MissingFilenameFieldError",
     "MissingShardError",
     "ModelVersionError",
     "TorchkeepError",
@@ -313,3 +317,71 @@ class ModelVersionError(TorchkeepError, ValueError):
             f"{registered_version} is registered here, which cannot know that layout. Upgrade the package that "
             f"defines {name!r} to version {file_version} or later."
         )
+
+
+class InsufficientSpaceError(TorchkeepError, OSError):
+    """A checkpoint does not fit on the disk: found before writing, or the write hit ENOSPC/EFBIG.
+
+    Attributes:
+        directory: where the checkpoint was to be written.
+        needed: bytes the checkpoint needs (estimate: tensor bytes plus a header estimate).
+        available: bytes free for this user when checked (``-1`` when unknown).
+        errno: ``ENOSPC``, or the errno of the failed write (``EFBIG`` for a file-size limit).
+    """
+
+    def __init__(self, directory: str | Path, needed: int, available: int, *, err: int = 28, detail: str = "") -> None:
+        self.directory = str(directory)
+        self.needed = int(needed)
+        self.available = int(available)
+        avail = f"{self.available} bytes available" if self.available >= 0 else "available space unknown"
+        what = f"the write failed ({detail})" if detail else "not enough free space"
+        super().__init__(
+            f"{self.directory}: cannot write a checkpoint of about {self.needed} bytes: {what}; {avail}. "
+            "Nothing was written and earlier checkpoints are intact. Free space there, lower keep_last/keep_best, "
+            "or point the CheckpointManager at another directory."
+        )
+        self.errno = err
+        self.strerror = str(self)
+
+
+class CheckpointLockedError(TorchkeepError, RuntimeError):
+    """Another process (or manager) holds the run directory's lock file.
+
+    Attributes:
+        directory: the run directory.
+        pid: the process id recorded in the lock file (``None`` when unreadable).
+    """
+
+    def __init__(self, directory: str | Path, pid: int | None) -> None:
+        self.directory = str(directory)
+        self.pid = pid
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"{self.directory}: locked by {holder} (.lock), which is writing checkpoints there. "
+            "Close that CheckpointManager (mgr.close()) or stop that process, or use another directory. "
+            "A lock left by a dead process is released by the OS and taken over automatically."
+        )
+
+
+class MissingFilenameFieldError(TorchkeepError, KeyError):
+    """A filename template names a field that ``step``, ``metrics`` and ``context`` do not provide.
+
+    Attributes:
+        template: the template.
+        missing: the field names not found.
+        available: the names that were available.
+    """
+
+    def __init__(self, template: str, missing: Iterable[str], available: Iterable[str]) -> None:
+        self.template = template
+        self.missing = sorted(missing)
+        self.available = sorted(available)
+        super().__init__(
+            f"filename template {template!r} needs {format_names(self.missing)}, which neither step, metrics nor "
+            f"context provide. Available: {format_names(self.available) or 'none'}. "
+            f"Pass them, e.g. mgr.save(state, step=..., context={{{self.missing[0]!r}: ...}})."
+        )
+
+
+class FilenameTemplateError(TorchkeepError, ValueError):
+    """A filename template is malformed, or a value does not fit its format spec."""

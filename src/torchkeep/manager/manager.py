@@ -1,0 +1,402 @@
+"""CheckpointManager: a run directory of checkpoints with naming, retention, best/latest and crash safety.
+
+Write order for one save (each step durable before the next)::
+
+    free-space check -> checkpoint (temp file, fsync, rename, fsync dir) -> manifest.json (same way)
+    -> delete what retention no longer keeps
+
+so a crash at any point leaves the previous checkpoints and a manifest that names only
+complete files; a checkpoint committed just before a crash is adopted on the next open.
+
+Locking: ``.lock`` in the directory is held with ``fcntl.flock`` for the manager's lifetime
+and records the holder's pid. The kernel drops a flock when its process dies (even by
+SIGKILL), so a lock file left by a dead process is simply locked again: no stale-lock logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchkeep import api
+from torchkeep.errors import (
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InsufficientSpaceError,
+    UnsupportedObjectError,
+)
+from torchkeep.manager import manifest, naming, retention
+from torchkeep.manager.manifest import CheckpointInfo
+from torchkeep.tree import Flat, flatten
+
+__all__ = ["CheckpointManager", "CheckpointSkippedWarning"]
+
+LOCK = ".lock"
+_TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_HEADER_SLACK = 4096  # provenance metadata, JSON framing and 8-byte alignment
+_PER_TENSOR = 256  # header bytes per tensor: name, dtype, shape, offsets, checksum
+
+
+class CheckpointSkippedWarning(UserWarning):
+    """``restore`` skipped a checkpoint that did not verify and fell back to an older one."""
+
+
+def _metric(name: str, v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise UnsupportedObjectError(f"metrics/{name}", v, "a metric must be a number (a one-element tensor).")
+        v = v.item()
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if hasattr(v, "__float__"):
+        return float(v)
+    raise UnsupportedObjectError(f"metrics/{name}", v, "a metric must be a number, a string, a bool or None.")
+
+
+class CheckpointManager:
+    """Saves a training state into a run directory, keeps what the retention options say, restores the newest.
+
+    Args:
+        directory: the run directory (created if missing). One manager at a time per directory.
+        keep_last: keep the N most recent checkpoints.
+        keep_best: keep the K best by ``monitor``.
+        monitor: the metric name ``best()`` and ``keep_best`` use.
+        mode: ``"max"`` or ``"min"``: which direction of ``monitor`` is better. NaN is never best.
+        keep_every: keep checkpoints whose step is a multiple of N.
+        keep_within: keep checkpoints younger than this (seconds or a ``timedelta``).
+        filename: template for file names, with ``{name}``/``{name:fmt}`` fields from ``step``,
+            ``metrics`` and ``context`` (see :mod:`torchkeep.manager.naming`).
+        durable: fsync checkpoints and the manifest (default).
+
+    A checkpoint is kept when any ``keep_*`` rule keeps it; the newest is always kept, and with
+    no rule at all nothing is deleted. Only files listed in the manifest are ever deleted.
+
+    Raises:
+        CheckpointLockedError: another manager (in any process) has the directory open.
+
+    Example:
+        >>> import tempfile, torch, torchkeep as tk
+        >>> run = tempfile.mkdtemp()
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with tk.CheckpointManager(run, keep_last=2, keep_best=1, monitor="acc") as mgr:
+        ...     for epoch, acc in enumerate([0.5, 0.9, 0.6, 0.7]):
+        ...         _ = mgr.save({"model": model}, step=epoch, metrics={"acc": acc})
+        ...     [c.step for c in mgr.checkpoints()], mgr.best().step, mgr.latest().file
+        ([1, 2, 3], 1, 'ckpt_000003.safetensors')
+        >>> with tk.CheckpointManager(run) as mgr:
+        ...     mgr.restore({"model": model}).step
+        3
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: str = "max",
+        keep_every: int | None = None,
+        keep_within: float | timedelta | None = None,
+        filename: str = "ckpt_{step:06d}",
+        durable: bool = True,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        if keep_best is not None and not monitor:
+            raise ValueError("keep_best needs monitor=, e.g. CheckpointManager(..., keep_best=2, monitor='val_acc')")
+        for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be a non-negative int or None, not {v!r}")
+        naming.parse(filename)  # fail now on a malformed template, not at the first save
+        self.directory = Path(os.fspath(directory)).expanduser().absolute()
+        self.keep_last, self.keep_best, self.keep_every = keep_last, keep_best, keep_every
+        self.keep_within = keep_within.total_seconds() if isinstance(keep_within, timedelta) else keep_within
+        self.monitor, self.mode, self.filename, self.durable = monitor, mode, filename, durable
+        self._pattern = naming.template_pattern(filename)
+        self._mutex = threading.RLock()
+        self._lock_fd = -1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._clean_temps()
+            self._entries: list[CheckpointInfo] = []
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                raw = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                pid = int(raw) if raw.isdigit() else None
+            finally:
+                os.close(fd)
+            raise CheckpointLockedError(self.directory, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _clean_temps(self) -> None:
+        """Remove temp files a killed save left: only those of the manifest or of names our template makes."""
+        for name in os.listdir(self.directory):
+            m = _TEMP.fullmatch(name)
+            if m and (m["target"] == manifest.MANIFEST or self._pattern.fullmatch(m["target"])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / name)
+
+    def _load(self) -> None:
+        entries, reason = manifest.read(self.directory)
+        names = set(os.listdir(self.directory))
+        changed = entries is None
+        if entries is None:
+            if reason != "missing":
+                warnings.warn(
+                    f"{self.directory / manifest.MANIFEST}: {reason}; rebuilding it from the checkpoint files",
+                    stacklevel=3,
+                )
+            entries = manifest.rebuild(self.directory, sorted(n for n in names if n.endswith(naming.SUFFIX)))
+        else:
+            # entries whose file is gone (deleted by hand) drop out; files committed after the last
+            # manifest write (a crash in between) that carry our record are adopted
+            present = [e for e in entries if e.file in names]
+            known = {e.file for e in entries}
+            extra = manifest.rebuild(
+                self.directory, sorted(n for n in names if n.endswith(naming.SUFFIX) and n not in known)
+            )
+            changed = len(present) != len(entries) or bool(extra)
+            # a file adopted after a crash goes where its save time puts it (sort is stable)
+            entries = sorted(present + extra, key=lambda e: e.created) if extra else present
+        self._entries = entries
+        if changed:
+            self._write_manifest()
+
+    # -- queries ---------------------------------------------------------------------------------
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every checkpoint in the run, oldest first."""
+        with self._mutex:
+            return list(self._entries)
+
+    def latest(self) -> CheckpointInfo | None:
+        """The most recently saved checkpoint, or ``None``."""
+        with self._mutex:
+            return self._entries[-1] if self._entries else None
+
+    def best(self) -> CheckpointInfo | None:
+        """The best checkpoint by ``monitor`` (``None`` without a monitor or a usable value)."""
+        with self._mutex:
+            if not self.monitor:
+                return None
+            i = retention.best_index(self._entries, self.monitor, self.mode)
+            return None if i is None else self._entries[i]
+
+    def _policy(self) -> Any:
+        rules: list[Any] = []
+        if self.keep_last is not None:
+            rules.append(retention.LatestN(self.keep_last))
+        if self.keep_best is not None and self.monitor:
+            rules.append(retention.BestN(self.keep_best, self.monitor, self.mode))
+        if self.keep_every is not None:
+            rules.append(retention.EveryN(self.keep_every))
+        if self.keep_within is not None:
+            rules.append(retention.Within(float(self.keep_within), time.time()))
+        if not rules:
+            return retention.KeepAll()
+        return retention.AnyOf(retention.LatestN(1), *rules)
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(
+        self,
+        state: Any,
+        *,
+        step: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Save ``state`` as a new checkpoint, update the manifest, then apply retention.
+
+        Args:
+            state: the tree to save, as for :func:`torchkeep.save`.
+            step: the step or epoch (default: the latest step + 1, or 0).
+            metrics: numbers to record (``monitor`` is read from here); usable in ``filename``.
+            context: extra values for the ``filename`` template only (e.g. ``{"model": "vgg16"}``).
+
+        Returns:
+            The new checkpoint's :class:`CheckpointInfo`.
+
+        Raises:
+            InsufficientSpaceError: it does not fit (checked before writing), or the write hit
+                ENOSPC/EFBIG; nothing was written and earlier checkpoints are intact.
+            MissingFilenameFieldError: the template names a field none of step/metrics/context has.
+        """
+        self._check_open()
+        if step is None:
+            last = self.latest()
+            step = 0 if last is None or last.step is None else last.step + 1
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, not {type(step).__name__}")
+        metrics = {str(k): _metric(str(k), v) for k, v in (metrics or {}).items()}
+        values = {"step": step, **metrics, **{str(k): v for k, v in (context or {}).items()}}
+        stem = naming.fill(self.filename, values)
+        with self._mutex:
+            taken = set(os.listdir(self.directory)) | {e.file for e in self._entries}
+            name = naming.unique_name(stem, taken)
+            info = CheckpointInfo(name, self.directory / name, step, metrics, 0, time.time(), "")
+            return self._commit(flatten(state), info)
+
+    def _commit(self, flat: Flat, info: CheckpointInfo) -> CheckpointInfo:
+        """Write ``flat`` as ``info``'s file, index it, then delete what retention drops. The one write path."""
+        with self._mutex:
+            self._check_open()
+            needed = sum(t.numel() * t.element_size() for t in flat.tensors.values())
+            needed += _HEADER_SLACK + _PER_TENSOR * len(flat.tensors) + len(json.dumps(flat.skeleton, default=str))
+            available = self._free_bytes()
+            if 0 <= available < needed:
+                raise InsufficientSpaceError(self.directory, needed, available)
+            try:
+                api.save_flat(
+                    flat, info.path, metadata={manifest.META_KEY: manifest.record_of(info)}, durable=self.durable
+                )
+            except OSError as e:
+                if e.errno in _SPACE_ERRNOS:
+                    detail = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
+                    raise InsufficientSpaceError(
+                        self.directory, needed, self._free_bytes(), err=e.errno, detail=detail
+                    ) from e
+                raise
+            info = CheckpointInfo(
+                info.file,
+                info.path,
+                info.step,
+                info.metrics,
+                info.path.stat().st_size,
+                info.created,
+                manifest.header_digest(info.path),
+            )
+            entries = [*self._entries, info]
+            kept = self._policy().keep(entries)
+            drop = [e for i, e in enumerate(entries) if i not in kept]
+            self._entries = [e for i, e in enumerate(entries) if i in kept]
+            try:
+                self._write_manifest()
+            except BaseException:
+                # the checkpoint is committed and carries its record: the next open adopts it
+                self._entries = entries
+                raise
+            for e in drop:  # only after the checkpoint and the manifest that no longer lists these
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.path)
+            return info
+
+    def _free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return -1
+        return int(st.f_bavail) * int(st.f_frsize)
+
+    def _write_manifest(self) -> None:
+        latest = self._entries[-1].file if self._entries else None
+        best = None
+        if self.monitor:
+            i = retention.best_index(self._entries, self.monitor, self.mode)
+            best = None if i is None else self._entries[i].file
+        manifest.write(self.directory, self._entries, latest, best, durable=self.durable)
+
+    # -- restoring -------------------------------------------------------------------------------
+    def restore(self, state: Any, *, step: int | str | None = None, strict: bool = False) -> CheckpointInfo | None:
+        """Restore ``state`` in place from a checkpoint of the run, verifying it first.
+
+        Args:
+            state: the targets, as for :func:`torchkeep.restore` (modules, optimizers, ...).
+            step: ``None``/``"latest"``: the newest checkpoint that verifies; ``"best"``: the best by
+                ``monitor`` that verifies; an int: the newest checkpoint saved at that step.
+            strict: raise on a corrupt or truncated checkpoint instead of warning and falling back.
+
+        Returns:
+            The restored checkpoint's info, or ``None`` when the run has no checkpoint yet.
+
+        Raises:
+            CorruptCheckpointError: ``strict=True`` and the chosen checkpoint does not verify, or
+                no checkpoint of the run verifies.
+            CheckpointNotFoundError: no checkpoint at the requested int step.
+        """
+        with self._mutex:
+            entries = list(self._entries)
+        if step is None or step == "latest":
+            candidates = entries[::-1]
+        elif step == "best":
+            if not self.monitor:
+                raise ValueError('step="best" needs CheckpointManager(..., monitor="metric name")')
+            candidates = [entries[i] for i in retention.ranked(entries, self.monitor, self.mode)]
+        elif isinstance(step, int) and not isinstance(step, bool):
+            candidates = [e for e in entries[::-1] if e.step == step][:1]
+            if not candidates:
+                raise CheckpointNotFoundError(
+                    f"{self.directory} (step {step}; have {sorted({e.step for e in entries if e.step is not None})[-10:]})"
+                )
+        else:
+            raise ValueError(f'step must be None, "latest", "best" or an int, not {step!r}')
+        if not candidates:
+            return None
+        failures: list[str] = []
+        for k, info in enumerate(candidates):
+            try:
+                api.restore(info.path, state)
+                return info
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                if strict or isinstance(step, int):
+                    raise
+                failures.append(info.file)
+                nxt = candidates[k + 1].file if k + 1 < len(candidates) else None
+                then = f"falling back to {nxt}" if nxt else "no other checkpoint to fall back to"
+                warnings.warn(
+                    f"{info.path}: skipped, it does not verify ({e}); {then}", CheckpointSkippedWarning, stacklevel=2
+                )
+        raise CorruptCheckpointError(
+            self.directory, f"none of its checkpoints verifies ({', '.join(failures[:10])}); nothing was restored"
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._lock_fd < 0:
+            raise RuntimeError(f"{self.directory}: this CheckpointManager is closed; open a new one")
+
+    def close(self) -> None:
+        """Release the directory lock. Idempotent."""
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock_fd", -1) >= 0:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self.directory)!r}, checkpoints={len(self._entries)})"

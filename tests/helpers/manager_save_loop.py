@@ -1,0 +1,83 @@
+"""Subprocess program for tests/test_manager.py: a CheckpointManager saving in a loop, to be SIGKILLed.
+
+Usage::
+
+    python manager_save_loop.py RUN_DIR NUMEL
+
+Imports torch once, prints ``ready``, then serves commands on stdin, one a line:
+
+* ``fork`` -- fork a child that opens a manager on RUN_DIR (keep_last=3), restores the newest
+  checkpoint and saves steps after it until it is killed; replies ``pid PID``.
+* ``reap PID`` -- wait for the child; replies ``signal N`` or ``exit N``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+import torchkeep as tk
+
+
+class Model(torch.nn.Module):
+    """Holds a parameter derived from the step, so a restore can be checked exactly."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(numel), requires_grad=False)
+
+    def set_step(self, step: int) -> None:
+        with torch.no_grad():
+            self.w.copy_(torch.arange(self.w.numel(), dtype=torch.float32) + step)
+
+    def step_of(self) -> int:
+        """The step the parameter encodes; raises AssertionError if it is not a consistent one."""
+        step = int(self.w[0].item())
+        want = torch.arange(self.w.numel(), dtype=torch.float32) + step
+        assert torch.equal(self.w.detach(), want), "parameter is not a complete saved state"
+        return step
+
+
+def child(run: str, numel: int) -> None:
+    model = Model(numel)
+    with tk.CheckpointManager(run, keep_last=3) as mgr:
+        info = mgr.restore({"model": model})
+        step = 0 if info is None else info.step + 1
+        deadline = time.monotonic() + 30  # never outlive a broken test for long
+        while time.monotonic() < deadline:
+            model.set_step(step)
+            mgr.save({"model": model}, step=step, metrics={"loss": 1.0 / (step + 1)})
+            step += 1
+
+
+def main() -> None:
+    run, numel = sys.argv[1], int(sys.argv[2])
+    torch.set_num_threads(1)  # no OpenMP team in this process: forked children stay safe
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd, *arg = line.split()
+        if cmd == "fork":
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    child(run, numel)
+                except BaseException as e:
+                    print(f"child error {e!r}", file=sys.stderr, flush=True)
+                    code = 1
+                finally:
+                    os._exit(code)
+            print(f"pid {pid}", flush=True)
+        elif cmd == "reap":
+            _, status = os.waitpid(int(arg[0]), 0)
+            if os.WIFSIGNALED(status):
+                print(f"signal {os.WTERMSIG(status)}", flush=True)
+            else:
+                print(f"exit {os.WEXITSTATUS(status)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
