@@ -41,6 +41,7 @@ from torchkeep.errors import (
 )
 from torchkeep.manager import manifest, naming, retention
 from torchkeep.manager.manifest import CheckpointInfo
+from torchkeep.snapshot import AsyncWriter
 from torchkeep.tree import Flat, flatten
 
 __all__ = ["CheckpointManager", "CheckpointSkippedWarning"]
@@ -82,6 +83,11 @@ class CheckpointManager:
         filename: template for file names, with ``{name}``/``{name:fmt}`` fields from ``step``,
             ``metrics`` and ``context`` (see :mod:`torchkeep.manager.naming`).
         durable: fsync checkpoints and the manifest (default).
+        async_save: ``save()`` returns once the state is copied into host memory (buffers reused
+            across saves, pinned under CUDA) and writes it in a background thread; at most one
+            save is in flight, and an error in the background is raised, as itself, by the
+            next ``save()``, ``wait()``, ``restore()`` or ``close()``. The returned info then has
+            no size or digest yet (``latest()`` has them once committed).
 
     A checkpoint is kept when any ``keep_*`` rule keeps it; the newest is always kept, and with
     no rule at all nothing is deleted. Only files listed in the manifest are ever deleted.
@@ -115,6 +121,7 @@ class CheckpointManager:
         keep_within: float | timedelta | None = None,
         filename: str = "ckpt_{step:06d}",
         durable: bool = True,
+        async_save: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -130,6 +137,7 @@ class CheckpointManager:
         self.monitor, self.mode, self.filename, self.durable = monitor, mode, filename, durable
         self._pattern = naming.template_pattern(filename)
         self._mutex = threading.RLock()
+        self._async = AsyncWriter() if async_save else None
         self._lock_fd = -1
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock()
@@ -250,6 +258,8 @@ class CheckpointManager:
             MissingFilenameFieldError: the template names a field none of step/metrics/context has.
         """
         self._check_open()
+        if self._async is not None:
+            self._async.wait()  # one save in flight; a background error is raised here, as itself
         if step is None:
             last = self.latest()
             step = 0 if last is None or last.step is None else last.step + 1
@@ -262,7 +272,17 @@ class CheckpointManager:
             taken = set(os.listdir(self.directory)) | {e.file for e in self._entries}
             name = naming.unique_name(stem, taken)
             info = CheckpointInfo(name, self.directory / name, step, metrics, 0, time.time(), "")
-            return self._commit(flatten(state), info)
+            if self._async is None:
+                return self._commit(flatten(state), info)
+        # async: returns once the state is copied to host memory; _commit runs in the background
+        # (space check, write, manifest, then retention: nothing is deleted before it is committed)
+        self._async.submit(state, lambda flat: self._commit(flat, info))
+        return info
+
+    def wait(self) -> None:
+        """Block until an asynchronous save in flight is committed; re-raise its error, if any."""
+        if self._async is not None:
+            self._async.wait()
 
     def _commit(self, flat: Flat, info: CheckpointInfo) -> CheckpointInfo:
         """Write ``flat`` as ``info``'s file, index it, then delete what retention drops. The one write path."""
@@ -341,6 +361,7 @@ class CheckpointManager:
                 no checkpoint of the run verifies.
             CheckpointNotFoundError: no checkpoint at the requested int step.
         """
+        self.wait()  # a save in flight is committed first
         with self._mutex:
             entries = list(self._entries)
         if step is None or step == "latest":
@@ -383,20 +404,29 @@ class CheckpointManager:
             raise RuntimeError(f"{self.directory}: this CheckpointManager is closed; open a new one")
 
     def close(self) -> None:
-        """Release the directory lock. Idempotent."""
-        fd, self._lock_fd = self._lock_fd, -1
-        if fd >= 0:
-            os.close(fd)  # closing the only descriptor releases the flock
+        """Wait for an asynchronous save in flight (re-raising its error), then release the lock. Idempotent."""
+        try:
+            if self._lock_fd >= 0:
+                self.wait()
+        finally:
+            fd, self._lock_fd = self._lock_fd, -1
+            if fd >= 0:
+                os.close(fd)  # closing the only descriptor releases the flock
 
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, et: object, *exc: object) -> None:
+        if et is None:
+            self.close()
+        else:  # an exception is already on its way: finish the write in flight, do not mask it
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_lock_fd", -1) >= 0:
-            self.close()
+            with contextlib.suppress(Exception):
+                self.close()
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.directory)!r}, checkpoints={len(self._entries)})"
