@@ -25,6 +25,7 @@ from torchkeep.cli.convert import convert_command
 from torchkeep.cli.demo import demo_command
 from torchkeep.cli.diff import diff_command
 from torchkeep.cli.inspect import inspect_command
+from torchkeep.cli.runs import ls_command, prune_command
 from torchkeep.cli.scan import scan_command
 from torchkeep.cli.verify import verify_command
 from torchkeep.errors import TorchkeepError
@@ -81,6 +82,8 @@ app.command("verify", no_args_is_help=True)(verify_command)
 app.command("convert", no_args_is_help=True)(convert_command)
 app.command("diff", no_args_is_help=True)(diff_command)
 app.command("scan", no_args_is_help=True)(scan_command)
+app.command("ls", no_args_is_help=True)(ls_command)
+app.command("prune", no_args_is_help=True)(prune_command)
 app.command("demo")(demo_command)
 
 

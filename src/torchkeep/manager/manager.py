@@ -314,19 +314,48 @@ class CheckpointManager:
                 manifest.header_digest(info.path),
             )
             entries = [*self._entries, info]
+            self._entries = entries
+            self._apply_retention(always_write=True)
+            return info
+
+    def _apply_retention(self, *, always_write: bool = False) -> list[CheckpointInfo]:
+        """Drop what the policy does not keep: manifest first, then the files. Returns the dropped."""
+        with self._mutex:
+            entries = list(self._entries)
             kept = self._policy().keep(entries)
             drop = [e for i, e in enumerate(entries) if i not in kept]
+            if not drop and not always_write:
+                return []
             self._entries = [e for i, e in enumerate(entries) if i in kept]
             try:
                 self._write_manifest()
             except BaseException:
-                # the checkpoint is committed and carries its record: the next open adopts it
+                # the checkpoints are committed and carry their records: the next open adopts them
                 self._entries = entries
                 raise
-            for e in drop:  # only after the checkpoint and the manifest that no longer lists these
+            for e in drop:  # only after the manifest that no longer lists these
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(e.path)
-            return info
+            return drop
+
+    def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
+        """Apply this manager's ``keep_*`` options to the checkpoints already in the directory.
+
+        Args:
+            dry_run: only report what would be deleted.
+
+        Returns:
+            The checkpoints deleted (or that would be, with ``dry_run``). The newest is always
+            kept; files the manager did not write are never touched.
+        """
+        self._check_open()
+        self.wait()
+        if dry_run:
+            with self._mutex:
+                entries = list(self._entries)
+            kept = self._policy().keep(entries)
+            return [e for i, e in enumerate(entries) if i not in kept]
+        return self._apply_retention()
 
     def _free_bytes(self) -> int:
         try:

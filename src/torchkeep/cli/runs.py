@@ -1,0 +1,125 @@
+"""``torchkeep ls RUN_DIR`` and ``torchkeep prune RUN_DIR``: the checkpoints of a CheckpointManager run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from torchkeep.cli.inspect import human_bytes
+from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
+from torchkeep.manager import CheckpointManager, manifest, naming, retention
+from torchkeep.reader import Checkpoint
+
+__all__ = ["ls_command", "prune_command"]
+
+
+def _entries(run: Path) -> list[manifest.CheckpointInfo]:
+    """The run's checkpoints, read-only: the manifest, or the files' own records when it is lost."""
+    if not run.is_dir():
+        raise CheckpointNotFoundError(run)
+    entries, _reason = manifest.read(run)
+    if entries is None:
+        entries = manifest.rebuild(run, sorted(p.name for p in run.iterdir() if p.name.endswith(naming.SUFFIX)))
+    return entries
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _verify(path: Path) -> str:
+    try:
+        with Checkpoint(path) as ck:
+            ck.verify_all()
+        return "ok"
+    except TorchkeepError as e:
+        return f"DAMAGED ({type(e).__name__})"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+
+
+def ls_command(
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A CheckpointManager directory.", show_default=False),
+    monitor: str | None = typer.Option(None, "--monitor", help="Mark the best checkpoint by this metric."),
+    mode: str = typer.Option("max", "--mode", help="'max' or 'min': which direction of --monitor is better."),
+    verify: bool = typer.Option(False, "--verify", help="Check every checkpoint's checksums (reads every file)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
+    """List a run's checkpoints: step, file, metrics, size, age, latest/best, and with --verify their integrity.
+
+    Read-only: it works beside a training job that is writing the run.
+
+    Example: torchkeep ls runs/exp1 --monitor val_acc --verify
+    """
+    entries = _entries(run)
+    now = time.time()
+    best = retention.best_index(entries, monitor, mode) if monitor else None
+    rows: list[dict[str, Any]] = []
+    for i, e in enumerate(entries):
+        marks = [m for m, on in (("latest", i == len(entries) - 1), ("best", i == best)) if on]
+        row = {"step": e.step, "file": e.file, "metrics": e.metrics, "size": e.size, "created": e.created}
+        row["marks"] = marks
+        if verify:
+            row["verify"] = _verify(e.path)
+        rows.append(row)
+    damaged = verify and any(r["verify"] != "ok" for r in rows)
+    if json_out:
+        typer.echo(json.dumps({"run": str(run), "checkpoints": rows}, indent=2, default=str))
+    else:
+        table = Table(title=f"{run} ({len(rows)} checkpoints)")
+        for col in ["step", "file", "metrics", "size", "age", ""] + (["verify"] if verify else []):
+            table.add_column(col)
+        for r in rows:
+            metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+            cells = [str(r["step"]), r["file"], metrics, human_bytes(r["size"]), _age(now - r["created"])]
+            cells.append(" ".join(r["marks"]))
+            if verify:
+                cells.append(r["verify"])
+            table.add_row(*cells)
+        Console(soft_wrap=True).print(table)
+    if damaged:
+        raise typer.Exit(1)
+
+
+def prune_command(
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A CheckpointManager directory.", show_default=False),
+    keep_last: int | None = typer.Option(None, "--keep-last", min=0, help="Keep the N most recent."),
+    keep_best: int | None = typer.Option(None, "--keep-best", min=0, help="Keep the K best by --monitor."),
+    monitor: str | None = typer.Option(None, "--monitor", help="The metric for --keep-best."),
+    mode: str = typer.Option("max", "--mode", help="'max' or 'min'."),
+    keep_every: int | None = typer.Option(None, "--keep-every", min=1, help="Keep steps that are multiples of N."),
+    yes: bool = typer.Option(False, "--yes", help="Delete. Without it, only show what would be deleted."),
+) -> None:
+    """Delete the checkpoints no --keep-* rule keeps (a dry run unless --yes).
+
+    The newest checkpoint is always kept; files the run's manager did not write are never touched.
+    It takes the run's lock, so it refuses while a training job is writing the run.
+
+    Example: torchkeep prune runs/exp1 --keep-last 3 --keep-best 2 --monitor val_acc --yes
+    """
+    if keep_last is None and keep_best is None and keep_every is None:
+        raise typer.BadParameter("give at least one of --keep-last, --keep-best, --keep-every")
+    if not Path(run).is_dir():
+        raise CheckpointNotFoundError(run)
+    with CheckpointManager(
+        run, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every
+    ) as mgr:
+        gone = mgr.prune(dry_run=not yes)
+        kept = len(mgr.checkpoints()) - (0 if yes else len(gone))
+    verb = "deleted" if yes else "would delete"
+    console = Console(soft_wrap=True)
+    for e in gone:
+        console.print(f"{verb} {e.file} (step {e.step}, {human_bytes(e.size)})")
+    freed = human_bytes(sum(e.size for e in gone))
+    console.print(
+        f"{verb} {len(gone)} checkpoint(s), {freed}; {kept} kept" + ("" if yes else ". Pass --yes to delete.")
+    )

@@ -1,0 +1,78 @@
+"""`torchkeep ls` and `torchkeep prune` on a CheckpointManager run, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+import torchkeep as tk
+from torchkeep.cli import app
+
+runner = CliRunner()
+
+
+def _run(tmp_path: Path, n: int = 6) -> Path:
+    run = tmp_path / "run"
+    model = torch.nn.Linear(4, 2)
+    with tk.CheckpointManager(run, filename="e{step:03d}") as mgr:
+        for step in range(n):
+            mgr.save({"model": model}, step=step, metrics={"val_acc": [0.5, 0.9, 0.7, 0.6, 0.8, 0.55][step]})
+    return run
+
+
+def test_ls_lists_marks_and_verifies(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    result = runner.invoke(app, ["ls", str(run), "--monitor", "val_acc", "--json", "--verify"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["checkpoints"]
+    assert [r["step"] for r in rows] == list(range(6))
+    assert rows[-1]["marks"] == ["latest"] and rows[1]["marks"] == ["best"]
+    assert all(r["verify"] == "ok" for r in rows)
+    human = runner.invoke(app, ["ls", str(run), "--monitor", "val_acc"])
+    assert human.exit_code == 0 and "e001.safetensors" in human.output and "best" in human.output
+    # damage one file: --verify names it and exits 1
+    f = run / "e002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    damaged = runner.invoke(app, ["ls", str(run), "--verify"])
+    assert damaged.exit_code == 1 and "DAMAGED" in damaged.output
+
+
+def test_ls_works_without_a_manifest_and_on_a_missing_dir(tmp_path: Path) -> None:
+    run = _run(tmp_path, 3)
+    (run / "manifest.json").unlink()
+    result = runner.invoke(app, ["ls", str(run), "--json"])
+    assert result.exit_code == 0 and len(json.loads(result.output)["checkpoints"]) == 3
+    missing = runner.invoke(app, ["ls", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no such checkpoint" in missing.output
+
+
+def test_prune_is_a_dry_run_unless_yes(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    (run / "notes.safetensors").write_bytes(b"not ours")  # never touched
+    dry = runner.invoke(app, ["prune", str(run), "--keep-last", "2", "--keep-best", "1", "--monitor", "val_acc"])
+    assert dry.exit_code == 0, dry.output
+    assert "would delete 3 checkpoint(s)" in dry.output and len(list(run.glob("e*.safetensors"))) == 6
+    done = runner.invoke(
+        app, ["prune", str(run), "--keep-last", "2", "--keep-best", "1", "--monitor", "val_acc", "--yes"]
+    )
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in run.glob("e*.safetensors")) == [
+        "e001.safetensors",
+        "e004.safetensors",
+        "e005.safetensors",
+    ]
+    assert (run / "notes.safetensors").exists()
+    assert runner.invoke(app, ["prune", str(run)]).exit_code == 2  # no rule given
+
+
+def test_prune_refuses_while_a_job_holds_the_run(tmp_path: Path) -> None:
+    run = _run(tmp_path, 2)
+    with tk.CheckpointManager(run):
+        result = runner.invoke(app, ["prune", str(run), "--keep-last", "1", "--yes"])
+    assert result.exit_code == 2 and "lock" in result.output.lower()
+    assert len(list(run.glob("e*.safetensors"))) == 2
