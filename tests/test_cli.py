@@ -405,11 +405,13 @@ def test_demo_resumes_bitwise_equal(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())
     assert "bitwise equal" in out and "resumed at epoch 3" in out
-    names = sorted(p.name for p in run_dir.iterdir())
+    names = sorted(p.name for p in run_dir.glob("*.safetensors"))
     assert names == [f"epoch-{i:03d}.safetensors" for i in range(1, 5)]
-    for p in run_dir.iterdir():
+    for p in run_dir.glob("*.safetensors"):
         assert tk.verify(p)["ok"]
         assert p.name in out
+    with tk.CheckpointManager(run_dir) as mgr:  # the demo's run is an ordinary manager run
+        assert [i.step for i in mgr.checkpoints()] == [1, 2, 3, 4]
     last = tk.load(run_dir / "epoch-004.safetensors")
     assert last["epoch"] == 4 and isinstance(last["loader_generator"], torch.Generator)
     assert set(last) >= {"model", "optimizer", "scheduler", "rng", "metrics"}
@@ -419,14 +421,14 @@ def test_demo_resumes_bitwise_equal(tmp_path: Path) -> None:
 def test_demo_fails_when_the_resume_is_not_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchkeep.cli.demo as demo
 
-    real_restore = tk.restore
+    real_restore = demo.tk.CheckpointManager.restore
 
-    def lossy_restore(path: object, targets: dict) -> object:
-        state = real_restore(path, targets)
+    def lossy_restore(self: object, targets: dict, **kwargs: object) -> object:
+        info = real_restore(self, targets, **kwargs)
         torch.manual_seed(1234)  # as if the RNG state had not been saved: dropout masks change
-        return state
+        return info
 
-    monkeypatch.setattr(demo.tk, "restore", lossy_restore)
+    monkeypatch.setattr(demo.tk.CheckpointManager, "restore", lossy_restore)
     result = runner.invoke(app, ["demo", "--dir", str(tmp_path / "run"), "--epochs", "2"])
     assert result.exit_code == 1
     assert "NOT exact" in result.stdout and "model.0.weight" in result.stdout

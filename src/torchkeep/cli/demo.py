@@ -73,6 +73,9 @@ def _train_epoch(run: _Run) -> float:
     return total / count
 
 
+_FILENAME = "epoch-{step:03d}"
+
+
 def _state(run: _Run, epoch: int, loss: float) -> dict:
     """The training state tree: Stateful objects go in as they are."""
     return {
@@ -152,35 +155,36 @@ def _run(directory: Path, epochs: int, seed: int) -> DemoResult:
     for _ in range(epochs):
         _train_epoch(reference)
 
-    # 2. The interrupted run: a checkpoint every epoch, then "the crash" halfway.
+    # 2. The interrupted run: a CheckpointManager saves every epoch (asynchronously), then "the crash".
     written: list[tuple[Path, int, float]] = []
     run = _build(data, seed)
-    for epoch in range(1, crash_after + 1):
-        loss = _train_epoch(run)
-        path = tk.save(_state(run, epoch, loss), directory / f"epoch-{epoch:03d}.safetensors", metadata={"demo": True})
-        written.append((path, epoch, loss))
+    with tk.CheckpointManager(directory, filename=_FILENAME, async_save=True) as mgr:
+        for epoch in range(1, crash_after + 1):
+            loss = _train_epoch(run)
+            info = mgr.save(_state(run, epoch, loss), step=epoch, metrics={"train_loss": loss})
+            written.append((info.path, epoch, loss))
     del run  # every training object is gone, as after a crash
 
-    # 3. A new start: fresh objects (different initial weights, different global RNG), then restore.
+    # 3. A new start: fresh objects (different initial weights, different global RNG), then the
+    #    manager restores the newest checkpoint that verifies into them.
     fresh = _build(data, seed + 1)
-    latest = written[-1][0]
-    state = tk.restore(
-        latest,
-        {
-            "model": fresh.model,
-            "optimizer": fresh.optimizer,
-            "scheduler": fresh.scheduler,
-            "rng": tk.RNGState(),
-            "loader_generator": fresh.generator,
-        },
-    )
-    resume_epoch = state["epoch"] + 1
-    for epoch in range(resume_epoch, epochs + 1):
-        loss = _train_epoch(fresh)
-        path = tk.save(
-            _state(fresh, epoch, loss), directory / f"epoch-{epoch:03d}.safetensors", metadata={"demo": True}
-        )
-        written.append((path, epoch, loss))
+    targets = {
+        "model": fresh.model,
+        "optimizer": fresh.optimizer,
+        "scheduler": fresh.scheduler,
+        "rng": tk.RNGState(),
+        "loader_generator": fresh.generator,
+    }
+    with tk.CheckpointManager(directory, filename=_FILENAME, async_save=True) as mgr:
+        restored = mgr.restore(targets)
+        if restored is None:
+            raise RuntimeError(f"{directory}: the run has no checkpoint to resume from")
+        latest = restored.path
+        resume_epoch = (restored.step or 0) + 1
+        for epoch in range(resume_epoch, epochs + 1):
+            loss = _train_epoch(fresh)
+            info = mgr.save(_state(fresh, epoch, loss), step=epoch, metrics={"train_loss": loss})
+            written.append((info.path, epoch, loss))
 
     # 4. Bit-for-bit comparison of the final weights and optimizer state.
     ref_sd = {"model": reference.model.state_dict(), "optimizer": reference.optimizer.state_dict()["state"]}
@@ -239,9 +243,10 @@ def _report(result: DemoResult, console: Console) -> None:
             f"{escape(', '.join(result.differences[:10]))}"
         )
     last = result.checkpoints[-1][0]
-    console.print(f"\n[dim]done in {result.seconds:.1f} s. Next, look inside a checkpoint:[/]")
+    console.print(f"\n[dim]done in {result.seconds:.1f} s. Next, look inside a checkpoint and the run:[/]")
     console.print(f"  torchkeep inspect {escape(str(last))}")
     console.print(f"  torchkeep verify {escape(str(last))}")
+    console.print(f"  torchkeep ls {escape(str(result.directory))} --verify")
 
 
 def demo_command(
