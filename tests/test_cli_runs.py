@@ -76,3 +76,13 @@ def test_prune_refuses_while_a_job_holds_the_run(tmp_path: Path) -> None:
         result = runner.invoke(app, ["prune", str(run), "--keep-last", "1", "--yes"])
     assert result.exit_code == 2 and "lock" in result.output.lower()
     assert len(list(run.glob("e*.safetensors"))) == 2
+
+
+def test_plot_writes_a_png_and_names_available_metrics(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    out = tmp_path / "out" / "curve.png"
+    result = runner.invoke(app, ["plot", str(run), "--metric", "val_acc", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    wrong = runner.invoke(app, ["plot", str(run), "--metric", "loss", "-o", str(out)])
+    assert wrong.exit_code == 2 and "val_acc" in wrong.output

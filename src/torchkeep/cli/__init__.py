@@ -25,7 +25,7 @@ from torchkeep.cli.convert import convert_command
 from torchkeep.cli.demo import demo_command
 from torchkeep.cli.diff import diff_command
 from torchkeep.cli.inspect import inspect_command
-from torchkeep.cli.runs import ls_command, prune_command
+from torchkeep.cli.runs import ls_command, plot_command, prune_command
 from torchkeep.cli.scan import scan_command
 from torchkeep.cli.verify import verify_command
 from torchkeep.errors import TorchkeepError
@@ -84,6 +84,7 @@ app.command("diff", no_args_is_help=True)(diff_command)
 app.command("scan", no_args_is_help=True)(scan_command)
 app.command("ls", no_args_is_help=True)(ls_command)
 app.command("prune", no_args_is_help=True)(prune_command)
+app.command("plot", no_args_is_help=True)(plot_command)
 app.command("demo")(demo_command)
 
 

@@ -16,7 +16,7 @@ from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.manager import CheckpointManager, manifest, naming, retention
 from torchkeep.reader import Checkpoint
 
-__all__ = ["ls_command", "prune_command"]
+__all__ = ["ls_command", "plot_command", "prune_command"]
 
 
 def _entries(run: Path) -> list[manifest.CheckpointInfo]:
@@ -123,3 +123,42 @@ def prune_command(
     console.print(
         f"{verb} {len(gone)} checkpoint(s), {freed}; {kept} kept" + ("" if yes else ". Pass --yes to delete.")
     )
+
+
+def plot_command(
+    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A CheckpointManager directory.", show_default=False),
+    metric: str = typer.Option(..., "--metric", help="The metric to plot (as passed to mgr.save(metrics=...))."),
+    output: Path = typer.Option(Path("curve.png"), "-o", "--output", help="The image to write (.png, .svg, .pdf)."),
+    mode: str = typer.Option("max", "--mode", help="'max' or 'min': which direction is better (marks the best)."),
+) -> None:
+    """Plot a metric per checkpoint of a run, with the best and the latest marked (needs matplotlib).
+
+    Example: torchkeep plot runs/exp1 --metric val_acc -o curve.png
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise typer.BadParameter("plot needs matplotlib: pip install 'torchkeep[plot]'") from None
+    entries = _entries(run)
+    points = [(e.step, v, e) for e in entries if (v := retention.metric_value(e, metric)) is not None]
+    if not points:
+        names = sorted({k for e in entries for k in e.metrics})
+        raise typer.BadParameter(f"no checkpoint of {run} has a numeric {metric!r}; metrics recorded: {names}")
+    best = retention.best_index([p[2] for p in points], metric, mode)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=metric)
+    if best is not None:
+        ax.scatter([points[best][0]], [points[best][1]], s=160, facecolors="none", edgecolors="green", label="best")
+    ax.scatter([points[-1][0]], [points[-1][1]], marker="x", s=90, color="red", label="latest")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(str(run))
+    ax.legend()
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
+    plt.close(fig)
+    Console(soft_wrap=True).print(f"wrote {output}: {metric} over {len(points)} checkpoints")
