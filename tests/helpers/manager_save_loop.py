@@ -13,11 +13,11 @@ Imports torch once, prints ``ready``, then serves commands on stdin, one a line:
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
+from forkserver import serve
 
 import torchkeep as tk
 
@@ -57,26 +57,7 @@ def main() -> None:
     run, numel = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)  # no OpenMP team in this process: forked children stay safe
     print("ready", flush=True)
-    for line in sys.stdin:
-        cmd, *arg = line.split()
-        if cmd == "fork":
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    child(run, numel)
-                except BaseException as e:
-                    print(f"child error {e!r}", file=sys.stderr, flush=True)
-                    code = 1
-                finally:
-                    os._exit(code)
-            print(f"pid {pid}", flush=True)
-        elif cmd == "reap":
-            _, status = os.waitpid(int(arg[0]), 0)
-            if os.WIFSIGNALED(status):
-                print(f"signal {os.WTERMSIG(status)}", flush=True)
-            else:
-                print(f"exit {os.WEXITSTATUS(status)}", flush=True)
+    serve(lambda _arg: child(run, numel))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ run in a separate process that dies in the middle of whatever it was doing.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import torch
+from forkserver import serve
 
 import torchkeep as tk
 
@@ -62,26 +62,7 @@ def main() -> None:
     t = time.perf_counter()
     tk.save(tree(0, numel), path)
     print(f"ready {time.perf_counter() - t:.6f}", flush=True)
-    for line in sys.stdin:
-        cmd, arg = line.split()
-        if cmd == "fork":
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    child(path, numel, int(arg) * 1_000_000 + 1)
-                except BaseException as e:
-                    print(f"child error {e!r}", file=sys.stderr, flush=True)
-                    code = 1
-                finally:
-                    os._exit(code)
-            print(f"pid {pid}", flush=True)
-        elif cmd == "reap":
-            _, status = os.waitpid(int(arg), 0)
-            if os.WIFSIGNALED(status):
-                print(f"signal {os.WTERMSIG(status)}", flush=True)
-            else:
-                print(f"exit {os.WEXITSTATUS(status)}", flush=True)
+    serve(lambda arg: child(path, numel, int(arg or 0) * 1_000_000 + 1))
 
 
 if __name__ == "__main__":
