@@ -300,3 +300,25 @@ def test_longest_file_name_saves(tmp_path: Path) -> None:
     path = tk.save(_tree(1), tmp_path / name)
     assert tk.load(path)["version"] == 1
     assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("call", ["load", "restore"])
+def test_a_file_deleted_between_check_and_read_gives_the_typed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """Retention may delete a file while a reader opens it: the reader gets CheckpointNotFoundError."""
+    path = tk.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "gone.safetensors")
+    real_exists = Path.exists
+
+    def exists_then_vanish(self: Path) -> bool:
+        found = real_exists(self)
+        if self == path and found:
+            path.unlink()
+        return found
+
+    monkeypatch.setattr(Path, "exists", exists_then_vanish)
+    with pytest.raises(tk.errors.CheckpointNotFoundError):
+        if call == "load":
+            tk.load(path)
+        else:
+            tk.restore(path, {"model": torch.nn.Linear(2, 2)})

@@ -23,6 +23,7 @@ from torchkeep.errors import (
     CorruptCheckpointError,
     DeviceUnavailableError,
     KeyMismatchError,
+    TorchkeepError,
     UnsupportedObjectError,
 )
 from torchkeep.format.dtypes import DTYPE_TO_ST
@@ -183,6 +184,18 @@ def _metadata_json(metadata: Mapping[str, Any]) -> str:
         raise UnsupportedObjectError("metadata", metadata, f"metadata must be JSON-serialisable ({e}).") from None
 
 
+@contextmanager
+def _still_there(path: Path) -> Iterator[None]:
+    """A file deleted between the existence check and a read (retention, a cleanup job) gives
+    the same typed error as one that never existed, not a bare ``FileNotFoundError``."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        if isinstance(e, TorchkeepError) or (e.filename is not None and Path(e.filename) != path):
+            raise
+        raise CheckpointNotFoundError(path) from None
+
+
 def _placer(map_location: MapLocation) -> Callable[[torch.Tensor, str | None], torch.Tensor] | None:
     """Turn a ``map_location`` into ``place(tensor, original_device)`` (None: leave on CPU)."""
     if map_location is None:
@@ -245,6 +258,11 @@ def load(
         {'lr': 0.1}
     """
     path = Path(os.fspath(path)).expanduser()
+    with _still_there(path):
+        return _load(path, map_location=map_location, verify=verify, trust_pickle=trust_pickle)
+
+
+def _load(path: Path, *, map_location: MapLocation, verify: bool, trust_pickle: bool) -> Any:
     if not path.exists():
         raise CheckpointNotFoundError(path)
     if path.is_file():
@@ -343,6 +361,19 @@ def restore(
     """
     plan = _targets(targets)
     path = Path(os.fspath(path)).expanduser()
+    with _still_there(path):
+        return _restore(path, plan, strict=strict, map_location=map_location, verify=verify, trust_pickle=trust_pickle)
+
+
+def _restore(
+    path: Path,
+    plan: list[tuple[tuple[Any, ...], Any]],
+    *,
+    strict: bool,
+    map_location: MapLocation,
+    verify: bool,
+    trust_pickle: bool,
+) -> Any:
     if not path.exists():
         raise CheckpointNotFoundError(path)
     if path.is_file():
