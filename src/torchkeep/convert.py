@@ -37,7 +37,18 @@ from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
 from torchkeep.storage.local import AtomicFile, buffer_of, fsync_dir, write_buffers
 from torchkeep.tree import SkeletonError, flatten, unflatten
 
-__all__ = ["FORMATS", "WEIGHT_KEYS", "convert", "input_size", "parse_size", "select_weights"]
+__all__ = [
+    "FORMATS",
+    "WEIGHT_KEYS",
+    "convert",
+    "input_size",
+    "parse_size",
+    "select_weights",
+    "shard_names",
+    "split_shards",
+    "write_file",
+    "write_sharded",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -299,7 +310,8 @@ def _write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str,
     write_buffers(fd, 8 + len(raw), [buffer_of(keep[name]) for name, _, _ in entries])
 
 
-def _write_file(dst: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, checksums: bool) -> None:
+def write_file(dst: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, checksums: bool) -> None:
+    """One safetensors file of ``tensors`` with string ``meta``, atomically (torchkeep checksums if asked)."""
     with AtomicFile(dst) as f:
         _write_tensors(f.fd, tensors, meta, checksums=checksums)
         f.commit()
@@ -326,7 +338,7 @@ def shard_names(dst: Path, n: int) -> tuple[list[Path], Path]:
     return shards, dst.with_name(f"{stem}.safetensors{INDEX_SUFFIX}")
 
 
-def _split(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
+def split_shards(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
     """Greedy, in order; a tensor larger than ``limit`` gets a shard of its own."""
     groups: list[list[str]] = [[]]
     size = 0
@@ -340,7 +352,7 @@ def _split(tensors: Mapping[str, torch.Tensor], limit: int) -> list[list[str]]:
     return groups
 
 
-def _write_sharded(
+def write_sharded(
     src: Path,
     dst: Path,
     tensors: Mapping[str, torch.Tensor],
@@ -479,9 +491,9 @@ def convert(
         if user:
             index_meta[USER_KEY] = user
         checksums = True
-    groups = _split(tensors, limit) if limit is not None else [list(tensors)]
+    groups = split_shards(tensors, limit) if limit is not None else [list(tensors)]
     if len(groups) > 1:
-        return _write_sharded(src, dst, tensors, groups, meta, index_meta, checksums=checksums)
+        return write_sharded(src, dst, tensors, groups, meta, index_meta, checksums=checksums)
     if _is_index(dst):
         dst = dst.with_name(dst.name[: -len(INDEX_SUFFIX)])
         _refuse_same(src, [dst])
@@ -489,5 +501,5 @@ def convert(
         from torchkeep.api import save
 
         return save(tree, dst, metadata=user or None)
-    _write_file(dst, tensors, meta, checksums=checksums)
+    write_file(dst, tensors, meta, checksums=checksums)
     return dst

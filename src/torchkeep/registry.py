@@ -351,7 +351,7 @@ def save_model(
         ['config.json', 'model.safetensors']
     """
     from torchkeep.api import _metadata_json, paused_gc, provenance_metadata
-    from torchkeep.convert import _split, _write_file, _write_sharded, parse_size, shard_names
+    from torchkeep.convert import parse_size, shard_names, split_shards, write_file, write_sharded
     from torchkeep.reader import TREE_KEY, USER_KEY
     from torchkeep.tree import flatten
 
@@ -367,23 +367,23 @@ def save_model(
             flat = flatten({"model": model})
             meta[TREE_KEY] = json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_file(path, flat.tensors, meta, checksums=True)
+            write_file(path, flat.tensors, meta, checksums=True)
             return path
         directory = Path(os.fspath(path)).expanduser()
         directory.mkdir(parents=True, exist_ok=True)
         flat = flatten(dict(model.state_dict()))
         limit = parse_size(max_shard_size)
-        groups = _split(flat.tensors, limit) if limit is not None else [list(flat.tensors)]
+        groups = split_shards(flat.tensors, limit) if limit is not None else [list(flat.tensors)]
         single = directory / WEIGHTS_FILE
         old_shards = sorted(directory.glob("model-*-of-*.safetensors"))
         if len(groups) > 1:
             index_meta = {"torchkeep.model": record}
-            written = _write_sharded(single, single, flat.tensors, groups, meta, index_meta, checksums=True)
+            written = write_sharded(single, single, flat.tensors, groups, meta, index_meta, checksums=True)
             keep = {p.name for p in shard_names(single, len(groups))[0]}
             stale = [single, *(p for p in old_shards if p.name not in keep)]
         else:
             meta[TREE_KEY] = json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-            _write_file(single, flat.tensors, meta, checksums=True)
+            write_file(single, flat.tensors, meta, checksums=True)
             written = single
             stale = [directory / f"{WEIGHTS_FILE}.index.json", *old_shards]
         for p in stale:  # a previous save with the other layout would shadow this one
