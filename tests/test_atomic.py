@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import random
 import signal
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from loadfile import load_file
 
 import torchkeep as tk
 from torchkeep.errors import UnsupportedObjectError
@@ -32,11 +32,7 @@ def temp_files(directory: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def save_loop() -> Any:
-    spec = importlib.util.spec_from_file_location("torchkeep_test_save_loop", HELPER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("torchkeep_test_save_loop", HELPER)
 
 
 class SaverProcess:

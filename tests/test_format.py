@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -15,6 +14,7 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loadfile import load_file
 
 import torchkeep as tk
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, UnsupportedDtypeError
@@ -31,11 +31,7 @@ SAFETENSORS_DTYPES |= {"BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"}
 
 
 def _load_make_golden() -> Any:
-    spec = importlib.util.spec_from_file_location("tk_make_golden", FIXTURES / "make_golden.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("tk_make_golden", FIXTURES / "make_golden.py")
 
 
 golden = _load_make_golden()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import pickle
 import zipfile
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from loadfile import load_file
 
 import torchkeep as tk
 from torchkeep.errors import CorruptCheckpointError, DeviceUnavailableError, TorchkeepError, UnsafeCheckpointError
@@ -19,11 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "legacy"
 
 
 def _fixture_module() -> Any:
-    spec = importlib.util.spec_from_file_location("torchkeep_legacy_fixtures", FIXTURES / "make_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("torchkeep_legacy_fixtures", FIXTURES / "make_fixtures.py")
 
 
 EXPECTED = _fixture_module().expected()

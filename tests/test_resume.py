@@ -6,7 +6,6 @@ seeded generator, Adam, StepLR, and a little Python/NumPy randomness).
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from compare import assert_same
+from loadfile import load_file
 
 import torchkeep as tk
 
@@ -70,10 +70,7 @@ def test_checkpoint_holds_the_whole_training_state(runs: dict[str, Path]) -> Non
 
 @pytest.fixture
 def helper() -> Iterator[Any]:
-    spec = importlib.util.spec_from_file_location("torchkeep_test_resume_train", HELPER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file("torchkeep_test_resume_train", HELPER)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocesses
     try:

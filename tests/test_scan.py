@@ -187,15 +187,18 @@ def test_scan_flags_and_load_refuses_without_running(
     assert not marker.exists()
 
 
-def _torch_zip_with_pkl(tmp_path: Path, payload: bytes) -> Path:
-    """A real torch.save zip whose data.pkl is replaced by ``payload`` (entries stay stored)."""
+def _torch_zip_with_pkl(tmp_path: Path, payload: bytes, *, entry: str | None = None) -> Path:
+    """A real torch.save zip (entries stay stored) whose data.pkl is replaced by ``payload``, or,
+    with ``entry``, that carries ``payload`` as an extra entry of that name."""
     real = tmp_path / "real.pt"
     torch.save({"w": torch.ones(3)}, real)
     path = tmp_path / "evil.pt"
     with zipfile.ZipFile(real) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
-            data = payload if info.filename.endswith("/data.pkl") else src.read(info)
-            dst.writestr(info.filename, data)
+            replace = entry is None and info.filename.endswith("/data.pkl")
+            dst.writestr(info.filename, payload if replace else src.read(info))
+        if entry is not None:
+            dst.writestr(entry, payload)
     return path
 
 
@@ -213,13 +216,7 @@ def test_malicious_data_pkl_inside_a_torch_zip(tmp_path: Path, marker: Path, mon
 
 
 def test_extra_pkl_entry_in_a_zip_is_scanned(tmp_path: Path, marker: Path) -> None:
-    real = tmp_path / "real.pt"
-    torch.save({"w": torch.ones(3)}, real)
-    path = tmp_path / "extra.pt"
-    with zipfile.ZipFile(real) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            dst.writestr(info.filename, src.read(info))
-        dst.writestr("archive/constants.pkl", techniques(marker)["builtins.eval"][0])
+    path = _torch_zip_with_pkl(tmp_path, techniques(marker)["builtins.eval"][0], entry="archive/constants.pkl")
     assert "builtins.eval" in scan(path).dangerous
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import safetensors
 import torch
+from loadfile import load_file
 from torch import nn
 
 import torchkeep as tk
@@ -17,26 +18,8 @@ from torchkeep.errors import ChecksumMismatchError, KeyMismatchError, Unsupporte
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-STORABLE = [
-    "float64",
-    "float32",
-    "float16",
-    "bfloat16",
-    "float8_e4m3fn",
-    "float8_e5m2",
-    "float8_e4m3fnuz",
-    "float8_e5m2fnuz",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "bool",
-    "complex64",
-]
+#: every dtype safetensors holds: the same list the golden file is made from
+STORABLE: list[str] = load_file("tk_make_golden", Path(__file__).parent / "fixtures" / "make_golden.py").DTYPES
 
 
 def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
