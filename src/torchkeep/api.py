@@ -42,19 +42,25 @@ PathLike = str | os.PathLike[str]
 MapLocation = str | torch.device | Mapping[str, Any] | Callable[[torch.Tensor, str], torch.Tensor] | None
 
 
-def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor as contiguous CPU memory ready to write (a copy only when needed).
-
-    Accelerator tensors are copied into pinned host memory without blocking; the caller
-    synchronises once (:func:`_host_copies`) before the bytes are read.
-    """
-    if t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
-        return t.detach() if t.requires_grad else t  # the common case, no copy
+def resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, with lazy conjugate / negative views materialised (what its bytes mean)."""
     t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
+    return t
+
+
+def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as contiguous CPU memory ready to write (a copy only when needed).
+
+    Accelerator tensors are copied into pinned host memory without blocking; the caller
+    synchronises once (:func:`host_copies`) before the bytes are read.
+    """
+    if t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+        return t.detach() if t.requires_grad else t  # the common case, no copy
+    t = resolved(t)
     if t.device.type != "cpu":
         pinned = t.device.type == "cuda"
         host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
@@ -65,7 +71,7 @@ def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _host_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``_cpu_bytes`` of every tensor, with one synchronisation for all device-to-host copies."""
     out = {k: _cpu_bytes(t) for k, t in tensors.items()}
     if torch.cuda.is_available() and any(t.is_cuda for t in tensors.values()):
@@ -144,16 +150,25 @@ def save_flat(flat: Flat, path: PathLike, *, metadata: Mapping[str, Any] | None 
     }
     if metadata:
         meta[USER_KEY] = _metadata_json(metadata)
-    keep = _host_copies(flat.tensors)
-    builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in keep.items()], meta)
-    bufs = [buffer_of(keep[s.name]) for s in builder.specs]
+    keep = host_copies(flat.tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFile(path, durable=durable) as f, ThreadPoolExecutor(1) as pool:
-        hashes = Digests(bufs, pool)  # large tensors hash beside the writes (both drop the GIL)
-        write_buffers(f.fd, builder.header_size, bufs)
-        os.pwrite(f.fd, builder.seal(hashes.result()), 0)
+    with AtomicFile(path, durable=durable) as f:
+        write_checksummed(f.fd, keep, meta)
         f.commit()
     return path
+
+
+def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """A checksummed torchkeep/safetensors file of host ``tensors`` (see :func:`host_copies`) into ``fd``.
+
+    The data goes first, hashed beside the writes; the sealed header goes last, at offset 0.
+    """
+    builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
+    bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
+    with ThreadPoolExecutor(1) as pool:
+        hashes = Digests(bufs, pool)  # large tensors hash beside the writes (both drop the GIL)
+        write_buffers(fd, builder.header_size, bufs)
+        os.pwrite(fd, builder.seal(hashes.result()), 0)
 
 
 def provenance_metadata() -> dict[str, str]:

@@ -21,17 +21,15 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep.api import provenance_metadata
+from torchkeep.api import host_copies, provenance_metadata, write_checksummed
 from torchkeep.errors import CheckpointNotFoundError, ConversionError, CorruptCheckpointError
 from torchkeep.format.dtypes import DTYPE_TO_ST, ITEMSIZE
-from torchkeep.format.header import FORMAT_KEY, HeaderBuilder
-from torchkeep.hashing import Digests
+from torchkeep.format.header import FORMAT_KEY
 from torchkeep.legacy import is_legacy
 from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
 from torchkeep.storage.local import AtomicFile, buffer_of, fsync_dir, write_buffers
@@ -272,30 +270,16 @@ def _plain_meta(user: Mapping[str, Any]) -> dict[str, str]:
     return meta
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t.to("cpu").contiguous()
-
-
 def _write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, checksums: bool) -> None:
     """One safetensors file into ``fd``: torchkeep-checksummed when ``checksums``, else plain."""
     for name, t in tensors.items():
         if t.dtype not in DTYPE_TO_ST:
             raise ConversionError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-    keep = {k: _host(t) for k, t in tensors.items()}
-    entries = [(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in keep.items()]
+    keep = host_copies(tensors)
     if checksums:
-        builder = HeaderBuilder(entries, meta)
-        bufs = [buffer_of(keep[s.name]) for s in builder.specs]
-        with ThreadPoolExecutor(1) as pool:
-            hashes = Digests(bufs, pool)
-            write_buffers(fd, builder.header_size, bufs)
-            os.pwrite(fd, builder.seal(hashes.result()), 0)
+        write_checksummed(fd, keep, meta)
         return
+    entries = [(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in keep.items()]
     # plain safetensors: largest element size first, so every tensor is aligned to its element size
     entries.sort(key=lambda e: -ITEMSIZE[e[1]])
     head: dict[str, Any] = {"__metadata__": meta}

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from torchkeep.api import resolved
 from torchkeep.tree import Flat, flatten
 
 __all__ = ["AsyncWriter", "Snapshotter"]
@@ -48,11 +49,7 @@ class Snapshotter:
         copies: dict[str, torch.Tensor] = {}
         cuda = False
         for key, t in flat.tensors.items():
-            src = t.detach()
-            if src.is_conj():
-                src = src.resolve_conj()
-            if src.is_neg():
-                src = src.resolve_neg()
+            src = resolved(t)
             buf = self._buffers.get(key)
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
                 pinned = src.is_cuda and torch.cuda.is_available()
