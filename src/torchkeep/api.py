@@ -144,18 +144,23 @@ def save_flat(flat: Flat, path: PathLike, *, metadata: Mapping[str, Any] | None 
     tensors of ``flat`` may be host copies, the skeleton keeps the Stateful class names.
     """
     path = Path(os.fspath(path)).expanduser()
+    keep, meta = prepared(flat, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(path, durable=durable) as f:
+        write_checksummed(f.fd, keep, meta)
+        f.commit()
+    return path
+
+
+def prepared(flat: Flat, metadata: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The host tensors and header metadata a file of ``flat`` holds (what every writer writes)."""
     meta = {
         **provenance_metadata(),
         TREE_KEY: json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
     }
     if metadata:
         meta[USER_KEY] = _metadata_json(metadata)
-    keep = host_copies(flat.tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFile(path, durable=durable) as f:
-        write_checksummed(f.fd, keep, meta)
-        f.commit()
-    return path
+    return host_copies(flat.tensors), meta
 
 
 def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -169,6 +174,26 @@ def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[s
         hashes = Digests(bufs, pool)  # large tensors hash beside the writes (both drop the GIL)
         write_buffers(fd, builder.header_size, bufs)
         os.pwrite(fd, builder.seal(hashes.result()), 0)
+
+
+def stream_checksummed(
+    write: Callable[[memoryview], Any], tensors: Mapping[str, torch.Tensor], meta: dict[str, str]
+) -> bytes:
+    """The same file as :func:`write_checksummed`, front to back through ``write`` (an object-store upload).
+
+    A stream cannot seek back to the header, so the data is hashed first (one pass over
+    memory, ~40 ms/GiB) and the sealed header goes out before it. Returns the header bytes
+    (length prefix included).
+    """
+    builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
+    bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
+    with ThreadPoolExecutor(1) as pool:
+        head = builder.seal(Digests(bufs, pool).result())
+    write(memoryview(head))
+    for b in bufs:
+        if b.nbytes:
+            write(b)
+    return head
 
 
 def provenance_metadata() -> dict[str, str]:

@@ -28,7 +28,12 @@ __all__ = [
     "ConversionError",
     "CorruptCheckpointError",
     "DeviceUnavailableError",
+    "DistributedSaveError",
     "DtypeMismatchError",
+    "ExportError",
+    "ExportUnavailableError",
+    "ExportVerificationError",
+    "FileChecksumError",
     "FilenameTemplateError",
     "InsufficientSpaceError",
     "KeyMismatchError",
@@ -40,6 +45,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedDtypeError",
     "UnsupportedObjectError",
+    "UnverifiedCheckpointError",
     "format_names",
 ]
 
@@ -352,14 +358,22 @@ class CheckpointLockedError(TorchkeepError, RuntimeError):
         pid: the process id recorded in the lock file (``None`` when unreadable).
     """
 
-    def __init__(self, directory: str | Path, pid: int | None) -> None:
+    def __init__(self, directory: str | Path, pid: int | None, *, host: str | None = None) -> None:
         self.directory = str(directory)
         self.pid = pid
+        self.host = host
         holder = f"process {pid}" if pid is not None else "another process"
+        if host is None:
+            stale = "A lock left by a dead process is released by the OS and taken over automatically."
+        else:  # an object store has no lock the OS could release
+            holder += f" on host {host}"
+            stale = (
+                "A lock left by a dead process on this host is taken over automatically; "
+                f"if that process on {host} is gone, delete {self.directory.rstrip('/')}/.lock."
+            )
         super().__init__(
             f"{self.directory}: locked by {holder} (.lock), which is writing checkpoints there. "
-            "Close that CheckpointManager (mgr.close()) or stop that process, or use another directory. "
-            "A lock left by a dead process is released by the OS and taken over automatically."
+            f"Close that CheckpointManager (mgr.close()) or stop that process, or use another directory. {stale}"
         )
 
 
@@ -385,3 +399,120 @@ class MissingFilenameFieldError(TorchkeepError, KeyError):
 
 class FilenameTemplateError(TorchkeepError, ValueError):
     """A filename template is malformed, or a value does not fit its format spec."""
+
+
+class ExportError(TorchkeepError, RuntimeError):
+    """The exporter could not turn the model into the requested format.
+
+    Attributes:
+        format: ``"onnx"``, ``"torchscript"``, ``"torch.export"`` or ``"tensorrt"``.
+        reason: the exporter's own first line(s) of explanation.
+    """
+
+    def __init__(self, format: str, reason: str, hint: str = "") -> None:
+        self.format = format
+        self.reason = reason
+        hint = hint or (
+            "If a Python branch depends on tensor values, rewrite it with torch.where/torch.cond; "
+            "if the batch size is baked into the model (a reshape with a literal), pass dynamic_batch=False; "
+            "or try another format (torch.export .pt2, or TorchScript with method='script')."
+        )
+        super().__init__(f"export to {format} failed: {reason}. Nothing was written. {hint}")
+
+
+class ExportUnavailableError(TorchkeepError, ImportError):
+    """An export format needs a package (or a device) this machine does not have.
+
+    Attributes:
+        format: the requested format.
+        missing: what is missing (package names, or ``"an NVIDIA GPU with CUDA"``).
+        install: the command that installs what is missing, if a package.
+    """
+
+    def __init__(self, format: str, missing: Iterable[str], install: str = "", note: str = "") -> None:
+        self.format = format
+        self.missing = sorted(missing)
+        self.install = install
+        todo = f" Install it with: {install}." if install else ""
+        super().__init__(
+            f"export to {format} is unavailable here: needs {format_names(self.missing)}.{todo}"
+            f"{' ' + note if note else ''} Nothing was written."
+        )
+
+
+class ExportVerificationError(TorchkeepError, RuntimeError):
+    """An exported artifact does not compute what the eager model computes.
+
+    The artifact is left at ``path`` for inspection; do not ship it.
+
+    Attributes:
+        path: the artifact.
+        report: the :class:`~torchkeep.export.ExportReport` with every check's numbers.
+        failures: ``(check, output, max_abs_error, max_rel_error, reason)`` tuples of the failed outputs.
+    """
+
+    def __init__(self, path: str | Path, report: Any, failures: Iterable[tuple[str, str, float, float, str]]) -> None:
+        self.path = str(path)
+        self.report = report
+        self.failures = list(failures)
+        shown = "; ".join(
+            f"{check}: output {out!r} {why} (max abs error {a:.3g}, max rel error {r:.3g})"
+            for check, out, a, r, why in self.failures[:5]
+        )
+        more = f"; ... ({len(self.failures) - 5} more)" if len(self.failures) > 5 else ""
+        tol = getattr(report, "rtol", None), getattr(report, "atol", None)
+        super().__init__(
+            f"{self.path}: the exported model does not match the eager model: {shown}{more} "
+            f"(rtol={tol[0]}, atol={tol[1]}). The artifact was kept there for inspection; do not ship it. "
+            "A value-dependent Python branch frozen by tracing, a batch size baked in, or an operator the runtime "
+            "computes differently are the usual causes: try method='script' or the torch.export format, "
+            "or loosen rtol/atol if the differences are expected (e.g. float16)."
+        )
+
+
+class FileChecksumError(ChecksumMismatchError):
+    """A file of a distributed checkpoint does not match the digest its manifest records.
+
+    Attributes:
+        path: the damaged file; ``key`` is its name inside the checkpoint directory.
+    """
+
+    def __init__(self, path: str | Path, expected: str, actual: str) -> None:
+        super().__init__(path, Path(path).name, expected, actual)
+        self.args = (
+            f"{self.path}: does not match the checksum in the checkpoint's manifest (expected {expected}, "
+            f"got {actual}): the file was damaged or rewritten after the save. Nothing was loaded. "
+            "Use an earlier checkpoint, or pass verify=False to read it anyway at your own risk.",
+        )
+
+
+class UnverifiedCheckpointError(UnsafeCheckpointError):
+    """A ``torch.distributed.checkpoint`` directory has no valid torchkeep manifest."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(path, reason)
+        self.args = (
+            f"{self.path}: refused: {reason}. DCP's .metadata is a pickle (loading it can run code) and DCP "
+            "overwrites data files in place, so without the manifest torchkeep writes last nothing shows that "
+            "this directory is complete and untouched. Save checkpoints with torchkeep.distributed.save; "
+            "if, and only if, you trust this directory, pass trust_pickle=True.",
+        )
+
+
+class DistributedSaveError(TorchkeepError, RuntimeError):
+    """A distributed save failed on some rank, so nothing was committed.
+
+    Attributes:
+        path: the checkpoint that was not written.
+        rank: the rank that reported the failure (``-1`` when unknown).
+    """
+
+    def __init__(self, path: str | Path, rank: int, reason: str) -> None:
+        self.path = str(path)
+        self.rank = rank
+        who = f"rank {rank}" if rank >= 0 else "a rank"
+        super().__init__(
+            f"{self.path}: the distributed save failed on {who}: {reason}. Nothing was committed; an earlier "
+            "checkpoint at this path is intact. Fix the cause on that rank (its own traceback has the details) "
+            "and save again."
+        )

@@ -15,18 +15,26 @@ from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.manager import CheckpointManager, manifest, naming, retention
 from torchkeep.reader import Checkpoint
+from torchkeep.storage.runs import RunStore, is_url, open_run
 
 __all__ = ["ls_command", "plot_command", "prune_command"]
 
 
-def _entries(run: Path) -> list[manifest.CheckpointInfo]:
+_RUN_HELP = "A CheckpointManager directory, or an fsspec URL (s3://bucket/run)."
+
+
+def _entries(run: str) -> tuple[RunStore, list[manifest.CheckpointInfo]]:
     """The run's checkpoints, read-only: the manifest, or the files' own records when it is lost."""
-    if not run.is_dir():
+    store = open_run(run, create=False)
+    if not is_url(run) and not Path(store.location).is_dir():
         raise CheckpointNotFoundError(run)
-    entries, _reason = manifest.read(run)
+    entries, _reason = manifest.parse(store.read(manifest.MANIFEST), store.path_of)
     if entries is None:
-        entries = manifest.rebuild(run, sorted(p.name for p in run.iterdir() if p.name.endswith(naming.SUFFIX)))
-    return entries
+        names = store.names()
+        if not names:
+            raise CheckpointNotFoundError(run)
+        entries = manifest.rebuild(store, sorted(n for n in names if n.endswith(naming.SUFFIX)))
+    return store, entries
 
 
 def _age(seconds: float) -> str:
@@ -36,9 +44,9 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _verify(path: Path) -> str:
+def _verify(store: RunStore, name: str) -> str:
     try:
-        with Checkpoint(path) as ck:
+        with store.local(name) as path, Checkpoint(path) as ck:
             ck.verify_all()
         return "ok"
     except TorchkeepError as e:
@@ -48,7 +56,7 @@ def _verify(path: Path) -> str:
 
 
 def ls_command(
-    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A CheckpointManager directory.", show_default=False),
+    run: str = typer.Argument(..., metavar="RUN_DIR", help=_RUN_HELP, show_default=False),
     monitor: str | None = typer.Option(None, "--monitor", help="Mark the best checkpoint by this metric."),
     mode: str = typer.Option("max", "--mode", help="'max' or 'min': which direction of --monitor is better."),
     verify: bool = typer.Option(False, "--verify", help="Check every checkpoint's checksums (reads every file)."),
@@ -60,7 +68,7 @@ def ls_command(
 
     Example: torchkeep ls runs/exp1 --monitor val_acc --verify
     """
-    entries = _entries(run)
+    store, entries = _entries(run)
     now = time.time()
     best = retention.best_index(entries, monitor, mode) if monitor else None
     rows: list[dict[str, Any]] = []
@@ -69,7 +77,7 @@ def ls_command(
         row = {"step": e.step, "file": e.file, "metrics": e.metrics, "size": e.size, "created": e.created}
         row["marks"] = marks
         if verify:
-            row["verify"] = _verify(e.path)
+            row["verify"] = _verify(store, e.file)
         rows.append(row)
     damaged = verify and any(r["verify"] != "ok" for r in rows)
     if json_out:
@@ -91,7 +99,7 @@ def ls_command(
 
 
 def prune_command(
-    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A CheckpointManager directory.", show_default=False),
+    run: str = typer.Argument(..., metavar="RUN_DIR", help=_RUN_HELP, show_default=False),
     keep_last: int | None = typer.Option(None, "--keep-last", min=0, help="Keep the N most recent."),
     keep_best: int | None = typer.Option(None, "--keep-best", min=0, help="Keep the K best by --monitor."),
     monitor: str | None = typer.Option(None, "--monitor", help="The metric for --keep-best."),
@@ -108,7 +116,7 @@ def prune_command(
     """
     if keep_last is None and keep_best is None and keep_every is None:
         raise typer.BadParameter("give at least one of --keep-last, --keep-best, --keep-every")
-    if not Path(run).is_dir():
+    if not is_url(run) and not Path(run).is_dir():
         raise CheckpointNotFoundError(run)
     with CheckpointManager(
         run, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every
@@ -126,7 +134,7 @@ def prune_command(
 
 
 def plot_command(
-    run: Path = typer.Argument(..., metavar="RUN_DIR", help="A CheckpointManager directory.", show_default=False),
+    run: str = typer.Argument(..., metavar="RUN_DIR", help=_RUN_HELP, show_default=False),
     metric: str = typer.Option(..., "--metric", help="The metric to plot (as passed to mgr.save(metrics=...))."),
     output: Path = typer.Option(Path("curve.png"), "-o", "--output", help="The image to write (.png, .svg, .pdf)."),
     mode: str = typer.Option("max", "--mode", help="'max' or 'min': which direction is better (marks the best)."),
@@ -142,7 +150,7 @@ def plot_command(
         import matplotlib.pyplot as plt
     except ImportError:
         raise typer.BadParameter("plot needs matplotlib: pip install 'torchkeep[plot]'") from None
-    entries = _entries(run)
+    _, entries = _entries(run)
     points = [(e.step, v, e) for e in entries if (v := retention.metric_value(e, metric)) is not None]
     if not points:
         names = sorted({k for e in entries for k in e.metrics})

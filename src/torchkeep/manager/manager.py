@@ -8,19 +8,18 @@ Write order for one save (each step durable before the next)::
 so a crash at any point leaves the previous checkpoints and a manifest that names only
 complete files; a checkpoint committed just before a crash is adopted on the next open.
 
-Locking: ``.lock`` in the directory is held with ``fcntl.flock`` for the manager's lifetime
-and records the holder's pid. The kernel drops a flock when its process dies (even by
-SIGKILL), so a lock file left by a dead process is simply locked again: no stale-lock logic.
+On object storage (an fsspec URL, :mod:`torchkeep.storage.remote`) there is no rename: the
+manifest write is the commit, and checkpoint objects no manifest names are never shown.
+Storage (files, locking, listing) goes through a :class:`~torchkeep.storage.runs.RunStore`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import hashlib
 import json
 import os
-import re
 import threading
 import time
 import warnings
@@ -33,7 +32,6 @@ import torch
 
 from torchkeep import api
 from torchkeep.errors import (
-    CheckpointLockedError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InsufficientSpaceError,
@@ -42,12 +40,11 @@ from torchkeep.errors import (
 from torchkeep.manager import manifest, naming, retention
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.snapshot import AsyncWriter
+from torchkeep.storage.runs import RunStore, open_run
 from torchkeep.tree import Flat, flatten
 
 __all__ = ["CheckpointManager", "CheckpointSkippedWarning"]
 
-LOCK = ".lock"
-_TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _HEADER_SLACK = 4096  # provenance metadata, JSON framing and 8-byte alignment
 _PER_TENSOR = 256  # header bytes per tensor: name, dtype, shape, offsets, checksum
@@ -73,7 +70,8 @@ class CheckpointManager:
     """Saves a training state into a run directory, keeps what the retention options say, restores the newest.
 
     Args:
-        directory: the run directory (created if missing). One manager at a time per directory.
+        directory: the run directory (created if missing), or an fsspec URL (``s3://bucket/run``,
+            ``memory://run``; needs ``pip install 'torchkeep[remote]'``). One manager at a time per run.
         keep_last: keep the N most recent checkpoints.
         keep_best: keep the K best by ``monitor``.
         monitor: the metric name ``best()`` and ``keep_best`` use.
@@ -88,6 +86,8 @@ class CheckpointManager:
             save is in flight, and an error in the background is raised, as itself, by the
             next ``save()``, ``wait()``, ``restore()`` or ``close()``. The returned info then has
             no size or digest yet (``latest()`` has them once committed).
+        storage_options: for URLs, passed to fsspec (s3: ``key``, ``secret``,
+            ``client_kwargs={"endpoint_url": ...}``, ...).
 
     A checkpoint is kept when any ``keep_*`` rule keeps it; the newest is always kept, and with
     no rule at all nothing is deleted. Only files listed in the manifest are ever deleted.
@@ -122,6 +122,7 @@ class CheckpointManager:
         filename: str = "ckpt_{step:06d}",
         durable: bool = True,
         async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -131,70 +132,56 @@ class CheckpointManager:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be a non-negative int or None, not {v!r}")
         naming.parse(filename)  # fail now on a malformed template, not at the first save
-        self.directory = Path(os.fspath(directory)).expanduser().absolute()
+        self._store: RunStore = open_run(directory, storage_options)
+        self._open = False
+        #: the run directory: a ``Path``, or the URL (``str``) of a run on object storage
+        self.directory: Path | str = getattr(self._store, "directory", self._store.location)
         self.keep_last, self.keep_best, self.keep_every = keep_last, keep_best, keep_every
         self.keep_within = keep_within.total_seconds() if isinstance(keep_within, timedelta) else keep_within
         self.monitor, self.mode, self.filename, self.durable = monitor, mode, filename, durable
         self._pattern = naming.template_pattern(filename)
         self._mutex = threading.RLock()
         self._async = AsyncWriter() if async_save else None
-        self._lock_fd = -1
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        self._entries: list[CheckpointInfo] = []
+        self._store.lock()
+        self._open = True
         try:
-            self._clean_temps()
-            self._entries: list[CheckpointInfo] = []
+            self._store.clean(lambda name: name == manifest.MANIFEST or bool(self._pattern.fullmatch(name)))
             self._load()
         except BaseException:
             self.close()
             raise
 
     # -- opening ---------------------------------------------------------------------------------
-    def _lock(self) -> None:
-        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                raw = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                pid = int(raw) if raw.isdigit() else None
-            finally:
-                os.close(fd)
-            raise CheckpointLockedError(self.directory, pid) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _clean_temps(self) -> None:
-        """Remove temp files a killed save left: only those of the manifest or of names our template makes."""
-        for name in os.listdir(self.directory):
-            m = _TEMP.fullmatch(name)
-            if m and (m["target"] == manifest.MANIFEST or self._pattern.fullmatch(m["target"])):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.directory / name)
-
     def _load(self) -> None:
-        entries, reason = manifest.read(self.directory)
-        names = set(os.listdir(self.directory))
+        store = self._store
+        entries, reason = manifest.parse(store.read(manifest.MANIFEST), store.path_of)
+        names = set(store.names())
+        ours = sorted(n for n in names if n.endswith(naming.SUFFIX))
         changed = entries is None
         if entries is None:
             if reason != "missing":
                 warnings.warn(
-                    f"{self.directory / manifest.MANIFEST}: {reason}; rebuilding it from the checkpoint files",
+                    f"{store.path_of(manifest.MANIFEST)}: {reason}; rebuilding it from the checkpoint files",
                     stacklevel=3,
                 )
-            entries = manifest.rebuild(self.directory, sorted(n for n in names if n.endswith(naming.SUFFIX)))
+            entries = manifest.rebuild(self._store, ours)
         else:
-            # entries whose file is gone (deleted by hand) drop out; files committed after the last
-            # manifest write (a crash in between) that carry our record are adopted
+            # entries whose file is gone (deleted by hand) drop out
             present = [e for e in entries if e.file in names]
             known = {e.file for e in entries}
-            extra = manifest.rebuild(
-                self.directory, sorted(n for n in names if n.endswith(naming.SUFFIX) and n not in known)
-            )
-            changed = len(present) != len(entries) or bool(extra)
-            # a file adopted after a crash goes where its save time puts it (sort is stable)
-            entries = sorted(present + extra, key=lambda e: e.created) if extra else present
+            extra = manifest.rebuild(self._store, [n for n in ours if n not in known])
+            changed = len(present) != len(entries)
+            if store.adopts and extra:
+                # a file renamed into place but not indexed (a crash in between) is whole: adopt it
+                # where its save time puts it (the sort is stable)
+                entries, changed = manifest.ordered(present + extra), True
+            else:
+                # an object store has no rename: an object no manifest names is a killed save's
+                # leftover. It carries our record, so it is ours to remove; nothing else is touched.
+                entries = present
+                for e in extra:
+                    store.delete(e.file)
         self._entries = entries
         if changed:
             self._write_manifest()
@@ -269,9 +256,9 @@ class CheckpointManager:
         values = {"step": step, **metrics, **{str(k): v for k, v in (context or {}).items()}}
         stem = naming.fill(self.filename, values)
         with self._mutex:
-            taken = set(os.listdir(self.directory)) | {e.file for e in self._entries}
+            taken = set(self._store.names()) | {e.file for e in self._entries}
             name = naming.unique_name(stem, taken)
-            info = CheckpointInfo(name, self.directory / name, step, metrics, 0, time.time(), "")
+            info = CheckpointInfo(name, self._store.path_of(name), step, metrics, 0, time.time(), "")
             if self._async is None:
                 return self._commit(flatten(state), info)
         # async: returns once the state is copied to host memory; _commit runs in the background
@@ -290,29 +277,21 @@ class CheckpointManager:
             self._check_open()
             needed = sum(t.numel() * t.element_size() for t in flat.tensors.values())
             needed += _HEADER_SLACK + _PER_TENSOR * len(flat.tensors) + len(json.dumps(flat.skeleton, default=str))
-            available = self._free_bytes()
+            available = self._store.free_bytes()
             if 0 <= available < needed:
                 raise InsufficientSpaceError(self.directory, needed, available)
+            tensors, meta = api.prepared(flat, {manifest.META_KEY: manifest.record_of(info)})
             try:
-                api.save_flat(
-                    flat, info.path, metadata={manifest.META_KEY: manifest.record_of(info)}, durable=self.durable
-                )
+                size, head = self._store.put(info.file, tensors, meta, durable=self.durable)
             except OSError as e:
                 if e.errno in _SPACE_ERRNOS:
                     detail = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
                     raise InsufficientSpaceError(
-                        self.directory, needed, self._free_bytes(), err=e.errno, detail=detail
+                        self.directory, needed, self._store.free_bytes(), err=e.errno, detail=detail
                     ) from e
                 raise
-            info = CheckpointInfo(
-                info.file,
-                info.path,
-                info.step,
-                info.metrics,
-                info.path.stat().st_size,
-                info.created,
-                manifest.header_digest(info.path),
-            )
+            digest = hashlib.sha256(head).hexdigest()
+            info = CheckpointInfo(info.file, info.path, info.step, info.metrics, size, info.created, digest)
             entries = [*self._entries, info]
             self._entries = entries
             self._apply_retention(always_write=True)
@@ -334,8 +313,7 @@ class CheckpointManager:
                 self._entries = entries
                 raise
             for e in drop:  # only after the manifest that no longer lists these
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(e.path)
+                self._store.delete(e.file)
             return drop
 
     def prune(self, *, dry_run: bool = False) -> list[CheckpointInfo]:
@@ -357,20 +335,13 @@ class CheckpointManager:
             return [e for i, e in enumerate(entries) if i not in kept]
         return self._apply_retention()
 
-    def _free_bytes(self) -> int:
-        try:
-            st = os.statvfs(self.directory)
-        except OSError:
-            return -1
-        return int(st.f_bavail) * int(st.f_frsize)
-
     def _write_manifest(self) -> None:
         latest = self._entries[-1].file if self._entries else None
         best = None
         if self.monitor:
             i = retention.best_index(self._entries, self.monitor, self.mode)
             best = None if i is None else self._entries[i].file
-        manifest.write(self.directory, self._entries, latest, best, durable=self.durable)
+        self._store.write(manifest.MANIFEST, manifest.encode(self._entries, latest, best), durable=self.durable)
 
     # -- restoring -------------------------------------------------------------------------------
     def restore(self, state: Any, *, step: int | str | None = None, strict: bool = False) -> CheckpointInfo | None:
@@ -412,7 +383,8 @@ class CheckpointManager:
         failures: list[str] = []
         for k, info in enumerate(candidates):
             try:
-                api.restore(info.path, state)
+                with self._store.local(info.file) as local:
+                    api.restore(local, state)
                 return info
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 if strict or isinstance(step, int):
@@ -429,18 +401,18 @@ class CheckpointManager:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _check_open(self) -> None:
-        if self._lock_fd < 0:
+        if not self._open:
             raise RuntimeError(f"{self.directory}: this CheckpointManager is closed; open a new one")
 
     def close(self) -> None:
         """Wait for an asynchronous save in flight (re-raising its error), then release the lock. Idempotent."""
         try:
-            if self._lock_fd >= 0:
+            if self._open:
                 self.wait()
         finally:
-            fd, self._lock_fd = self._lock_fd, -1
-            if fd >= 0:
-                os.close(fd)  # closing the only descriptor releases the flock
+            if self._open:
+                self._open = False
+                self._store.unlock()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -453,7 +425,7 @@ class CheckpointManager:
                 self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_lock_fd", -1) >= 0:
+        if getattr(self, "_open", False):
             with contextlib.suppress(Exception):
                 self.close()
 

@@ -1,4 +1,4 @@
-"""The run directory's index, ``manifest.json``: read, written atomically, rebuilt from checkpoint headers.
+"""The run directory's index, ``manifest.json``: encoded, parsed, rebuilt from checkpoint headers (pure).
 
 Format (``version`` 1)::
 
@@ -17,18 +17,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torchkeep.errors import TorchkeepError
-from torchkeep.reader import Checkpoint
-from torchkeep.storage.local import AtomicFile
+from torchkeep.reader import USER_KEY
 
-__all__ = ["MANIFEST", "META_KEY", "CheckpointInfo", "header_digest", "read", "rebuild", "record_of", "write"]
+if TYPE_CHECKING:
+    from torchkeep.storage.runs import RunStore
+
+__all__ = [
+    "MANIFEST",
+    "META_KEY",
+    "CheckpointInfo",
+    "encode",
+    "from_header",
+    "ordered",
+    "parse",
+    "rebuild",
+    "record_of",
+]
 
 MANIFEST = "manifest.json"
 META_KEY = "torchkeep.manager"
@@ -41,7 +50,7 @@ class CheckpointInfo:
 
     Attributes:
         file: the file name inside the run directory.
-        path: the full path.
+        path: the full path (a ``str`` URL for runs on object storage).
         step: the step it was saved at.
         metrics: the metrics passed to ``save`` (NaN and infinities kept as floats).
         size: bytes on disk.
@@ -54,7 +63,7 @@ class CheckpointInfo:
     """
 
     file: str
-    path: Path
+    path: Path | str
     step: int | None
     metrics: dict[str, Any] = field(default_factory=dict)
     size: int = 0
@@ -69,7 +78,8 @@ class CheckpointInfo:
         return d
 
     @classmethod
-    def from_json(cls, directory: Path, d: Mapping[str, Any]) -> CheckpointInfo:
+    def from_json(cls, base: Path | Callable[[str], Path | str], d: Mapping[str, Any]) -> CheckpointInfo:
+        """The entry ``d`` of a manifest; ``base`` is the run directory or a ``name -> path`` function."""
         name = d["file"]
         if not isinstance(name, str) or "/" in name or name.startswith("."):
             raise ValueError(f"bad file name {name!r}")
@@ -81,7 +91,7 @@ class CheckpointInfo:
             raise ValueError("metrics is not an object")
         return cls(
             file=name,
-            path=directory / name,
+            path=base(name) if callable(base) else base / name,
             step=step,
             metrics=dict(metrics),
             size=int(d.get("size", 0)),
@@ -100,65 +110,53 @@ def record_of(info: CheckpointInfo) -> str:
     return _dumps(info.to_json())
 
 
-def header_digest(path: Path) -> str:
-    """sha256 of a safetensors file's 8-byte length prefix and JSON header."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-        return hashlib.sha256(head + fh.read(min(n, 1 << 28))).hexdigest()
-
-
-def read(directory: Path) -> tuple[list[CheckpointInfo] | None, str]:
-    """``(entries, "")`` from ``manifest.json``, or ``(None, reason)`` when it is missing or unreadable."""
-    try:
-        raw = (directory / MANIFEST).read_text(encoding="utf-8")
-    except FileNotFoundError:
+def parse(raw: bytes | None, base: Path | Callable[[str], Path | str]) -> tuple[list[CheckpointInfo] | None, str]:
+    """Entries of a manifest's bytes (``None``: missing), or ``(None, reason)``."""
+    if raw is None:
         return None, "missing"
-    except (OSError, UnicodeDecodeError) as e:
-        return None, f"unreadable ({e})"
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw.decode("utf-8"))
         if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("entries"), list):
             raise ValueError("not a version-1 manifest")
-        entries = [CheckpointInfo.from_json(directory, e) for e in doc["entries"]]
-    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        entries = [CheckpointInfo.from_json(base, e) for e in doc["entries"]]
+    except (ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError) as e:
         return None, f"corrupt ({e})"
     return entries, ""
 
 
-def write(
-    directory: Path, entries: Iterable[CheckpointInfo], latest: str | None, best: str | None, *, durable: bool = True
-) -> None:
-    """Replace ``manifest.json`` atomically (temp file, fsync, rename, fsync of the directory)."""
+def encode(entries: Iterable[CheckpointInfo], latest: str | None, best: str | None) -> bytes:
+    """The bytes of ``manifest.json``."""
     doc = {"version": VERSION, "latest": latest, "best": best, "entries": [e.to_json() for e in entries]}
-    data = (_dumps(doc) + "\n").encode("utf-8")
-    with AtomicFile(directory / MANIFEST, durable=durable) as f:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(f.fd, view) :]
-        f.commit()
+    return (_dumps(doc) + "\n").encode("utf-8")
 
 
-def from_file(path: Path) -> CheckpointInfo | None:
-    """The manager record stored in a checkpoint's header, or ``None`` (not the manager's, or unreadable)."""
+def from_header(name: str, size: int, head: bytes, base: Path | Callable[[str], Path | str]) -> CheckpointInfo | None:
+    """The manager record in a checkpoint's header bytes (length prefix + JSON), or ``None``."""
     try:
-        with Checkpoint(path, verify=False) as ck:
-            raw = ck.metadata.get(META_KEY)
+        meta = json.loads(head[8:].decode("utf-8")).get("__metadata__") or {}
+        raw = json.loads(meta.get(USER_KEY) or "{}").get(META_KEY)
         if not isinstance(raw, str):
             return None
         d = json.loads(raw)
-        if not isinstance(d, dict) or d.get("file") != path.name:
+        if not isinstance(d, dict) or d.get("file") != name:
             return None  # a copy under another name is not this manager's file
-        info = CheckpointInfo.from_json(path.parent, d)
-        return CheckpointInfo(
-            info.file, info.path, info.step, info.metrics, path.stat().st_size, info.created, header_digest(path)
-        )
-    except (TorchkeepError, OSError, ValueError, TypeError, KeyError, RecursionError):
+        info = CheckpointInfo.from_json(base, d)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeDecodeError):
         return None
+    digest = hashlib.sha256(head).hexdigest()
+    return CheckpointInfo(info.file, info.path, info.step, info.metrics, size, info.created, digest)
 
 
-def rebuild(directory: Path, files: Iterable[str]) -> list[CheckpointInfo]:
-    """Entries for those of ``files`` that carry a manager record, oldest first."""
-    found = [info for name in files if (info := from_file(directory / name)) is not None]
-    found.sort(key=lambda i: (i.created, -math.inf if i.step is None else i.step, i.file))
-    return found
+def ordered(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
+    """Oldest first: by save time, then step, then name."""
+    return sorted(infos, key=lambda i: (i.created, -math.inf if i.step is None else i.step, i.file))
+
+
+def rebuild(store: RunStore, names: Iterable[str]) -> list[CheckpointInfo]:
+    """Entries for those of ``names`` in ``store`` whose header carries a manager record, oldest first."""
+    found = []
+    for name in names:
+        got = store.header(name)
+        if got is not None and (info := from_header(name, *got, store.path_of)) is not None:
+            found.append(info)
+    return ordered(found)

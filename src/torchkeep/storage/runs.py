@@ -1,0 +1,199 @@
+"""Where a CheckpointManager keeps its run: a local directory, or an fsspec URL (:mod:`.remote`).
+
+A run store is a handful of methods. The manager calls them in this order::
+
+    open     lock() -> clean(is_ours) -> read(MANIFEST), names() -> record(name) (rebuild/adopt)
+    save     free_bytes() -> put(name, tensors, meta) -> write(MANIFEST, data) -> delete(dropped)...
+    restore  local(name): a local path to memory-map and verify, for the length of a ``with``
+    close    unlock()
+
+What "committed" means differs, and ``adopts`` says which:
+
+* local (``adopts=True``): a checkpoint is renamed into place whole, so a file that carries
+  the manager's record is complete even if a crash came before the manifest named it; the
+  manager adopts it.
+* object stores (``adopts=False``): there is no rename, so a checkpoint is committed only
+  once the manifest names it; anything else is a leftover of a killed save, never shown.
+
+Example:
+    >>> import tempfile
+    >>> run = LocalRun(tempfile.mkdtemp())
+    >>> run.write("manifest.json", b"{}", durable=False); run.read("manifest.json"), run.names()
+    (b'{}', ['manifest.json'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from torchkeep import api
+from torchkeep.errors import CheckpointLockedError
+from torchkeep.storage.local import AtomicFile
+
+__all__ = ["LOCK", "LocalRun", "RunStore", "is_url", "open_run"]
+
+LOCK = ".lock"
+_TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
+
+
+class RunStore(Protocol):
+    """The storage of one run directory (see the module docstring for the call order)."""
+
+    location: str  # the directory or URL, for messages
+    adopts: bool  # a checkpoint file is whole once visible (atomic rename)
+
+    def path_of(self, name: str) -> Path | str: ...
+    def lock(self) -> None: ...
+    def unlock(self) -> None: ...
+    def clean(self, is_ours: Callable[[str], bool]) -> None: ...
+    def names(self) -> list[str]: ...
+    def read(self, name: str) -> bytes | None: ...
+    def write(self, name: str, data: bytes, *, durable: bool) -> None: ...
+    def put(
+        self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, durable: bool
+    ) -> tuple[int, bytes]: ...
+    def header(self, name: str) -> tuple[int, bytes] | None: ...
+    def local(self, name: str) -> contextlib.AbstractContextManager[Path]: ...
+    def delete(self, name: str) -> None: ...
+    def free_bytes(self) -> int: ...
+
+
+def is_url(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` is an fsspec URL (``s3://...``) rather than a local path."""
+    text = os.fspath(directory)
+    return isinstance(text, str) and "://" in text and not text.startswith("file://")
+
+
+def open_run(
+    directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *, create: bool = True
+) -> RunStore:
+    """A :class:`LocalRun` for a path or ``file://`` URL, a :class:`~.remote.RemoteRun` for any other URL.
+
+    Args:
+        directory: the run directory or URL.
+        storage_options: fsspec options for a URL.
+        create: create a missing local directory (``False`` for read-only tools).
+    """
+    text = os.fspath(directory)
+    if is_url(text):
+        from torchkeep.storage.remote import RemoteRun  # fsspec is an optional dependency
+
+        return RemoteRun(str(text), storage_options or {}, create=create)
+    if storage_options:
+        raise ValueError(f"storage_options is for fsspec URLs (s3://..., memory://...), not a local path ({text})")
+    if isinstance(text, str) and text.startswith("file://"):
+        text = text[len("file://") :]
+    return LocalRun(text, create=create)
+
+
+class LocalRun:
+    """A run directory on a local (or network) file system: atomic renames, fsyncs and ``flock``.
+
+    Locking: ``.lock`` is held with ``fcntl.flock`` for the manager's lifetime and records the
+    holder's pid. The kernel drops a flock when its process dies (even by SIGKILL), so a lock
+    file left by a dead process is simply locked again: no stale-lock logic.
+    """
+
+    adopts = True
+
+    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.directory = Path(os.fspath(directory)).expanduser().absolute()
+        self.location = str(self.directory)
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._fd = -1
+
+    def path_of(self, name: str) -> Path:
+        return self.directory / name
+
+    def lock(self) -> None:
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                raw = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                pid = int(raw) if raw.isdigit() else None
+            finally:
+                os.close(fd)
+            raise CheckpointLockedError(self.directory, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def unlock(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # closing the only descriptor releases the flock
+
+    def clean(self, is_ours: Callable[[str], bool]) -> None:
+        """Remove temp files a killed save left, only those of names ``is_ours`` accepts."""
+        for name in os.listdir(self.directory):
+            m = _TEMP.fullmatch(name)
+            if m and is_ours(m["target"]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / name)
+
+    def names(self) -> list[str]:
+        return os.listdir(self.directory)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.directory / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes, *, durable: bool) -> None:
+        with AtomicFile(self.directory / name, durable=durable) as f:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(f.fd, view) :]
+            f.commit()
+
+    def put(
+        self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, durable: bool
+    ) -> tuple[int, bytes]:
+        path = self.directory / name
+        with AtomicFile(path, durable=durable) as f:
+            api.write_checksummed(f.fd, tensors, meta)
+            f.commit()
+        size, head = self.header(name) or (0, b"")
+        return size, head
+
+    def header(self, name: str) -> tuple[int, bytes] | None:
+        """``(file size, length prefix + JSON header)``, or ``None`` when missing or too short."""
+        try:
+            with open(self.directory / name, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                head = fh.read(8)
+                if len(head) < 8:
+                    return None
+                n = int.from_bytes(head, "little")
+                if n > min(size - 8, 1 << 28):
+                    return None
+                return size, head + fh.read(n)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    @contextlib.contextmanager
+    def local(self, name: str) -> Iterator[Path]:
+        yield self.directory / name
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / name)
+
+    def free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return -1
+        return int(st.f_bavail) * int(st.f_frsize)
