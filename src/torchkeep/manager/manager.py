@@ -292,9 +292,16 @@ class CheckpointManager:
                 raise
             digest = hashlib.sha256(head).hexdigest()
             info = CheckpointInfo(info.file, info.path, info.step, info.metrics, size, info.created, digest)
-            entries = [*self._entries, info]
-            self._entries = entries
-            self._apply_retention(always_write=True)
+            prev = self._entries
+            self._entries = [*prev, info]
+            try:
+                self._apply_retention(always_write=True)
+            except BaseException:
+                if not self._store.adopts:  # on an object store the manifest write is the commit: none happened
+                    self._entries = prev
+                    with contextlib.suppress(Exception):
+                        self._store.delete(info.file)
+                raise
             return info
 
     def _apply_retention(self, *, always_write: bool = False) -> list[CheckpointInfo]:

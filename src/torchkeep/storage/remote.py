@@ -9,7 +9,8 @@ package, e.g. gcsfs). Object stores have no atomic rename, so the commit protoco
 
 Readers list the manifest, never the bucket, so a killed upload (an unfinished multipart
 upload, or on non-atomic stores a partial object) is never seen. The next manager that opens
-the run deletes checkpoint objects that carry its record but that no manifest names.
+the run aborts unfinished S3 multipart uploads of its checkpoint names and deletes checkpoint
+objects that carry its record but that no manifest names.
 
 Locking: ``.lock`` holds ``{"host", "pid", "token"}``. A lock whose holder is a dead process
 on this host is taken over; any other is reported with the host, pid and the fix.
@@ -136,7 +137,23 @@ class RemoteRun:
 
     # -- listing and small objects ---------------------------------------------------------------
     def clean(self, is_ours: Callable[[str], bool]) -> None:
-        """Nothing to do before the manifest is read (uncommitted objects are found against it)."""
+        """Abort S3 multipart uploads a killed save left under this run (invisible, but billed).
+
+        Uncommitted whole objects are found later, against the manifest.
+        """
+        if not hasattr(self.fs, "list_multipart_uploads"):
+            return
+        bucket, _, prefix = self.root.partition("/")
+        try:
+            uploads = self.fs.list_multipart_uploads(bucket)
+        except Exception:  # no permission to list uploads: nothing is lost, they stay invisible
+            return
+        for up in uploads:
+            key = str(up.get("Key", ""))
+            folder, _, name = key.rpartition("/")
+            if folder == prefix and is_ours(name):
+                with contextlib.suppress(Exception):
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=up["UploadId"])
 
     def names(self) -> list[str]:
         with contextlib.suppress(Exception):
