@@ -10,11 +10,12 @@ Example:
     7
 """
 
-from torchkeep import errors
+from torchkeep import distributed, errors
 from torchkeep._version import __version__
 from torchkeep.api import load, restore, save
 from torchkeep.convert import convert
 from torchkeep.diff import DiffReport, diff
+from torchkeep.export import ExportReport, QuantizeReport, export, quantize
 from torchkeep.inspection import inspect, verify
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.manager import CheckpointManager
@@ -28,18 +29,23 @@ __all__ = [
     "Checkpoint",
     "CheckpointManager",
     "DiffReport",
+    "ExportReport",
     "LoadReport",
+    "QuantizeReport",
     "RNGState",
     "ScanReport",
     "__version__",
     "convert",
     "diff",
+    "distributed",
     "errors",
+    "export",
     "inspect",
     "load",
     "load_into",
     "load_model",
     "open",
+    "quantize",
     "register_model",
     "restore",
     "save",

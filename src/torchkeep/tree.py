@@ -142,6 +142,15 @@ class _Flattener:
         where = format_path(path)
         if t.layout != torch.strided:
             raise UnsupportedObjectError(where, t, f"{t.layout} tensors are not supported; call .to_dense() first.")
+        if t.is_quantized:
+            raise UnsupportedObjectError(
+                where,
+                t,
+                f"a quantized ({t.dtype}) tensor keeps its scales and zero points in packed objects that a "
+                "pickle-free file cannot represent. Save the float model and quantize after loading "
+                "(tk.save_model(model, path); qmodel, _ = tk.quantize(tk.load_model(path))): the int8 weights "
+                "come out identical; or ship it as an artifact with tk.export(qmodel, x, 'model.pt').",
+            )
         if t.dtype not in DTYPE_TO_ST:
             raise UnsupportedDtypeError(where, t.dtype)
         raise UnsupportedObjectError(where, t, "a meta tensor has no data; materialise it (e.g. .to_empty()) first.")

@@ -24,7 +24,9 @@ from torchkeep._version import __version__
 from torchkeep.cli.convert import convert_command
 from torchkeep.cli.demo import demo_command
 from torchkeep.cli.diff import diff_command
+from torchkeep.cli.export import export_command
 from torchkeep.cli.inspect import inspect_command
+from torchkeep.cli.quantize import quantize_command
 from torchkeep.cli.runs import ls_command, plot_command, prune_command
 from torchkeep.cli.scan import scan_command
 from torchkeep.cli.verify import verify_command
@@ -85,6 +87,8 @@ app.command("scan", no_args_is_help=True)(scan_command)
 app.command("ls", no_args_is_help=True)(ls_command)
 app.command("prune", no_args_is_help=True)(prune_command)
 app.command("plot", no_args_is_help=True)(plot_command)
+app.command("export", no_args_is_help=True)(export_command)
+app.command("quantize", no_args_is_help=True)(quantize_command)
 app.command("demo")(demo_command)
 
 

@@ -5,7 +5,8 @@ resuming hard in practice: a shuffling DataLoader driven by its own seeded gener
 Adam's moment estimates, a StepLR schedule and the global RNG that dropout draws from.
 It saves the whole training state every epoch, throws every object away halfway
 ("the crash"), restores the latest checkpoint into freshly built objects, finishes,
-and compares the result bit for bit with a run that was never interrupted.
+and compares the result bit for bit with a run that was never interrupted. Finally it
+ships the trained model: exported to ONNX, verified, and run with onnxruntime.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchkeep as tk
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.errors import ExportUnavailableError
+from torchkeep.export import ExportReport
 
 __all__ = ["demo_command", "run_demo"]
 
@@ -121,6 +124,9 @@ class DemoResult:
     tensors_compared: int
     values_compared: int
     seconds: float
+    onnx: ExportReport | None = None  # None when the onnx extra is not installed
+    onnx_max_error: float = 0.0  # onnxruntime vs eager on a batch of validation rows
+    onnx_rows: int = 0
 
     @property
     def exact(self) -> bool:
@@ -190,6 +196,7 @@ def _run(directory: Path, epochs: int, seed: int) -> DemoResult:
     ref_sd = {"model": reference.model.state_dict(), "optimizer": reference.optimizer.state_dict()["state"]}
     new_sd = {"model": fresh.model.state_dict(), "optimizer": fresh.optimizer.state_dict()["state"]}
     compared = [t for t in _leaves(ref_sd) if isinstance(t, torch.Tensor)]
+    onnx, onnx_error, rows = _ship(fresh.model, data, directory)
     return DemoResult(
         directory=directory,
         checkpoints=written,
@@ -199,7 +206,27 @@ def _run(directory: Path, epochs: int, seed: int) -> DemoResult:
         tensors_compared=len(compared),
         values_compared=sum(t.numel() for t in compared),
         seconds=time.perf_counter() - started,
+        onnx=onnx,
+        onnx_max_error=onnx_error,
+        onnx_rows=rows,
     )
+
+
+def _ship(model: nn.Module, data: TensorDataset, directory: Path) -> tuple[ExportReport | None, float, int]:
+    """Export the trained model to ONNX (verified by torchkeep), then run it as a deployment would."""
+    try:
+        report = tk.export(model, data.tensors[0][:1], directory / "model.onnx")
+    except ExportUnavailableError:
+        return None, 0.0, 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    x = data.tensors[0][:100]  # a batch size the export never saw: the batch axis is dynamic
+    (pred,) = session.run(None, {report.input_names[0]: x.numpy()})
+    model.eval()
+    with torch.no_grad():
+        error = float((torch.from_numpy(pred) - model(x)).abs().max())
+    return report, error, len(x)
 
 
 def _leaves(tree: dict) -> list:
@@ -242,11 +269,24 @@ def _report(result: DemoResult, console: Console) -> None:
             f"[bold red]resume was NOT exact:[/] {len(result.differences)} tensors differ from the uninterrupted run: "
             f"{escape(', '.join(result.differences[:10]))}"
         )
+    if result.onnx is not None:
+        r = result.onnx
+        console.print(
+            f"\n[bold]shipped:[/] exported the model to [cyan]{escape(r.path)}[/] ({human_bytes(r.bytes)}, "
+            f"{escape(r.exporter)}); verified against eager (max abs error {r.max_abs_error:.1e}); "
+            f"onnxruntime predicted {result.onnx_rows} rows at once, max abs error {result.onnx_max_error:.1e}."
+        )
+    else:
+        console.print(
+            '\n[dim]ONNX export skipped: pip install "torchkeep[onnx]" to ship the model with onnxruntime.[/]'
+        )
     last = result.checkpoints[-1][0]
     console.print(f"\n[dim]done in {result.seconds:.1f} s. Next, look inside a checkpoint and the run:[/]")
     console.print(f"  torchkeep inspect {escape(str(last))}")
     console.print(f"  torchkeep verify {escape(str(last))}")
     console.print(f"  torchkeep ls {escape(str(result.directory))} --verify")
+    if result.onnx is not None:
+        console.print(f"  torchkeep export YOUR_MODEL.safetensors --input-shape 1x16 -o {escape(result.onnx.path)}")
 
 
 def demo_command(
@@ -258,6 +298,7 @@ def demo_command(
 ) -> None:
     """Train a tiny model, crash it halfway, resume from the last checkpoint, check it is exact.
 
+    Then ship it: export to ONNX (verified against eager) and predict with onnxruntime.
     Takes a few seconds on a CPU; exits 1 if the resumed run differs from an uninterrupted one.
 
     Example: torchkeep demo --dir runs/demo

@@ -1,0 +1,188 @@
+"""``torchkeep export CHECKPOINT -o OUT``: rebuild a ``save_model`` file, export it, verify the artifact."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
+from rich.table import Table
+
+from torchkeep.cli.inspect import human_bytes
+from torchkeep.errors import ExportVerificationError
+
+__all__ = ["example_inputs", "export_command", "parse_shape", "spinner"]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x3x32x32"`` (or ``1,3,32,32``) -> ``(1, 3, 32, 32)``.
+
+    Example:
+        >>> parse_shape("1x3x32x32"), parse_shape("8,16")
+        ((1, 3, 32, 32), (8, 16))
+    """
+    parts = text.lower().replace(",", "x").replace("*", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape: write positive sizes joined by x, e.g. 1x3x32x32")
+    return shape
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise typer.BadParameter(f"{name!r} is not a torch dtype (float32, float16, bfloat16, int64, ...)")
+    return dtype
+
+
+def example_inputs(shapes: list[str], dtype: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """One random tensor per ``--input-shape`` (normal floats; integers 0/1 for integer dtypes)."""
+    dt = _dtype(dtype)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for text in shapes:
+        shape = parse_shape(text)
+        if dt.is_floating_point:
+            out.append(torch.randn(shape, generator=g).to(dt))
+        else:
+            out.append(torch.randint(0, 2, shape, generator=g).to(dt))
+    return tuple(out)
+
+
+def spinner(label: str, *, json_out: bool) -> AbstractContextManager[Any]:
+    """A rich spinner on stderr while a slow step runs (not with ``--json`` or without a terminal)."""
+    err = Console(stderr=True, highlight=False)
+    if json_out or not err.is_terminal:
+        return nullcontext()
+    return err.status(label, spinner="dots")
+
+
+def _load(checkpoint: Path, allow_import: bool) -> torch.nn.Module:
+    from torchkeep.registry import load_model
+
+    return load_model(checkpoint, allow_import=allow_import)
+
+
+def print_report(report: Any, console: Console) -> None:
+    """The human report of an :class:`~torchkeep.export.ExportReport`."""
+    files = f" + {len(report.files) - 1} data file(s)" if len(report.files) > 1 else ""
+    console.print(
+        f"[bold green]exported[/] {escape(report.path)}{files}: {report.format} via {escape(report.exporter)}, "
+        f"{human_bytes(report.bytes)} in {report.export_seconds:.2f} s"
+    )
+    batch = "dynamic" if report.dynamic_batch else "static"
+    opset = f", opset {report.opset}" if report.opset else ""
+    console.print(
+        f"  inputs {escape(', '.join(report.input_names))}; outputs {escape(', '.join(report.output_names))}; "
+        f"batch {batch}{opset}"
+    )
+    for note in report.warnings:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
+    if not report.checks:
+        console.print("  [yellow]not verified[/] (--no-verify)")
+        return
+    table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
+    for col, right in (("check", False), ("output", False), ("max abs err", True), ("max rel err", True), ("", False)):
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    for check in report.checks:
+        for o in check.outputs:
+            mark = "[green]ok[/]" if o.ok else f"[bold red]FAIL[/] {escape(o.reason)}"
+            table.add_row(escape(check.name), escape(o.name), f"{o.max_abs:.2e}", f"{o.max_rel:.2e}", mark)
+    verdict = "[bold green]verified[/]" if report.verified else "[bold red]NOT verified[/]"
+    console.print(f"  {verdict} against the eager model in {report.verify_seconds:.2f} s:")
+    console.print(Padding(table, (0, 0, 0, 4)))
+
+
+def export_command(
+    checkpoint: Path = typer.Argument(
+        ...,
+        metavar="CHECKPOINT",
+        help="A file written by tk.save_model (its class must be importable).",
+        show_default=False,
+    ),
+    output: Path = typer.Option(
+        ..., "-o", "--output", metavar="OUT", help="The artifact: .onnx, .pt/.ts (TorchScript) or .pt2 (torch.export)."
+    ),
+    input_shape: list[str] = typer.Option(
+        ..., "--input-shape", "-s", metavar="SHAPE", help="Shape of an example input, e.g. 1x3x32x32; repeat per input."
+    ),
+    format: str = typer.Option(
+        None,
+        "--format",
+        "-f",
+        metavar="FORMAT",
+        help="onnx, torchscript, torch.export or tensorrt (NVIDIA GPU). Default: from OUT's suffix.",
+        show_default=False,
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="dtype of the example inputs."),
+    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Make dim 0 a dynamic batch axis."),
+    opset: int = typer.Option(
+        None, "--opset", help="ONNX opset version (default: the exporter's).", show_default=False
+    ),
+    legacy: bool = typer.Option(False, "--legacy", help="ONNX: use the deprecated TorchScript-based exporter."),
+    method: str = typer.Option("trace", "--method", help="TorchScript: trace or script."),
+    rtol: float = typer.Option(None, "--rtol", help="Relative tolerance (default per dtype).", show_default=False),
+    atol: float = typer.Option(None, "--atol", help="Absolute tolerance (default per dtype).", show_default=False),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Load the artifact back and compare with eager."),
+    allow_import: bool = typer.Option(
+        False, "--allow-import", help="Import the model's module recorded in the file (runs its code)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Export a saved model for deployment and prove the artifact matches the eager model.
+
+    Rebuilds the model from a tk.save_model file (no pickle, no training script), exports it in eval mode with a dynamic batch, loads the artifact back with its own runtime (onnxruntime, torch.jit.load, torch.export.load), runs it on random inputs of the given shape and on another batch size, and prints the largest differences from eager.
+
+    Exits 0 when verified, 1 if the differences exceed the tolerances (the artifact is kept for inspection), 2 if the export cannot run.
+
+    \b
+    Examples:
+      torchkeep export model.safetensors -s 1x3x32x32 -o model.onnx
+      torchkeep export model.safetensors -s 8x128 --dtype int64 -o model.pt2
+      torchkeep export model.safetensors -s 1x16 -s 1x4 -o model.pt --json
+    """
+    from torchkeep.export import export
+
+    inputs = example_inputs(input_shape, dtype)
+    model = _load(checkpoint, allow_import)
+    fmt_label = format or output.suffix.lstrip(".") or "?"
+    failed: ExportVerificationError | None = None
+    label = f"exporting {escape(str(checkpoint))} to {escape(fmt_label)}…"
+    with spinner(label, json_out=json_out), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the report carries the TorchScript note
+        try:
+            report = export(
+                model,
+                inputs,
+                output,
+                format=format,
+                dynamic_batch=dynamic_batch,
+                opset=opset,
+                verify=verify,
+                rtol=rtol,
+                atol=atol,
+                legacy=legacy,
+                method=method,
+            )
+        except ExportVerificationError as e:
+            failed, report = e, e.report
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print_report(report, Console(highlight=False, soft_wrap=True))
+        if failed is not None:
+            Console(stderr=True, highlight=False, soft_wrap=True).print(
+                f"[bold red]error:[/] {escape(' '.join(str(failed).split()))}"
+            )
+    if failed is not None:
+        raise typer.Exit(1)

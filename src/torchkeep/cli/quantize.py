@@ -1,0 +1,118 @@
+"""``torchkeep quantize CHECKPOINT``: dynamic int8 quantization of a ``save_model`` file, with a size
+and accuracy report and, with ``-o``, a verified TorchScript artifact of the quantized model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from torch import nn
+
+from torchkeep.cli.export import _load, example_inputs, print_report, spinner
+from torchkeep.cli.inspect import human_bytes
+from torchkeep.errors import ExportVerificationError
+
+__all__ = ["quantize_command"]
+
+_MODULES = {"linear": nn.Linear, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+def quantize_command(
+    checkpoint: Path = typer.Argument(
+        ...,
+        metavar="CHECKPOINT",
+        help="A file written by tk.save_model (its class must be importable).",
+        show_default=False,
+    ),
+    input_shape: list[str] = typer.Option(
+        None,
+        "--input-shape",
+        "-s",
+        metavar="SHAPE",
+        help="Shape of an example input (repeat per input): measures the output error; required with -o.",
+        show_default=False,
+    ),
+    input_dtype: str = typer.Option("float32", "--input-dtype", help="dtype of the example inputs."),
+    dtype: str = typer.Option("qint8", "--dtype", help="Weight dtype: qint8 or float16."),
+    modules: str = typer.Option("linear,lstm,gru", "--modules", help="Layer types to quantize, comma-separated."),
+    output: Path = typer.Option(
+        None,
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="Also write the quantized model as TorchScript (.pt/.ts), verified against the quantized eager model.",
+        show_default=False,
+    ),
+    allow_import: bool = typer.Option(
+        False, "--allow-import", help="Import the model's module recorded in the file (runs its code)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Dynamically quantize a saved model (int8 weights) and report size and accuracy.
+
+    Rebuilds the model from a tk.save_model file, replaces its Linear/LSTM/GRU layers with dynamically quantized ones (CPU inference), and reports the saved-state size before and after and, given --input-shape, the largest output difference from the float model.
+
+    A quantized model cannot be stored in a torchkeep file (its packed weights need pickle): keep the float file and quantize at load, tk.quantize(tk.load_model(path)), or ship the TorchScript file that -o writes.
+
+    \b
+    Examples:
+      torchkeep quantize model.safetensors -s 1x128
+      torchkeep quantize model.safetensors -s 1x128 -o model-int8.pt --json
+    """
+    import torch
+
+    from torchkeep.export import export, quantize
+
+    kinds = []
+    for name in (m.strip().lower() for m in modules.split(",") if m.strip()):
+        if name not in _MODULES:
+            raise typer.BadParameter(f"unknown module type {name!r}; use {', '.join(_MODULES)}", param_hint="--modules")
+        kinds.append(_MODULES[name])
+    if dtype not in ("qint8", "float16"):
+        raise typer.BadParameter("use qint8 or float16", param_hint="--dtype")
+    if output is not None and not input_shape:
+        raise typer.BadParameter("-o needs --input-shape to trace and verify the quantized model", param_hint="-o")
+    if output is not None and output.suffix.lower() not in (".pt", ".ts"):
+        raise typer.BadParameter(
+            "a dynamically quantized model exports to TorchScript only: name it .pt or .ts", param_hint="-o"
+        )
+    inputs = example_inputs(input_shape, input_dtype) if input_shape else None
+    model = _load(checkpoint, allow_import)
+    with spinner("quantizing…", json_out=json_out):
+        qmodel, report = quantize(model, dtype=getattr(torch, dtype), modules=tuple(kinds), example_inputs=inputs)
+    exported = failed = None
+    if output is not None:
+        with spinner(f"exporting to {escape(str(output))}…", json_out=json_out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                exported = export(qmodel, inputs, output, format="torchscript")
+            except ExportVerificationError as e:
+                failed, exported = e, e.report
+    if json_out:
+        out = report.to_dict()
+        out["export"] = exported.to_dict() if exported is not None else None
+        typer.echo(json.dumps(out, indent=2, default=str))
+    else:
+        con = Console(highlight=False, soft_wrap=True)
+        con.print(
+            f"[bold green]quantized[/] {escape(str(checkpoint))} to {report.dtype}: "
+            f"{len(report.quantized_modules)} layer(s) ({escape(', '.join(report.quantized_modules[:10]))})"
+        )
+        con.print(
+            f"  saved state {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
+            f"({report.ratio:.2f}x smaller)"
+        )
+        if report.max_abs_error is not None:
+            con.print(
+                f"  output error vs float: max abs {report.max_abs_error:.2e}, max rel {report.max_rel_error:.2e}"
+            )
+        if exported is not None:
+            print_report(exported, con)
+        else:
+            con.print("  [dim]keep the float file; quantize at load with tk.quantize(tk.load_model(path))[/]")
+    if failed is not None:
+        raise typer.Exit(1)

@@ -1,0 +1,111 @@
+"""``torchkeep export`` and ``torchkeep quantize`` from a registered-model file, in-process."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from export_models import MLP, SmallCNN, seeded
+from typer.testing import CliRunner
+
+import torchkeep as tk
+from torchkeep.cli import app
+
+runner = CliRunner()
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def cnn_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return tk.save_model(seeded(SmallCNN()), tmp_path_factory.mktemp("cli") / "cnn.safetensors")
+
+
+@pytest.mark.slow
+def test_export_onnx_from_a_model_file(cnn_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(
+        app, ["export", str(cnn_file), "--format", "onnx", "--input-shape", "1x3x32x32", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "verified" in text and "batch 1" in text and "batch 3" in text and "torch.onnx.export(dynamo=True)" in text
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, 32, 32)
+    model = tk.load_model(cnn_file).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), model(x), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_export_json_report(cnn_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.pt2"
+    result = runner.invoke(app, ["export", str(cnn_file), "-s", "2x3x16x16", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verified"] is True and report["format"] == "torch.export" and report["dynamic_batch"] is True
+    assert report["bytes"] == out.stat().st_size and report["max_abs_error"] < 1e-4
+    assert [c["name"] for c in report["checks"]] == ["example inputs (batch 2)", "batch 4"]
+
+
+def test_export_verification_failure_exits_1_and_keeps_the_file(
+    cnn_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = importlib.import_module("torchkeep.export.api")
+    real = api._runner
+
+    def off_by_a_bit(fmt: str, path: Path, names: list[str]):  # an artifact whose outputs are shifted
+        run = real(fmt, path, names)
+        return lambda call: [t + 1e-3 for t in run(call)]
+
+    monkeypatch.setattr(api, "_runner", off_by_a_bit)
+    out = tmp_path / "model.pt2"
+    result = runner.invoke(app, ["export", str(cnn_file), "-s", "2x3x8x8", "-o", str(out)])
+    assert result.exit_code == 1 and out.is_file()
+    assert "NOT verified" in result.stdout and "FAIL" in result.stdout
+    assert "kept there for inspection" in " ".join(result.stderr.split())
+    assert "1.00e-03" in result.stdout
+
+
+def test_export_errors_are_one_red_line(cnn_file: Path, tmp_path: Path) -> None:
+    trt = runner.invoke(app, ["export", str(cnn_file), "-s", "1x3x8x8", "-o", str(tmp_path / "m.ep"), "-f", "tensorrt"])
+    assert trt.exit_code == 2 and "NVIDIA GPU" in trt.stderr and "Traceback" not in trt.output
+    bad = runner.invoke(app, ["export", str(cnn_file), "-s", "1xAx8", "-o", str(tmp_path / "m.pt2")])
+    assert bad.exit_code == 2 and "1x3x32x32" in bad.output
+    missing = runner.invoke(
+        app, ["export", str(tmp_path / "nope.safetensors"), "-s", "1x3", "-o", str(tmp_path / "m.pt2")]
+    )
+    assert missing.exit_code == 2 and "no such checkpoint" in missing.stderr
+    assert not (tmp_path / "m.pt2").exists() and not (tmp_path / "m.ep").exists()
+
+
+def test_help_teaches() -> None:
+    text = " ".join(runner.invoke(app, ["export", "--help"]).stdout.split())
+    assert "torchkeep export model.safetensors -s 1x3x32x32 -o model.onnx" in text and "--input-shape" in text
+    text = " ".join(runner.invoke(app, ["quantize", "--help"]).stdout.split())
+    assert "tk.quantize(tk.load_model(path))" in text and "torchkeep quantize model.safetensors -s 1x128" in text
+
+
+def test_quantize_command_reports_and_writes_torchscript(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tk.save_model(MLP(sizes=(64, 128, 10)), tmp_path / "mlp.safetensors")
+    out = tmp_path / "mlp-int8.pt"
+    result = runner.invoke(app, ["quantize", str(path), "-s", "4x64", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["quantized_modules"] == ["net.0", "net.2"] and report["ratio"] > 2.5
+    assert 0 < report["max_abs_error"] < 0.1
+    assert report["export"]["verified"] is True and report["export"]["format"] == "torchscript"
+    x = torch.randn(3, 64)
+    qmodel, _ = tk.quantize(tk.load_model(path))
+    assert torch.equal(torch.jit.load(str(out))(x), qmodel(x))
+    human = runner.invoke(app, ["quantize", str(path)])
+    assert human.exit_code == 0 and "smaller" in human.stdout and "quantize at load" in " ".join(human.stdout.split())
+    wrong = runner.invoke(app, ["quantize", str(path), "-s", "1x64", "-o", str(tmp_path / "q.onnx")])
+    assert wrong.exit_code == 2 and "TorchScriptonly" in "".join(wrong.output.split()).replace("│", "")
