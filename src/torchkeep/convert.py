@@ -8,6 +8,12 @@ Formats (``to=``, or guessed from the output name):
   ``{name: tensor}`` dict with string metadata, for tools that expect exactly that.
 - ``"torch"`` (default for ``*.pt``, ``*.pth``, ``*.bin``, ``*.ckpt``): ``torch.save`` of
   the loaded tree, for old tools; it loads with ``torch.load(weights_only=True)``.
+- ``"distributed"``: a torchkeep distributed checkpoint directory (see :mod:`torchkeep.distributed`),
+  written as one rank; it restores on any number of ranks.
+
+The input may also be a torchkeep distributed checkpoint directory: its manifest is verified
+and its shards are gathered on this process, each tensor read once into its full-size buffer
+(the tree is never held twice).
 
 Sharded output (``max_shard_size``) writes ``name-00001-of-0000N.safetensors`` files and
 ``name.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {...}}``).
@@ -50,8 +56,15 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 
-FORMATS = ("torchkeep", "safetensors", "torch")
-_ALIASES = {"tk": "torchkeep", "st": "safetensors", "pt": "torch", "pth": "torch", "pytorch": "torch"}
+FORMATS = ("torchkeep", "safetensors", "torch", "distributed")
+_ALIASES = {
+    "tk": "torchkeep",
+    "st": "safetensors",
+    "pt": "torch",
+    "pth": "torch",
+    "pytorch": "torch",
+    "dcp": "distributed",
+}
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 INDEX_SUFFIX = ".index.json"
 #: Where the weights live in a state tree, tried in this order (torchkeep trees, then training-script wrappers).
@@ -105,6 +118,10 @@ def _is_index(path: Path) -> bool:
 def input_size(src: PathLike) -> int:
     """Bytes of input :func:`convert` reads from ``src`` (all shards for an index file)."""
     src = Path(src)
+    from torchkeep.distributed.manifest import is_torchkeep_dcp, read_manifest
+
+    if is_torchkeep_dcp(src):
+        return sum(e["bytes"] for e in read_manifest(src)["files"].values())
     if _is_index(src):
         return sum((src.parent / f).stat().st_size for f in set(_read_index(src)["weight_map"].values()))
     return src.stat().st_size
@@ -168,6 +185,16 @@ def read_tree(
     src = Path(os.fspath(src)).expanduser()
     if not src.exists():
         raise CheckpointNotFoundError(src)
+    from torchkeep.distributed.manifest import TREE_FILE, is_torchkeep_dcp
+
+    if is_torchkeep_dcp(src):
+        from torchkeep.distributed.resume import load_tree
+
+        tree = load_tree(src)
+        if progress is not None:
+            progress(input_size(src))
+        with Checkpoint(src / TREE_FILE) as ck:
+            return tree, ck.metadata
     if _is_index(src):
         index = _read_index(src)
         tensors: dict[str, torch.Tensor] = {}
@@ -421,8 +448,9 @@ def convert(
         src: the checkpoint to read.
         dst: the file to write; must differ from ``src``.
         to: ``"torchkeep"`` (whole tree, checksummed; default for ``*.safetensors``),
-            ``"safetensors"`` (plain flat weights only, see :func:`select_weights`) or
-            ``"torch"`` (``torch.save`` of the tree; default for ``*.pt``/``*.pth``/``*.bin``/``*.ckpt``).
+            ``"safetensors"`` (plain flat weights only, see :func:`select_weights`),
+            ``"torch"`` (``torch.save`` of the tree; default for ``*.pt``/``*.pth``/``*.bin``/``*.ckpt``)
+            or ``"distributed"`` (a torchkeep distributed checkpoint directory).
         max_shard_size: split the tensors into shards of at most this many bytes
             (``5_000_000_000``, ``"5GB"``, ``"500MB"``, ``"4GiB"``): writes
             ``name-00001-of-0000N.safetensors`` and ``name.safetensors.index.json`` (returned).
@@ -452,11 +480,11 @@ def convert(
     dst = Path(os.fspath(dst)).expanduser()
     fmt = _format_for(dst, to)
     limit = parse_size(max_shard_size)
-    if limit is not None and fmt == "torch":
+    if limit is not None and fmt in ("torch", "distributed"):
         raise ConversionError("max_shard_size needs a safetensors output (to='torchkeep' or 'safetensors')")
     if not src.exists():
         raise CheckpointNotFoundError(src)
-    if dst.is_dir():
+    if dst.is_dir() and fmt != "distributed":
         raise ConversionError(f"{dst}: is a directory; give a file name such as {dst / 'model.safetensors'}")
     _refuse_same(src, [dst])
     tree, user = read_tree(src, trust_pickle=trust_pickle, progress=progress)
@@ -464,6 +492,10 @@ def convert(
     if fmt == "torch":
         _write_torch(dst, tree)
         return dst
+    if fmt == "distributed":
+        from torchkeep.distributed.checkpoint import save as save_distributed
+
+        return save_distributed(tree, dst, metadata=user or None)  # type: ignore[return-value]
     if fmt == "safetensors":
         tensors: Mapping[str, torch.Tensor] = select_weights(tree, key)
         meta, index_meta, checksums = _plain_meta(user), {}, False

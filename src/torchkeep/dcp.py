@@ -31,7 +31,7 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, MissingShardError, UnsafeCheckpointError
 
-__all__ = ["is_dcp_dir", "read_dcp"]
+__all__ = ["check_complete", "is_dcp_dir", "read_dcp", "read_metadata", "safe_reader"]
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED: dict[str, set[str]] = {
@@ -103,27 +103,60 @@ def _check_complete(path: Path, md: Any) -> None:
         )
 
 
+def read_metadata(path: str | os.PathLike[str]) -> Any:
+    """DCP's ``Metadata`` of a directory, read by the allowlist unpickler (never ``pickle.load``).
+
+    Raises:
+        UnsafeCheckpointError: ``.metadata`` needs classes beyond DCP's metadata.
+        CorruptCheckpointError: unreadable metadata.
+    """
+    return _read_metadata(Path(os.fspath(path)))
+
+
+def check_complete(path: str | os.PathLike[str], md: Any) -> None:
+    """Raise unless every data file ``md`` names exists and holds the byte ranges it claims.
+
+    Raises:
+        MissingShardError / CorruptCheckpointError: the checkpoint is incomplete.
+    """
+    _check_complete(Path(os.fspath(path)), md)
+
+
+def safe_reader(path: str | os.PathLike[str], md: Any) -> Any:
+    """A DCP ``FileSystemReader`` of ``path`` that hands DCP the already-read ``md`` instead of unpickling."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return md  # the copy read by the allowlist unpickler, never pickle.load
+
+    return _Reader(os.fspath(path))
+
+
 def read_dcp(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read every tensor of a DCP directory into CPU memory, as ``{flattened fqn: tensor}``.
 
-    Non-tensor entries (DCP stores them as pickled bytes) are not read.
+    Non-tensor entries (DCP stores them as pickled bytes) are not read. A torchkeep
+    distributed checkpoint (see :mod:`torchkeep.distributed`) has its manifest verified
+    first, and its tensor names come back dotted (``model/0.weight`` -> ``model.0.weight``),
+    as DCP names nested dicts.
 
     Raises:
         UnsafeCheckpointError: ``.metadata`` needs classes beyond DCP's metadata.
         MissingShardError / CorruptCheckpointError: the checkpoint is incomplete.
+        FileChecksumError: a torchkeep distributed checkpoint's file does not match its manifest.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from torchkeep.distributed.manifest import is_torchkeep_dcp, verify_all
+
     root = Path(os.fspath(path))
+    ours = is_torchkeep_dcp(root)
+    if ours:
+        verify_all(root)
     md = _read_metadata(root)
     _check_complete(root, md)
-
-    class _Reader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            return md  # the copy read by the allowlist unpickler above, never pickle.load
-
     state = {
         fqn: torch.empty(tuple(m.size), dtype=m.properties.dtype)
         for fqn, m in md.state_dict_metadata.items()
@@ -131,5 +164,5 @@ def read_dcp(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=_Reader(str(root)), no_dist=True)
-    return state
+        dcp.load(state, storage_reader=safe_reader(root, md), no_dist=True)
+    return {k.replace("/", "."): v for k, v in state.items()} if ours else state

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from torchkeep.api import paused_gc
+from torchkeep.distributed.manifest import TREE_FILE, is_torchkeep_dcp, read_manifest, verify_all
 from torchkeep.errors import CheckpointNotFoundError, ChecksumMismatchError, CorruptCheckpointError
 from torchkeep.format.dtypes import ST_TO_DTYPE, dtype_name
 from torchkeep.format.header import FORMAT_KEY, TensorSpec
@@ -286,8 +287,10 @@ def _tree(skeleton: Any, specs: dict[str, TensorSpec], depth: int | None) -> tup
 def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[str, Any]:
     """Summarise a checkpoint from its header alone; no tensor data is read.
 
-    Works on torchkeep files, plain safetensors files and (without unpickling them)
-    legacy ``torch.save`` files, for which it reports the format and how to convert.
+    Works on torchkeep files, plain safetensors files, torchkeep distributed checkpoint
+    directories (adding ``world_size`` and ``files``; entries held in the shards have kind
+    ``sharded`` and counts only) and (without unpickling them) legacy ``torch.save`` files,
+    for which it reports the format and how to convert.
 
     Args:
         path: the file.
@@ -324,7 +327,10 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
         >>> [(n["name"], n["kind"], n["elements"]) for n in info["tree"]]
         [('model', 'module', 10), ('epoch', 'int', 0)]
     """
-    path = _file_of(Path(os.fspath(path)).expanduser())
+    path = Path(os.fspath(path)).expanduser()
+    if is_torchkeep_dcp(path):
+        return _distributed_summary(path, depth)
+    path = _file_of(path)
     head = _sniff(path)
     if is_legacy(head):
         return _legacy_summary(path, head)
@@ -364,6 +370,57 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
     }
 
 
+def _distributed_summary(path: Path, depth: int | None) -> dict[str, Any]:
+    """:func:`inspect` of a torchkeep distributed checkpoint: the manifest, DCP's tensor metadata
+    (read by the allowlist unpickler) and the tree file; no tensor data is read."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from torchkeep.dcp import read_metadata
+
+    manifest = read_manifest(path)
+    info = inspect(path / TREE_FILE, depth=depth)
+    md = read_metadata(path)
+    sizes: dict[str, tuple[str, int, int]] = {}
+    for key, m in md.state_dict_metadata.items():
+        if isinstance(m, TensorStorageMetadata):
+            n = math.prod(m.size)
+            sizes[key] = (dtype_name(m.properties.dtype), n, n * m.properties.dtype.itemsize)
+    dtypes: dict[str, dict[str, int]] = {}
+    for name, n, nbytes in sizes.values():
+        d = dtypes.setdefault(name, {"tensors": 0, "elements": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["elements"] += n
+        d["bytes"] += nbytes
+    top: dict[str, list[tuple[int, int]]] = {}
+    for p, key in manifest.get("tensors", []):
+        if key in sizes and p:
+            top.setdefault(str(p[0]), []).append(sizes[key][1:])
+    for node in info["tree"]:
+        held = top.get(node["name"])
+        if held:  # tensors held in the shards, not in the tree file: counts only
+            node.update(kind="sharded", tensors=len(held), elements=sum(e for e, _ in held))
+            node["bytes"] = sum(b for _, b in held)
+            node.pop("value", None)
+            node.pop("children", None)
+    elements = sum(n for _, n, _ in sizes.values())
+    info.update(
+        path=str(path),
+        format=manifest["format"],
+        world_size=manifest["world_size"],
+        files=len(manifest["files"]),
+        file_size=sum(e["bytes"] for e in manifest["files"].values()),
+        tensors=len(sizes),
+        elements=elements,
+        parameters=elements,
+        bytes=sum(b for _, _, b in sizes.values()),
+        dtypes=dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
+        created=manifest.get("created"),
+        torchkeep_version=manifest.get("torchkeep"),
+        torch_version=manifest.get("torch"),
+    )
+    return info
+
+
 def _model_record(meta: dict[str, str]) -> dict[str, Any]:
     """``{"model": {name, version, class, training, config}}`` for files written by ``save_model``, else ``{}``."""
     raw = meta.get("torchkeep.model")
@@ -393,6 +450,8 @@ def verify(path: str | os.PathLike[str], *, progress: Callable[[int], None] | No
         file carries any: plain safetensors files do not, so only their structure is
         checked), ``tensors``, ``bytes_checked``, ``error`` and ``key`` (``None`` when ok).
         Legacy ``torch.save`` files give ``ok: False``: they have nothing to verify.
+        A torchkeep distributed checkpoint directory has every file checked against its
+        manifest (``key`` names a damaged file).
 
     Raises:
         CheckpointNotFoundError: no such file.
@@ -420,6 +479,19 @@ def verify(path: str | os.PathLike[str], *, progress: Callable[[int], None] | No
         "error": None,
         "key": None,
     }
+    if is_torchkeep_dcp(path):
+        try:
+            manifest, checked = verify_all(path, progress=progress)
+        except ChecksumMismatchError as e:
+            result.update(format="torchkeep-dcp/1", checksums=True, error=str(e), key=e.key)
+            return result
+        except (CorruptCheckpointError, FileNotFoundError) as e:
+            result.update(format="torchkeep-dcp/1", error=str(e))
+            return result
+        result.update(format=manifest["format"], ok=True, checksums=True, bytes_checked=checked)
+        result["tensors"] = len(manifest.get("tensors", []))
+        result["files"] = len(manifest["files"])
+        return result
     head = _sniff(path)
     if is_legacy(head):
         result["format"] = LEGACY_ZIP if head.startswith(b"PK") else LEGACY_PICKLE

@@ -131,6 +131,10 @@ def render(info: dict[str, Any], console: Console) -> None:
         f"tensor data {human_bytes(info['bytes'])})",
     )
     grid.add_row("tensors", f"{info['tensors']:,} · {info['elements']:,} elements")
+    if "world_size" in info:
+        grid.add_row(
+            "sharded", f"saved on {info['world_size']} rank(s) · {info['files']} files, restores on any number"
+        )
     grid.add_row("parameters", f"{info['parameters']:,}")
     model = info.get("model")
     if model:
@@ -160,7 +164,10 @@ def render(info: dict[str, Any], console: Console) -> None:
 
 def inspect_command(
     file: Path = typer.Argument(
-        ..., metavar="FILE", help="A torchkeep, safetensors or torch.save file.", show_default=False
+        ...,
+        metavar="FILE",
+        help="A torchkeep, safetensors or torch.save file, or a torchkeep distributed checkpoint directory.",
+        show_default=False,
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (full tree unless --depth)."),
     depth: int | None = typer.Option(

@@ -1,0 +1,440 @@
+"""Sharded save of a state tree on ``torch.distributed.checkpoint``, committed atomically.
+
+Every rank calls :func:`save` / :func:`restore` with the same tree. Modules and optimizers go
+through ``get_state_dict`` / ``set_state_dict`` (canonical keys, DDP and FSDP2 shards), every
+tensor goes to DCP (each rank writes its own shard, in parallel), the rest of the tree goes to a
+small torchkeep file written by rank 0, and per-rank entries (``RNGState``, generators) to one
+torchkeep file per rank. The directory is written under a temporary name; rank 0 writes the
+manifest last, after every rank has finished, and renames the directory into place.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
+
+from torchkeep import api
+from torchkeep.distributed import _comm
+from torchkeep.distributed.manifest import (
+    TREE_FILE,
+    hash_file,
+    rank_file,
+    write_manifest,
+)
+from torchkeep.errors import (
+    DistributedSaveError,
+    UnsupportedObjectError,
+)
+from torchkeep.rng import RNGState
+from torchkeep.tree import format_path, is_stateful
+
+__all__ = ["AsyncSave", "RankStateWarning", "save", "wait"]
+
+PathLike = str | os.PathLike[str]
+Path_ = tuple[Any, ...]
+_POLICIES = ("skip", "reuse", "error")
+
+
+class RankStateWarning(UserWarning):
+    """Per-rank entries (RNG states) could not be restored one-to-one: the world size changed."""
+
+
+# -- splitting a tree ---------------------------------------------------------------------------
+
+
+def _walk_modules(node: Any, out: list[torch.nn.Module]) -> None:
+    if isinstance(node, torch.nn.Module):
+        out.append(node)
+    elif isinstance(node, Mapping):
+        for v in node.values():
+            _walk_modules(v, out)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            _walk_modules(v, out)
+
+
+def _owner(opt: torch.optim.Optimizer, modules: list[torch.nn.Module], where: str) -> torch.nn.Module:
+    """The module whose parameters ``opt`` optimises (``get_optimizer_state_dict`` needs it for FQNs)."""
+    wanted = {id(p) for g in opt.param_groups for p in g["params"]}
+    for m in modules:
+        if wanted <= {id(p) for p in m.parameters()}:
+            return m
+    raise UnsupportedObjectError(
+        where,
+        opt,
+        "A distributed checkpoint stores optimizer state by parameter name, so the model it optimises must be "
+        "in the same tree (save) or in the same targets (restore), e.g. {'model': model, 'optimizer': opt}.",
+    )
+
+
+def _key(path: Path_) -> str:
+    for p in path:
+        if not isinstance(p, (str, int)) or isinstance(p, bool):
+            raise UnsupportedObjectError(
+                format_path(path), p, "tensors in a distributed checkpoint live under str or int keys only."
+            )
+    return "/".join(map(str, path))
+
+
+class _Split:
+    """A state tree taken apart: DCP tensors, the plain rest, per-rank entries."""
+
+    def __init__(self, per_rank: tuple[str, ...]) -> None:
+        self.per_rank = per_rank
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.placeholders: list[list[Any]] = []  # [[path components], dcp key]
+        self.rank_paths: list[list[Any]] = []
+        self.rank_values: list[Any] = []
+        self.modules: list[torch.nn.Module] = []
+
+    def run(self, state: Any) -> Any:
+        _walk_modules(state, self.modules)
+        return self.node(state, ())
+
+    def node(self, obj: Any, path: Path_) -> Any:
+        if isinstance(obj, (RNGState, torch.Generator)) or (len(path) == 1 and path[0] in self.per_rank):
+            self.rank_paths.append(list(path))
+            self.rank_values.append(obj)
+            return None
+        if isinstance(obj, torch.nn.Module):
+            return self.node(get_model_state_dict(obj), path)
+        if isinstance(obj, torch.optim.Optimizer):
+            owner = _owner(obj, self.modules, format_path(path))
+            return self.node(get_optimizer_state_dict(owner, obj), path)
+        if isinstance(obj, torch.Tensor):
+            key = _key(path)
+            if key in self.tensors:
+                raise UnsupportedObjectError(format_path(path), obj, f"another tensor already has the name {key!r}.")
+            self.tensors[key] = obj.detach()
+            self.placeholders.append([list(path), key])
+            return None
+        if is_stateful(obj):
+            return self.node(obj.state_dict(), path)
+        if isinstance(obj, Mapping):
+            return {k: self.node(v, (*path, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = [self.node(v, (*path, i)) for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj  # scalars; anything unsavable is refused by the tree file's save, naming its path
+
+
+# -- committing ---------------------------------------------------------------------------------
+
+
+class _Writer(FileSystemWriter):
+    """DCP's file writer that remembers which data files this rank wrote."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(str(path), **kwargs)
+        self.written: set[str] = set()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        fut = super().write_data(plan, planner)
+        self.written.update(str(r.storage_data.relative_path) for r in fut.wait())
+        return fut
+
+
+def _publish(tmp: Path, final: Path, durable: bool) -> None:
+    """Rename the finished directory into place; an old checkpoint there is replaced, then deleted."""
+    from torchkeep.storage.local import fsync_dir
+
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if durable:
+        fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _commit(
+    tmp: Path,
+    final: Path,
+    own: list[str],
+    group: Any,
+    *,
+    durable: bool,
+    extra: dict[str, Any],
+    world: int,
+    before: Any = None,
+) -> Path:
+    """Hash this rank's files, gather on rank 0, write the manifest last, rename; every rank learns the outcome."""
+    report: dict[str, Any] = {"files": {}, "error": None}
+    try:
+        if before is not None:
+            own = [*own, *before()]
+        report["files"] = {name: hash_file(tmp / name) for name in own}
+    except Exception as e:  # reported to rank 0, which then commits nothing
+        report["error"] = f"{type(e).__name__}: {e}"
+    reports = _comm.all_gather_json(report, group)
+    me = _comm.rank(group)
+    failure: BaseException | None = None
+    status: dict[str, Any] | None = None
+    if me == 0:
+        try:
+            bad = [(r, x["error"]) for r, x in enumerate(reports) if x["error"]]
+            if bad:
+                raise DistributedSaveError(final, bad[0][0], bad[0][1])
+            files = {name: entry for x in reports for name, entry in x["files"].items()}
+            files[".metadata"] = hash_file(tmp / ".metadata")
+            write_manifest(tmp, files, world_size=world, durable=durable, extra=extra)
+            _publish(tmp, final, durable)
+            status = {"ok": True}
+        except Exception as e:  # every rank must hear of it, or they would wait forever
+            failure = e
+            status = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            shutil.rmtree(tmp, ignore_errors=True)
+    outcome = _comm.all_gather_json(status, group)[0]
+    if failure is not None:
+        raise failure
+    if not outcome["ok"]:
+        raise DistributedSaveError(final, 0, outcome["error"])
+    return final
+
+
+class AsyncSave:
+    """A save running in the background: ``result()`` waits and returns the path or raises its error.
+
+    Example:
+        >>> import torch, tempfile, os, torchkeep.distributed as tkd
+        >>> job = tkd.save({"w": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "ck"), async_save=True)
+        >>> job.result().name
+        'ck'
+    """
+
+    def __init__(self, path: Path, future: Future[Path]) -> None:
+        self.path = path
+        self._future = future
+
+    def done(self) -> bool:
+        """True once the checkpoint is committed or has failed."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Path:
+        """Wait for the commit; returns the path, or raises the error that stopped the save."""
+        return self._future.result(timeout)
+
+    def __repr__(self) -> str:
+        return f"AsyncSave({str(self.path)!r}, done={self.done()})"
+
+
+_pending: AsyncSave | None = None
+_async_groups: dict[int, Any] = {}
+
+
+def wait() -> Path | None:
+    """Wait for this process's background save, if any; returns its path or raises its error.
+
+    Example:
+        >>> import torchkeep.distributed as tkd
+        >>> tkd.wait() is None or True
+        True
+    """
+    global _pending
+    job, _pending = _pending, None
+    return None if job is None else job.result()
+
+
+def _async_group(group: Any) -> Any:
+    """A gloo group for the background thread's collectives, so they never interleave with training's."""
+    if group is not None or not _comm.is_distributed():
+        return group
+    default = dist.distributed_c10d._get_default_group()
+    if id(default) not in _async_groups:
+        _async_groups[id(default)] = dist.new_group(backend="gloo")
+    return _async_groups[id(default)]
+
+
+# -- save ---------------------------------------------------------------------------------------
+
+
+def _failed(final: Path, tmp: Path, me: int, e: BaseException) -> BaseException:
+    """DCP's ``CheckpointException`` (a BaseException naming the failed ranks) as a typed error; rank 0 cleans up."""
+    if me == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    failures = getattr(e, "failures", None)
+    if isinstance(e, KeyboardInterrupt) or not isinstance(failures, dict) or not failures:
+        return e
+    rank, cause = sorted(failures.items())[0]
+    if isinstance(cause, tuple):  # (exception, traceback)
+        cause = cause[0]
+    return DistributedSaveError(final, int(rank), f"{type(cause).__name__}: {cause}")
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of a per-rank entry as it is now: a state dict, or a generator's state in a new generator."""
+    if isinstance(value, torch.Generator):
+        g = torch.Generator(device=value.device)
+        g.set_state(value.get_state())
+        return g
+    return value.state_dict() if is_stateful(value) else value
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes a single process: that is the intent here."""
+    if _comm.is_distributed():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
+        yield
+
+
+def save(
+    state: Any,
+    path: PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    durable: bool = True,
+    async_save: bool = False,
+    per_rank: tuple[str, ...] | list[str] = (),
+    process_group: Any = None,
+    thread_count: int = 1,
+) -> Path | AsyncSave:
+    """Save a state tree as a sharded, checksummed checkpoint directory; call it on every rank.
+
+    Modules (plain, DDP, FSDP2 ``fully_shard``) and optimizers are saved through
+    ``get_model_state_dict`` / ``get_optimizer_state_dict``: keys are canonical (no
+    ``module.`` / ``_orig_mod.``) and each rank writes only its shards. Other tensors are
+    assumed replicated (DCP writes them once). Non-tensor leaves (epoch, config) are taken
+    from rank 0. ``RNGState`` and ``torch.Generator`` leaves, and the top-level keys named in
+    ``per_rank``, are saved per rank. The checkpoint appears at ``path`` only once every rank has
+    finished and rank 0 has written the manifest; an existing checkpoint there is replaced.
+
+    Without a process group it saves as a single rank (same layout).
+
+    Args:
+        state: the state tree (the same structure on every rank).
+        path: the checkpoint directory to create.
+        metadata: JSON-serialisable user metadata (from rank 0).
+        durable: fsync files and directories (default).
+        async_save: return at once with an :class:`AsyncSave` once tensors are staged in
+            host memory (mutating the model afterwards does not change the checkpoint); the
+            write and commit continue in the background. A later ``save`` waits for it.
+        per_rank: top-level keys whose whole subtree differs by rank (besides RNG states).
+        process_group: the group to save with (default: the default group).
+        thread_count: writer threads per rank for DCP.
+
+    Returns:
+        The path, or an :class:`AsyncSave` when ``async_save``.
+
+    Raises:
+        UnsupportedObjectError: a leaf cannot be saved (names its path), or an optimizer whose
+            model is not in the tree.
+        DistributedSaveError: another rank failed; nothing was committed.
+
+    Example:
+        >>> import torch, tempfile, os, torchkeep.distributed as tkd
+        >>> model = torch.nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> p = tkd.save({"model": model, "optimizer": opt, "epoch": 3}, os.path.join(tempfile.mkdtemp(), "ck"))
+        >>> sorted(f.name for f in p.iterdir())[-2:]
+        ['torchkeep-manifest.json', 'tree.safetensors']
+    """
+    wait()  # one save at a time: the previous one's error surfaces here rather than being lost
+    final = Path(os.fspath(path)).expanduser().absolute()
+    if final.exists() and not final.is_dir():
+        raise IsADirectoryError(f"{final}: is a file; a distributed checkpoint is a directory, give another path")
+    split = _Split(tuple(per_rank))
+    tree = split.run(state)
+    group = process_group
+    me, world = _comm.rank(group), _comm.world_size(group)
+    # per-rank entries are snapshotted now (an async save returns before they are written)
+    rank_values = [_snapshot(v) for v in split.rank_values]
+    start: dict[str, Any] = {}
+    token = secrets.token_hex(6)
+    if me == 0:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            (final.parent / f".{final.name}.tmp-{token}").mkdir()
+            start["token"] = token
+            api.save(tree, final.parent / f".{final.name}.tmp-{token}" / TREE_FILE, metadata=metadata, durable=durable)
+        except Exception as e:  # tell the other ranks before they start writing, then raise here
+            failure: Exception | None = e
+            start = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            failure = None
+    start = _comm.all_gather_json(start, group)[0]
+    if me == 0 and failure is not None:
+        shutil.rmtree(final.parent / f".{final.name}.tmp-{token}", ignore_errors=True)
+        raise failure
+    if "error" in start:
+        raise DistributedSaveError(final, 0, start["error"])
+    tmp = final.parent / f".{final.name}.tmp-{start['token']}"
+    own = [TREE_FILE] if me == 0 else []
+
+    def write_rank_file() -> list[str]:
+        if not split.rank_paths:
+            return []
+        api.save(rank_values, tmp / rank_file(me), durable=durable)
+        return [rank_file(me)]
+
+    extra = {"tensors": split.placeholders, "per_rank": split.rank_paths}
+    writer = _Writer(tmp, sync_files=durable, thread_count=thread_count)
+    dist_kw: dict[str, Any] = {"no_dist": not _comm.is_distributed()}
+    if not async_save:
+        try:
+            with _quiet():
+                dcp.save(split.tensors, storage_writer=writer, process_group=group, **dist_kw)
+        except BaseException as e:
+            raise _failed(final, tmp, me, e) from e
+        return _commit(
+            tmp,
+            final,
+            [*own, *sorted(writer.written)],
+            group,
+            durable=durable,
+            extra=extra,
+            world=world,
+            before=write_rank_file,
+        )
+    bg = _async_group(group)
+    response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
+    upload = getattr(response, "upload_completion", response)
+    future: Future[Path] = Future()
+
+    def finish() -> None:
+        try:
+            try:
+                upload.result()
+            except BaseException as e:
+                raise _failed(final, tmp, me, e) from e
+            done = _commit(
+                tmp,
+                final,
+                [*own, *sorted(writer.written)],
+                bg,
+                durable=durable,
+                extra=extra,
+                world=world,
+                before=write_rank_file,
+            )
+        except BaseException as e:
+            future.set_exception(e)
+        else:
+            future.set_result(done)
+
+    threading.Thread(target=finish, name="torchkeep-distributed-save", daemon=True).start()
+    global _pending
+    _pending = AsyncSave(final, future)
+    return _pending

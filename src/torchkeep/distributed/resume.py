@@ -1,0 +1,319 @@
+"""Restore of a distributed checkpoint on any number of ranks: manifest first, then DCP reads the shards."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from torchkeep import api
+from torchkeep.dcp import check_complete, is_dcp_dir, read_metadata, safe_reader
+from torchkeep.distributed import _comm
+from torchkeep.distributed.checkpoint import Path_, PathLike, RankStateWarning, _key, _owner, _quiet, wait
+from torchkeep.distributed.manifest import (
+    MANIFEST,
+    TREE_FILE,
+    check_files,
+    is_torchkeep_dcp,
+    raise_for,
+    rank_file,
+    read_manifest,
+    share,
+)
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    KeyMismatchError,
+    UnverifiedCheckpointError,
+)
+from torchkeep.tree import format_path
+
+__all__ = ["load_tree", "restore"]
+
+_POLICIES = ("skip", "reuse", "error")
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+
+def _verify(root: Path, manifest: dict[str, Any], group: Any, verify: bool) -> None:
+    """Every file checked by exactly one rank (split by size); every rank raises the same error."""
+    mine = share(manifest, _comm.rank(group), _comm.world_size(group))
+    problems = [p for ps in _comm.all_gather_json(check_files(root, manifest, mine, verify=verify), group) for p in ps]
+    raise_for(root, problems)
+
+
+def _get(tree: Any, path: Path_) -> tuple[bool, Any]:
+    node = tree
+    for p in path:
+        in_dict = isinstance(node, Mapping) and p in node
+        in_seq = isinstance(node, (list, tuple)) and isinstance(p, int) and 0 <= p < len(node)
+        if not (in_dict or in_seq):
+            return False, None
+        node = node[p]
+    return True, node
+
+
+def _set(tree: Any, path: Path_, value: Any) -> Any:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(tree, tuple):
+        items = list(tree)
+        items[head] = _set(items[head], rest, value)
+        return tuple(items)
+    tree[head] = _set(tree[head], rest, value)
+    return tree
+
+
+class _Filler:
+    """Puts a tensor at every placeholder: the target's own (sharded) tensor where it has one, else a
+    fresh full-size tensor; collects them into the flat dict DCP loads into."""
+
+    def __init__(self, md: Any, placeholders: dict[Path_, str], templates: dict[Path_, Any]) -> None:
+        self.md = md.state_dict_metadata
+        self.placeholders = placeholders
+        self.templates = templates
+        self.load: dict[str, torch.Tensor] = {}
+
+    def fill(self, node: Any, path: Path_, tmpl: Any = None) -> Any:
+        tmpl = self.templates.get(path, tmpl)
+        key = self.placeholders.get(path)
+        if key is not None:
+            meta = self.md.get(key)
+            if meta is None or not hasattr(meta, "size"):
+                raise CorruptCheckpointError(key, "the manifest names a tensor DCP's metadata lacks")
+            if isinstance(tmpl, torch.Tensor) and tuple(tmpl.shape) == tuple(meta.size):
+                t = tmpl
+            else:
+                t = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+            self.load[key] = t
+            return t
+        sub = (lambda k: tmpl.get(k) if isinstance(tmpl, Mapping) else None) if tmpl is not None else (lambda k: None)
+        if isinstance(node, Mapping):
+            return {k: self.fill(v, (*path, k), sub(k)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            seq = tmpl if isinstance(tmpl, (list, tuple)) else None
+            items = [self.fill(v, (*path, i), seq[i] if seq and i < len(seq) else None) for i, v in enumerate(node)]
+            return items if isinstance(node, list) else tuple(items)
+        return node
+
+
+def _check_module(where: str, key_prefix: Path_, template: Mapping[str, Any], saved: Any, md: Any, strict: bool):
+    if not isinstance(saved, Mapping):
+        raise KeyMismatchError(where, fix=f"the checkpoint holds a {type(saved).__name__} here, not a state dict")
+    missing = sorted(set(template) - set(saved))
+    unexpected = sorted(set(saved) - set(template))
+    mismatched = []
+    for k in sorted(set(template) & set(saved)):
+        t = template[k]
+        meta = md.state_dict_metadata.get(_key((*key_prefix, k)))
+        if isinstance(t, torch.Tensor) and meta is not None and tuple(t.shape) != tuple(meta.size):
+            mismatched.append((k, tuple(meta.size), tuple(t.shape)))
+    if (missing or unexpected or mismatched) and strict:
+        raise KeyMismatchError(where, missing, unexpected, mismatched, fix="pass strict=False to load what matches")
+    if missing or unexpected or mismatched:
+        warnings.warn(f"{where}: loading what matches (missing {missing}, unexpected {unexpected})", stacklevel=4)
+    return {k: v for k, v in saved.items() if k in template and k not in {m[0] for m in mismatched}}
+
+
+def restore(
+    path: PathLike,
+    targets: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    verify: bool = True,
+    trust_pickle: bool = False,
+    per_rank_policy: str = "skip",
+    process_group: Any = None,
+) -> Any:
+    """Restore a checkpoint written by :func:`save` into ``targets``, on any number of ranks; call it on every rank.
+
+    The manifest is checked first (each file hashed by one rank), then DCP reads each
+    rank's shards straight into the targets' own (possibly sharded) tensors: a checkpoint
+    saved on N ranks restores on M. Per-rank entries (RNG states) are restored from the
+    same rank's file when the world size is unchanged; otherwise ``per_rank_policy``
+    decides: ``"skip"`` (default: they keep their current state, with a
+    :class:`RankStateWarning`), ``"reuse"`` (rank r takes saved rank ``r % N``, warned: ranks may
+    then share random streams) or ``"error"``.
+
+    Args:
+        path: the checkpoint directory.
+        targets: dict (possibly nested) of modules, optimizers (their model must be among
+            the targets), schedulers, ``RNGState`` and other objects with ``load_state_dict``.
+        strict: raise :class:`~torchkeep.errors.KeyMismatchError` on missing targets or module keys.
+        verify: hash every file against the manifest (``False``: sizes only).
+        trust_pickle: allow a plain DCP directory without a torchkeep manifest (its
+            ``.metadata`` is unpickled by DCP and nothing checks its completeness).
+        per_rank_policy: ``"skip"``, ``"reuse"`` or ``"error"``, as above.
+        process_group: the group to restore with (default: the default group).
+
+    Returns:
+        The whole tree (epoch, config, ...), with restored entries as loaded.
+
+    Raises:
+        UnverifiedCheckpointError: a DCP directory without a valid torchkeep manifest.
+        FileChecksumError, MissingShardError, CorruptCheckpointError, KeyMismatchError.
+
+    Example:
+        >>> import torch, tempfile, os, torchkeep.distributed as tkd
+        >>> model = torch.nn.Linear(2, 2)
+        >>> p = tkd.save({"model": model, "epoch": 3}, os.path.join(tempfile.mkdtemp(), "ck"))
+        >>> fresh = torch.nn.Linear(2, 2)
+        >>> tkd.restore(p, {"model": fresh})["epoch"], torch.equal(fresh.weight, model.weight)
+        (3, True)
+    """
+    if per_rank_policy not in _POLICIES:
+        raise ValueError(f"per_rank_policy must be one of {', '.join(_POLICIES)}, not {per_rank_policy!r}")
+    wait()
+    root = Path(os.fspath(path)).expanduser().absolute()
+    if not root.exists():
+        raise CheckpointNotFoundError(root)
+    plan = api._targets(targets)
+    if not is_torchkeep_dcp(root):
+        if not is_dcp_dir(root):
+            raise CorruptCheckpointError(root, f"not a distributed checkpoint (no {MANIFEST}, no DCP .metadata)")
+        if not trust_pickle:
+            raise UnverifiedCheckpointError(root, f"a DCP directory without a torchkeep manifest ({MANIFEST})")
+        return _restore_foreign(root, plan, strict=strict, group=process_group)
+    manifest = read_manifest(root)
+    _verify(root, manifest, process_group, verify)
+    md = read_metadata(root)
+    check_complete(root, md)
+    tree = api.load(root / TREE_FILE, verify=verify)
+    placeholders = {tuple(p): k for p, k in manifest.get("tensors", [])}
+    rank_paths = [tuple(p) for p in manifest.get("per_rank", [])]
+    modules = [t for _, t in plan if isinstance(t, torch.nn.Module)]
+    templates: dict[Path_, Any] = {}
+    apply: list[tuple[Path_, Any, Any]] = []
+    absent = []
+    for tpath, target in plan:
+        where = format_path(tpath)
+        if tpath in rank_paths:
+            continue
+        ok, saved = _get(tree, tpath)
+        if not ok:
+            absent.append(where)
+            continue
+        owner = None
+        if isinstance(target, torch.nn.Module):
+            templates[tpath] = get_model_state_dict(target)
+            tree = _set(tree, tpath, _check_module(where, tpath, templates[tpath], saved, md, strict))
+        elif isinstance(target, torch.optim.Optimizer):
+            owner = _owner(target, modules, where)
+            templates[tpath] = get_optimizer_state_dict(owner, target)
+        apply.append((tpath, target, owner))
+    if absent:
+        if strict:
+            raise KeyMismatchError(str(root), missing=absent, fix="rename the targets, or pass strict=False")
+        warnings.warn(f"{root}: not in the checkpoint, left unchanged: {', '.join(sorted(absent))}", stacklevel=2)
+    filler = _Filler(md, placeholders, templates)
+    tree = filler.fill(tree, ())
+    with _quiet():
+        dcp.load(
+            filler.load,
+            storage_reader=safe_reader(root, md),
+            process_group=process_group,
+            no_dist=not _comm.is_distributed(),
+        )
+    opts = StateDictOptions(strict=strict)
+    for tpath, target, owner in apply:
+        _, sub = _get(tree, tpath)
+        if isinstance(target, torch.nn.Module):
+            set_model_state_dict(target, sub, options=opts)
+        elif isinstance(target, torch.optim.Optimizer):
+            set_optimizer_state_dict(owner, target, sub, options=opts)
+        else:
+            target.load_state_dict(sub)
+    if rank_paths:
+        tree = _restore_per_rank(root, tree, plan, rank_paths, manifest, per_rank_policy, process_group, verify)
+    return tree
+
+
+def _restore_per_rank(
+    root: Path, tree: Any, plan: list, rank_paths: list[Path_], manifest: dict, policy: str, group: Any, verify: bool
+) -> Any:
+    me, world = _comm.rank(group), _comm.world_size(group)
+    saved = int(manifest["world_size"])
+    if world == saved:
+        source = me
+    else:
+        msg = f"{root}: saved on {saved} ranks, restored on {world}: per-rank entries ({len(rank_paths)}, e.g. RNG states)"
+        if policy == "error":
+            raise KeyMismatchError(
+                str(root), fix=f"{msg} cannot map one-to-one; pass per_rank_policy='skip' or 'reuse'"
+            )
+        if policy == "skip":
+            warnings.warn(f"{msg} were not restored; they keep their current state", RankStateWarning, stacklevel=3)
+            return tree
+        source = me % saved
+        warnings.warn(f"{msg}: rank {me} takes saved rank {source}'s", RankStateWarning, stacklevel=3)
+    values = api.load(root / rank_file(source), verify=verify)
+    wanted = {tp: t for tp, t in plan}
+    for rp, value in zip(rank_paths, values, strict=True):
+        target = wanted.get(rp)
+        if target is None and len(rp) == 1 and rp[0] in (tree if isinstance(tree, Mapping) else ()):
+            pass  # no target: the returned tree shows the saved value
+        if isinstance(target, torch.Generator):
+            target.set_state(value.get_state())
+        elif target is not None:
+            target.load_state_dict(value)
+        tree = _set(tree, rp, value)
+    return tree
+
+
+def _restore_foreign(root: Path, plan: list, *, strict: bool, group: Any) -> Any:
+    """A plain DCP directory, trusted by the caller: DCP reads it (its pickle included) with its own key layout."""
+    modules = [t for _, t in plan if isinstance(t, torch.nn.Module)]
+    state: dict[str, Any] = {}
+    setters = []
+    for tpath, target in plan:
+        if isinstance(target, torch.nn.Module):
+            value: Any = get_model_state_dict(target)
+            setters.append(lambda v, t=target: set_model_state_dict(t, v, options=StateDictOptions(strict=strict)))
+        elif isinstance(target, torch.optim.Optimizer):
+            owner = _owner(target, modules, format_path(tpath))
+            value = get_optimizer_state_dict(owner, target)
+            setters.append(lambda v, t=target, o=owner: set_optimizer_state_dict(o, t, v))
+        else:
+            value = target  # DCP calls state_dict()/load_state_dict() on Stateful values itself
+            setters.append(None)
+        node = state
+        for p in tpath[:-1]:
+            node = node.setdefault(p, {})
+        node[tpath[-1]] = value
+    dcp.load(state, checkpoint_id=str(root), process_group=group, no_dist=not _comm.is_distributed())
+    for (tpath, _), setter in zip(plan, setters, strict=True):
+        if setter is not None:
+            setter(_get(state, tpath)[1])
+    return state
+
+
+def load_tree(path: PathLike, *, verify: bool = True) -> Any:
+    """The whole tree of a distributed checkpoint on this one process, tensors gathered at full size.
+
+    For conversion and inspection on a laptop: run it without a process group. Per-rank
+    entries come from rank 0. Each tensor is allocated once, at its full size, and read in place.
+
+    Example:
+        >>> import torch, tempfile, os, torchkeep.distributed as tkd
+        >>> from torchkeep.distributed.resume import load_tree
+        >>> p = tkd.save({"w": torch.ones(3), "step": 4}, os.path.join(tempfile.mkdtemp(), "ck"))
+        >>> load_tree(p)["w"].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RankStateWarning)
+        return restore(path, {}, verify=verify, per_rank_policy="reuse")
