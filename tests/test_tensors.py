@@ -14,7 +14,7 @@ from loadfile import load_file
 from torch import nn
 
 import torchkeep as tk
-from torchkeep.errors import ChecksumMismatchError, KeyMismatchError, UnsupportedDtypeError
+from torchkeep.errors import ChecksumMismatchError, KeyMismatchError, UnsupportedDtypeError, UnsupportedObjectError
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -82,9 +82,10 @@ def test_unsupported_dtype_names_the_tensor(name: str, tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:.*quantize_per_tensor:UserWarning")
 def test_quantized_tensor_is_refused_naming_the_tensor(tmp_path: Path) -> None:
     q = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
-    with pytest.raises(UnsupportedDtypeError) as ei:
+    with pytest.raises(UnsupportedObjectError) as ei:
         tk.save({"q": {"w": q}}, tmp_path / "q.safetensors")
-    assert ei.value.path == "q.w"
+    assert ei.value.path == "q.w" and "quantize after loading" in str(ei.value)
+    assert not list(tmp_path.iterdir())
 
 
 # -- shapes, layouts and views -------------------------------------------------------------------
