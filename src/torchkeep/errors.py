@@ -22,12 +22,14 @@ from typing import Any
 
 __all__ = [
     "AmbiguousCheckpointError",
+    "CheckpointExistsError",
     "CheckpointLockedError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
     "ConversionError",
     "CorruptCheckpointError",
     "DeviceUnavailableError",
+    "DistributedManagerError",
     "DistributedSaveError",
     "DtypeMismatchError",
     "ExportError",
@@ -515,4 +517,43 @@ class DistributedSaveError(TorchkeepError, RuntimeError):
             f"{self.path}: the distributed save failed on {who}: {reason}. Nothing was committed; an earlier "
             "checkpoint at this path is intact. Fix the cause on that rank (its own traceback has the details) "
             "and save again."
+        )
+
+
+class CheckpointExistsError(TorchkeepError, FileExistsError):
+    """A committed checkpoint already exists where a save would write, and it is not replaced in place.
+
+    Attributes:
+        path: the checkpoint location (a URL prefix on object storage).
+    """
+
+    def __init__(self, path: str | Path, reason: str = "") -> None:
+        self.path = str(path)
+        super().__init__(
+            f"{self.path}: a committed checkpoint already exists here{': ' + reason if reason else ''}. "
+            "Object stores have no atomic rename, so rewriting its files under its manifest could leave a "
+            "checkpoint that is neither the old one nor the new one. Save to a new prefix (e.g. one per step), "
+            "or delete this one first."
+        )
+
+
+class DistributedManagerError(TorchkeepError, RuntimeError):
+    """A CheckpointManager step that rank 0 does for every rank of a distributed run failed there.
+
+    Raised on the other ranks (rank 0 raises the original error), so that every rank stops
+    together instead of waiting for each other.
+
+    Attributes:
+        path: the run directory.
+        rank: the rank that failed (0).
+        action: what failed (``"open"``, ``"save"``, ``"prune"``, ...).
+    """
+
+    def __init__(self, path: str | Path, rank: int, action: str, reason: str) -> None:
+        self.path = str(path)
+        self.rank = rank
+        self.action = action
+        super().__init__(
+            f"{self.path}: CheckpointManager {action} failed on rank {rank}: {reason}. Every rank raises this "
+            f"error; rank {rank}'s own traceback has the details. Fix the cause there and retry on every rank."
         )

@@ -11,6 +11,10 @@ complete files; a checkpoint committed just before a crash is adopted on the nex
 On object storage (an fsspec URL, :mod:`torchkeep.storage.remote`) there is no rename: the
 manifest write is the commit, and checkpoint objects no manifest names are never shown.
 Storage (files, locking, listing) goes through a :class:`~torchkeep.storage.runs.RunStore`.
+
+In a multi-process run every rank calls the same methods; checkpoints are then sharded
+:mod:`torchkeep.distributed` directories and rank 0 alone keeps the index
+(:mod:`torchkeep.manager.distributed`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from torchkeep.errors import (
     InsufficientSpaceError,
     UnsupportedObjectError,
 )
+from torchkeep.manager import distributed as coll
 from torchkeep.manager import manifest, naming, retention
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.snapshot import AsyncWriter
@@ -88,6 +93,10 @@ class CheckpointManager:
             no size or digest yet (``latest()`` has them once committed).
         storage_options: for URLs, passed to fsspec (s3: ``key``, ``secret``,
             ``client_kwargs={"endpoint_url": ...}``, ...).
+        distributed: save sharded :mod:`torchkeep.distributed` checkpoint directories
+            (``NAME.dcp``), every rank calling every method (see "Distributed runs" in the docs).
+            ``None`` (default): when ``torch.distributed`` is initialised with more than one rank.
+            Checkpoints of either kind are listed and restored whatever this is.
 
     A checkpoint is kept when any ``keep_*`` rule keeps it; the newest is always kept, and with
     no rule at all nothing is deleted. Only files listed in the manifest are ever deleted.
@@ -123,6 +132,7 @@ class CheckpointManager:
         durable: bool = True,
         async_save: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
@@ -141,8 +151,19 @@ class CheckpointManager:
         self.monitor, self.mode, self.filename, self.durable = monitor, mode, filename, durable
         self._pattern = naming.template_pattern(filename)
         self._mutex = threading.RLock()
-        self._async = AsyncWriter() if async_save else None
+        self._dist = coll.resolve(distributed, self._store)
+        self._async = AsyncWriter() if async_save and not self._dist else None
+        self._dist_async = async_save and self._dist
+        self._pending: tuple[Any, CheckpointInfo] | None = None  # distributed async save, indexed on next call
         self._entries: list[CheckpointInfo] = []
+        if self._dist:
+            self._open = True  # rank 0 alone locks, cleans and reads the run; every rank gets its list
+            try:
+                self._set_entries(coll.on_rank0(self._open_run, path=self.directory, action="open"))
+            except BaseException:
+                self.close()
+                raise
+            return
         self._store.lock()
         self._open = True
         try:
@@ -152,12 +173,22 @@ class CheckpointManager:
             self.close()
             raise
 
+    def _open_run(self) -> list[dict[str, Any]]:
+        self._store.lock()
+        self._store.clean(lambda name: name == manifest.MANIFEST or bool(self._pattern.fullmatch(name)))
+        self._load()
+        return [e.to_json() for e in self._entries]
+
+    def _set_entries(self, data: list[dict[str, Any]]) -> None:
+        with self._mutex:
+            self._entries = [CheckpointInfo.from_json(self._store.path_of, d) for d in data]
+
     # -- opening ---------------------------------------------------------------------------------
     def _load(self) -> None:
         store = self._store
         entries, reason = manifest.parse(store.read(manifest.MANIFEST), store.path_of)
         names = set(store.names())
-        ours = sorted(n for n in names if n.endswith(naming.SUFFIX))
+        ours = sorted(n for n in names if n.endswith(naming.SUFFIXES))
         changed = entries is None
         if entries is None:
             if reason != "missing":
@@ -245,8 +276,23 @@ class CheckpointManager:
             MissingFilenameFieldError: the template names a field none of step/metrics/context has.
         """
         self._check_open()
+        if self._dist:
+            return self._save_distributed(state, step, metrics, context)
         if self._async is not None:
             self._async.wait()  # one save in flight; a background error is raised here, as itself
+        with self._mutex:
+            info = self._decide(step, metrics, context, naming.SUFFIX)
+            if self._async is None:
+                return self._commit(flatten(state), info)
+        # async: returns once the state is copied to host memory; _commit runs in the background
+        # (space check, write, manifest, then retention: nothing is deleted before it is committed)
+        self._async.submit(state, lambda flat: self._commit(flat, info))
+        return info
+
+    def _decide(
+        self, step: int | None, metrics: Mapping[str, Any] | None, context: Mapping[str, Any] | None, suffix: str
+    ) -> CheckpointInfo:
+        """The new checkpoint's record: its step, metrics and a name no file of the run has."""
         if step is None:
             last = self.latest()
             step = 0 if last is None or last.step is None else last.step + 1
@@ -257,18 +303,67 @@ class CheckpointManager:
         stem = naming.fill(self.filename, values)
         with self._mutex:
             taken = set(self._store.names()) | {e.file for e in self._entries}
-            name = naming.unique_name(stem, taken)
-            info = CheckpointInfo(name, self._store.path_of(name), step, metrics, 0, time.time(), "")
-            if self._async is None:
-                return self._commit(flatten(state), info)
-        # async: returns once the state is copied to host memory; _commit runs in the background
-        # (space check, write, manifest, then retention: nothing is deleted before it is committed)
-        self._async.submit(state, lambda flat: self._commit(flat, info))
-        return info
+            name = naming.unique_name(stem, taken, suffix)
+            return CheckpointInfo(name, self._store.path_of(name), step, metrics, 0, time.time(), "")
+
+    def _save_distributed(
+        self, state: Any, step: int | None, metrics: Mapping[str, Any] | None, context: Mapping[str, Any] | None
+    ) -> CheckpointInfo:
+        """Every rank: rank 0 names it, all write their shards, rank 0 indexes it and shares the list."""
+        import torchkeep.distributed as tkd
+
+        self.wait()  # one save in flight; its error is raised here, on every rank
+        chosen = coll.on_rank0(
+            lambda: self._decide(step, metrics, context, naming.DIR_SUFFIX).to_json(),
+            path=self.directory,
+            action="save",
+        )
+        info = CheckpointInfo.from_json(self._store.path_of, chosen)
+        job = tkd.save(
+            state,
+            info.path,
+            metadata={manifest.META_KEY: manifest.record_of(info)},
+            durable=self.durable,
+            async_save=self._dist_async,
+        )
+        if self._dist_async:
+            self._pending = (job, info)  # indexed by the next save/wait/restore/prune/close
+            return info
+        return self._index(info)
+
+    def _index(self, info: CheckpointInfo) -> CheckpointInfo:
+        """Every rank: rank 0 adds the committed directory ``info`` to the manifest, applies retention,
+        and every rank takes rank 0's list."""
+
+        def add() -> list[dict[str, Any]]:
+            got = self._store.header(info.file)
+            if got is None:
+                raise CorruptCheckpointError(info.path, "committed, but its tree file or manifest cannot be read")
+            size, head = got
+            digest = hashlib.sha256(head).hexdigest()
+            with self._mutex:
+                self._entries = [
+                    *self._entries,
+                    CheckpointInfo(info.file, info.path, info.step, info.metrics, size, info.created, digest),
+                ]
+                self._apply_retention(always_write=True)
+                return [e.to_json() for e in self._entries]
+
+        self._set_entries(coll.on_rank0(add, path=self.directory, action="save"))
+        with self._mutex:
+            return next((e for e in reversed(self._entries) if e.file == info.file), info)
 
     def wait(self) -> None:
-        """Block until an asynchronous save in flight is committed; re-raise its error, if any."""
-        if self._async is not None:
+        """Block until an asynchronous save in flight is committed; re-raise its error, if any.
+
+        In a distributed run, call it on every rank: it also indexes that save.
+        """
+        if self._dist:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                coll.wait_for(pending[0])  # every rank raises when the save failed on any
+                self._index(pending[1])
+        elif self._async is not None:
             self._async.wait()
 
     def _commit(self, flat: Flat, info: CheckpointInfo) -> CheckpointInfo:
@@ -340,6 +435,15 @@ class CheckpointManager:
                 entries = list(self._entries)
             kept = self._policy().keep(entries)
             return [e for i, e in enumerate(entries) if i not in kept]
+        if self._dist:
+
+            def prune0() -> list[list[dict[str, Any]]]:
+                dropped = self._apply_retention()
+                return [[e.to_json() for e in dropped], [e.to_json() for e in self._entries]]
+
+            dropped, entries = coll.on_rank0(prune0, path=self.directory, action="prune")
+            self._set_entries(entries)
+            return [CheckpointInfo.from_json(self._store.path_of, d) for d in dropped]
         return self._apply_retention()
 
     def _write_manifest(self) -> None:
@@ -389,22 +493,45 @@ class CheckpointManager:
             return None
         failures: list[str] = []
         for k, info in enumerate(candidates):
+            error: BaseException | None = None
             try:
-                with self._store.local(info.file) as local:
-                    api.restore(local, state)
-                return info
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                if strict or isinstance(step, int):
+                self._restore_one(info, state)
+            except coll.FALLBACK as e:
+                if not coll.is_dir_checkpoint(info.file) and not isinstance(
+                    e, (CorruptCheckpointError, CheckpointNotFoundError)
+                ):
                     raise
-                failures.append(info.file)
-                nxt = candidates[k + 1].file if k + 1 < len(candidates) else None
-                then = f"falling back to {nxt}" if nxt else "no other checkpoint to fall back to"
-                warnings.warn(
-                    f"{info.path}: skipped, it does not verify ({e}); {then}", CheckpointSkippedWarning, stacklevel=2
-                )
+                error = e
+            if self._dist:
+                error = coll.agree(error, info.path)  # every rank falls back (or raises) together
+            if error is None:
+                return info
+            if strict or isinstance(step, int):
+                raise error
+            failures.append(info.file)
+            nxt = candidates[k + 1].file if k + 1 < len(candidates) else None
+            then = f"falling back to {nxt}" if nxt else "no other checkpoint to fall back to"
+            warnings.warn(
+                f"{info.path}: skipped, it does not verify ({error}); {then}", CheckpointSkippedWarning, stacklevel=2
+            )
         raise CorruptCheckpointError(
             self.directory, f"none of its checkpoints verifies ({', '.join(failures[:10])}); nothing was restored"
         )
+
+    def _restore_one(self, info: CheckpointInfo, state: Any) -> None:
+        if not coll.is_dir_checkpoint(info.file):
+            with self._store.local(info.file) as local:
+                api.restore(local, state)
+            return
+        if not self._dist and coll.multi_rank():
+            raise ValueError(
+                f"{info.path}: a distributed checkpoint is restored by every rank together; create the "
+                "CheckpointManager on every rank with distributed=None (or True) and call restore on each"
+            )
+        import torchkeep.distributed as tkd
+
+        with self._store.local(info.file) as local:
+            tkd.restore(local, state)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -428,11 +555,14 @@ class CheckpointManager:
         if et is None:
             self.close()
         else:  # an exception is already on its way: finish the write in flight, do not mask it
+            # (distributed: the other ranks may not be here, so no collective; the next open adopts it)
+            self._pending = None
             with contextlib.suppress(Exception):
                 self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_open", False):
+            self._pending = None  # never a collective from the garbage collector
             with contextlib.suppress(Exception):
                 self.close()
 

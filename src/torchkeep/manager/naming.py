@@ -15,9 +15,12 @@ from typing import Any
 
 from torchkeep.errors import FilenameTemplateError, MissingFilenameFieldError
 
-__all__ = ["SUFFIX", "fill", "parse", "safe", "template_pattern", "unique_name"]
+__all__ = ["DIR_SUFFIX", "SUFFIX", "SUFFIXES", "fill", "parse", "safe", "template_pattern", "unique_name"]
 
 SUFFIX = ".safetensors"
+#: the suffix of a distributed (sharded, ``torchkeep.distributed``) checkpoint directory
+DIR_SUFFIX = ".dcp"
+SUFFIXES = (SUFFIX, DIR_SUFFIX)
 _UNSAFE = re.compile(r'[/\\:*?"<>|\s\x00-\x1f\x7f]')
 
 
@@ -111,26 +114,30 @@ def fill(template: str, values: Mapping[str, Any]) -> str:
     return stem
 
 
-def unique_name(stem: str, taken: Collection[str]) -> str:
-    """``stem + SUFFIX``, or ``stem-v1``, ``stem-v2``, ... + ``SUFFIX``: the first not in ``taken``.
+def unique_name(stem: str, taken: Collection[str], suffix: str = SUFFIX) -> str:
+    """``stem + suffix``, or ``stem-v1``, ``stem-v2``, ... + ``suffix``: the first not in ``taken``.
 
     Example:
         >>> unique_name("ckpt", {"ckpt.safetensors", "ckpt-v1.safetensors"})
         'ckpt-v2.safetensors'
+        >>> unique_name("ckpt", {"ckpt.safetensors"}, DIR_SUFFIX)
+        'ckpt.dcp'
     """
-    name = stem + SUFFIX
+    name = stem + suffix
     k = 0
     while name in taken:
         k += 1
-        name = f"{stem}-v{k}{SUFFIX}"
+        name = f"{stem}-v{k}{suffix}"
     return name
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
-    """A regex matching every file name ``template`` can produce (with ``-vN`` and the suffix).
+    """A regex matching every name ``template`` can produce (with ``-vN``, and either suffix).
 
     Example:
         >>> bool(template_pattern("ckpt_{step:06d}").fullmatch("ckpt_000012-v1.safetensors"))
+        True
+        >>> bool(template_pattern("ckpt_{step:06d}").fullmatch("ckpt_000012.dcp"))
         True
     """
     parts = []
@@ -143,4 +150,5 @@ def template_pattern(template: str) -> re.Pattern[str]:
         body = body[: -len(re.escape(SUFFIX))]
     if body.startswith(r"\."):
         body = "_" + body[2:]
-    return re.compile(body + r"(?:-v\d+)?" + re.escape(SUFFIX), re.DOTALL)
+    either = "|".join(re.escape(s) for s in SUFFIXES)
+    return re.compile(body + r"(?:-v\d+)?(?:" + either + ")", re.DOTALL)

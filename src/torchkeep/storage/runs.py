@@ -7,6 +7,9 @@ A run store is a handful of methods. The manager calls them in this order::
     restore  local(name): a local path to memory-map and verify, for the length of a ``with``
     close    unlock()
 
+A checkpoint is a file, or (saved by a distributed run, :mod:`torchkeep.distributed`) a
+directory; on a local store ``header``, ``delete`` and ``clean`` handle both.
+
 What "committed" means differs, and ``adopts`` says which:
 
 * local (``adopts=True``): a checkpoint is renamed into place whole, so a file that carries
@@ -28,6 +31,8 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +47,10 @@ __all__ = ["LOCK", "LocalRun", "RunStore", "is_url", "open_run"]
 
 LOCK = ".lock"
 _TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
+# a checkpoint directory being deleted, or replaced by torchkeep.distributed (never a temp file)
+_OLD = re.compile(r"\.(?P<target>.+)\.old-[0-9a-f]+", re.DOTALL)
+_DIR_TREE = "tree.safetensors"  # a distributed checkpoint's tree file: it carries the manager's record
+_DIR_MANIFEST = "torchkeep-manifest.json"  # written last: a directory without it never committed
 
 
 class RunStore(Protocol):
@@ -135,12 +144,18 @@ class LocalRun:
             os.close(fd)  # closing the only descriptor releases the flock
 
     def clean(self, is_ours: Callable[[str], bool]) -> None:
-        """Remove temp files a killed save left, only those of names ``is_ours`` accepts."""
+        """Remove temp files and directories a killed save or delete left, only of names ``is_ours`` accepts."""
         for name in os.listdir(self.directory):
             m = _TEMP.fullmatch(name)
+            path = self.directory / name
             if m and is_ours(m["target"]):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.directory / name)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            elif (m := _OLD.fullmatch(name)) and is_ours(m["target"]) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
 
     def names(self) -> list[str]:
         return os.listdir(self.directory)
@@ -169,27 +184,41 @@ class LocalRun:
         return size, head
 
     def header(self, name: str) -> tuple[int, bytes] | None:
-        """``(file size, length prefix + JSON header)``, or ``None`` when missing or too short."""
-        try:
-            with open(self.directory / name, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                head = fh.read(8)
-                if len(head) < 8:
-                    return None
-                n = int.from_bytes(head, "little")
-                if n > min(size - 8, 1 << 28):
-                    return None
-                return size, head + fh.read(n)
-        except (FileNotFoundError, IsADirectoryError):
+        """``(file size, length prefix + JSON header)``, or ``None`` when missing or too short.
+
+        For a distributed checkpoint directory: the bytes of all its files, and its tree file's
+        header; ``None`` when it has no torchkeep manifest (it never committed).
+        """
+        path = self.directory / name
+        if path.is_dir() and not path.is_symlink():
+            if not (path / _DIR_MANIFEST).is_file():
+                return None
+            got = _file_header(path / _DIR_TREE)
+            if got is None:
+                return None
+            with contextlib.suppress(OSError):
+                return sum(f.stat().st_size for f in path.iterdir() if f.is_file()), got[1]
             return None
+        return _file_header(path)
 
     @contextlib.contextmanager
     def local(self, name: str) -> Iterator[Path]:
         yield self.directory / name
 
     def delete(self, name: str) -> None:
+        """Remove a checkpoint file, or a checkpoint directory: renamed to a hidden name first (atomic),
+        so a crash while removing it never leaves a visible half directory; ``clean`` finishes the job."""
+        path = self.directory / name
+        if path.is_dir() and not path.is_symlink():
+            doomed = self.directory / f".{name}.old-{secrets.token_hex(4)}"
+            try:
+                os.rename(path, doomed)
+            except FileNotFoundError:
+                return
+            shutil.rmtree(doomed, ignore_errors=True)
+            return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.directory / name)
+            os.unlink(path)
 
     def free_bytes(self) -> int:
         try:
@@ -197,3 +226,19 @@ class LocalRun:
         except OSError:
             return -1
         return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _file_header(path: Path) -> tuple[int, bytes] | None:
+    """``(file size, length prefix + JSON header)`` of a torchkeep file, or ``None``."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 1 << 28):
+                return None
+            return size, head + fh.read(n)
+    except (FileNotFoundError, IsADirectoryError):
+        return None
