@@ -86,3 +86,26 @@ def test_plot_writes_a_png_and_names_available_metrics(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     wrong = runner.invoke(app, ["plot", str(run), "--metric", "loss", "-o", str(out)])
     assert wrong.exit_code == 2 and "val_acc" in wrong.output
+
+
+def test_ls_verifies_sharded_checkpoint_directories(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    model = torch.nn.Linear(4, 2)
+    with tk.CheckpointManager(run, distributed=True) as mgr:  # .dcp directories, here as a single rank
+        for step in range(2):
+            mgr.save({"model": model}, step=step)
+    result = runner.invoke(app, ["ls", str(run), "--json", "--verify"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["checkpoints"]
+    assert [(r["file"], r["verify"]) for r in rows] == [("ckpt_000000.dcp", "ok"), ("ckpt_000001.dcp", "ok")]
+    data = max(
+        (p for p in (run / "ckpt_000001.dcp").iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size
+    )
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    (run / "manifest.json").unlink()  # listed from the directories' own records
+    result = runner.invoke(app, ["ls", str(run), "--json", "--verify"])
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.output)["checkpoints"]
+    assert rows[0]["verify"] == "ok" and rows[1]["verify"].startswith("DAMAGED")

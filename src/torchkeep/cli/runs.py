@@ -33,7 +33,7 @@ def _entries(run: str) -> tuple[RunStore, list[manifest.CheckpointInfo]]:
         names = store.names()
         if not names:
             raise CheckpointNotFoundError(run)
-        entries = manifest.rebuild(store, sorted(n for n in names if n.endswith(naming.SUFFIX)))
+        entries = manifest.rebuild(store, sorted(n for n in names if n.endswith(naming.SUFFIXES)))
     return store, entries
 
 
@@ -46,6 +46,12 @@ def _age(seconds: float) -> str:
 
 def _verify(store: RunStore, name: str) -> str:
     try:
+        if name.endswith(naming.DIR_SUFFIX):  # a sharded checkpoint directory of a distributed run
+            from torchkeep.distributed.manifest import verify_all
+
+            with store.local(name) as path:
+                verify_all(path)
+            return "ok"
         with store.local(name) as path, Checkpoint(path) as ck:
             ck.verify_all()
         return "ok"
