@@ -31,7 +31,15 @@ import torch
 
 from torchkeep.errors import CorruptCheckpointError, MissingShardError, UnsafeCheckpointError
 
-__all__ = ["check_complete", "is_dcp_dir", "read_dcp", "read_metadata", "safe_reader"]
+__all__ = [
+    "check_complete",
+    "check_ranges",
+    "is_dcp_dir",
+    "metadata_from_bytes",
+    "read_dcp",
+    "read_metadata",
+    "safe_reader",
+]
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED: dict[str, set[str]] = {
@@ -71,35 +79,71 @@ def is_dcp_dir(path: Path) -> bool:
 
 def _read_metadata(path: Path) -> Any:
     meta = path / ".metadata"
+    with open(meta, "rb") as f:
+        raw = f.read()
+    return metadata_from_bytes(raw, meta)
+
+
+def metadata_from_bytes(raw: bytes, where: Any) -> Any:
+    """DCP's ``Metadata`` from the bytes of a ``.metadata`` file, by the allowlist unpickler.
+
+    ``where`` names the file in errors (a path or a URL).
+
+    Raises:
+        UnsafeCheckpointError: the pickle needs classes beyond DCP's metadata.
+        CorruptCheckpointError: unreadable metadata.
+
+    Example:
+        >>> metadata_from_bytes(b"cos\\nsystem\\n.", "x/.metadata")
+        Traceback (most recent call last):
+        ...
+        torchkeep.errors.UnsafeCheckpointError: x/.metadata: ...
+    """
     try:
-        with open(meta, "rb") as f:
-            md = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        md = _MetadataUnpickler(io.BytesIO(raw)).load()
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            meta, f"DCP metadata is a pickle, and this one needs more than DCP's metadata classes ({e})"
+            where, f"DCP metadata is a pickle, and this one needs more than DCP's metadata classes ({e})"
         ) from None
     except (EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
-        raise CorruptCheckpointError(meta, f"unreadable DCP metadata ({type(e).__name__}: {e})") from None
+        raise CorruptCheckpointError(where, f"unreadable DCP metadata ({type(e).__name__}: {e})") from None
     if type(md).__name__ != "Metadata" or not hasattr(md, "state_dict_metadata"):
-        raise CorruptCheckpointError(meta, "the .metadata pickle does not hold DCP Metadata")
+        raise CorruptCheckpointError(where, "the .metadata pickle does not hold DCP Metadata")
     return md
 
 
 def _check_complete(path: Path, md: Any) -> None:
     """Every data file named must exist and hold the byte ranges the metadata claims."""
+
+    def size(rel: str) -> int | None:
+        p = path / rel
+        return p.stat().st_size if p.is_file() else None
+
+    check_ranges(path, md, size)
+
+
+def check_ranges(where: Any, md: Any, size: Any) -> None:
+    """Raise unless every data file ``md`` names has a ``size(name)`` (``None``: missing) covering its ranges.
+
+    ``where`` (a directory or URL) names the checkpoint in errors.
+
+    Raises:
+        MissingShardError / CorruptCheckpointError: the checkpoint is incomplete.
+    """
     ends: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
         rel = str(info.relative_path)
-        if os.path.isabs(rel) or ".." in Path(rel).parts:
-            raise CorruptCheckpointError(path, f"DCP metadata names a data file outside the directory: {rel!r}")
+        if os.path.isabs(rel) or ".." in Path(rel).parts or "://" in rel:
+            raise CorruptCheckpointError(where, f"DCP metadata names a data file outside the directory: {rel!r}")
         ends[rel] = max(ends.get(rel, 0), int(info.offset) + int(info.length))
-    missing = [rel for rel in ends if not (path / rel).is_file()]
+    sizes = {rel: size(rel) for rel in ends}
+    missing = [rel for rel, n in sizes.items() if n is None]
     if missing:
-        raise MissingShardError(path / ".metadata", missing)
-    short = [rel for rel, end in ends.items() if (path / rel).stat().st_size < end]
+        raise MissingShardError(f"{str(where).rstrip('/')}/.metadata", missing)
+    short = [rel for rel, end in ends.items() if (sizes[rel] or 0) < end]
     if short:
         raise CorruptCheckpointError(
-            path, f"DCP data files shorter than the metadata says (an interrupted save?): {', '.join(sorted(short))}"
+            where, f"DCP data files shorter than the metadata says (an interrupted save?): {', '.join(sorted(short))}"
         )
 
 
@@ -122,8 +166,21 @@ def check_complete(path: str | os.PathLike[str], md: Any) -> None:
     _check_complete(Path(os.fspath(path)), md)
 
 
-def safe_reader(path: str | os.PathLike[str], md: Any) -> Any:
-    """A DCP ``FileSystemReader`` of ``path`` that hands DCP the already-read ``md`` instead of unpickling."""
+def safe_reader(path: str | os.PathLike[str], md: Any, storage_options: Any = None) -> Any:
+    """A DCP reader of ``path`` that hands DCP the already-read ``md`` instead of unpickling.
+
+    A local directory gets a ``FileSystemReader``; an fsspec URL (``s3://...``) an
+    ``FsspecReader`` with ``storage_options``.
+    """
+    if isinstance(path, str) and "://" in path:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        class _Remote(FsspecReader):
+            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+                return md  # the copy read by the allowlist unpickler, never pickle.load
+
+        return _Remote(path, **dict(storage_options or {}))
+
     from torch.distributed.checkpoint import FileSystemReader
 
     class _Reader(FileSystemReader):

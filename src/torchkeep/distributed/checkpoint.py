@@ -35,6 +35,7 @@ from torchkeep.distributed import _comm
 from torchkeep.distributed.manifest import (
     TREE_FILE,
     hash_file,
+    is_url,
     rank_file,
     write_manifest,
 )
@@ -254,6 +255,11 @@ def wait() -> Path | None:
     return None if job is None else job.result()
 
 
+def _set_pending(job: AsyncSave) -> None:
+    global _pending
+    _pending = job
+
+
 def _async_group(group: Any) -> Any:
     """A gloo group for the background thread's collectives, so they never interleave with training's."""
     if group is not None or not _comm.is_distributed():
@@ -271,6 +277,11 @@ def _failed(final: Path, tmp: Path, me: int, e: BaseException) -> BaseException:
     """DCP's ``CheckpointException`` (a BaseException naming the failed ranks) as a typed error; rank 0 cleans up."""
     if me == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _as_save_error(final, e)
+
+
+def _as_save_error(final: Any, e: BaseException) -> BaseException:
+    """DCP's ``CheckpointException`` as a :class:`DistributedSaveError` naming the first failed rank."""
     failures = getattr(e, "failures", None)
     if isinstance(e, KeyboardInterrupt) or not isinstance(failures, dict) or not failures:
         return e
@@ -310,7 +321,8 @@ def save(
     per_rank: tuple[str, ...] | list[str] = (),
     process_group: Any = None,
     thread_count: int = 1,
-) -> Path | AsyncSave:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | str | AsyncSave:
     """Save a state tree as a sharded, checksummed checkpoint directory; call it on every rank.
 
     Modules (plain, DDP, FSDP2 ``fully_shard``) and optimizers are saved through
@@ -323,6 +335,11 @@ def save(
 
     Without a process group it saves as a single rank (same layout).
 
+    ``path`` may be an fsspec URL (``s3://bucket/run/step-10``, ``gs://...``, ``memory://...``):
+    every object is written under that prefix and the manifest, written last by rank 0, is the
+    commit; a prefix that already holds a committed checkpoint is refused
+    (:class:`~torchkeep.errors.CheckpointExistsError`), never rewritten in place.
+
     Args:
         state: the state tree (the same structure on every rank).
         path: the checkpoint directory to create.
@@ -334,14 +351,17 @@ def save(
         per_rank: top-level keys whose whole subtree differs by rank (besides RNG states).
         process_group: the group to save with (default: the default group).
         thread_count: writer threads per rank for DCP.
+        storage_options: fsspec options for a URL ``path`` (for s3: ``key``, ``secret``,
+            ``client_kwargs={"endpoint_url": ...}``); unused for a local path.
 
     Returns:
-        The path, or an :class:`AsyncSave` when ``async_save``.
+        The path (the URL for object storage), or an :class:`AsyncSave` when ``async_save``.
 
     Raises:
         UnsupportedObjectError: a leaf cannot be saved (names its path), or an optimizer whose
             model is not in the tree.
         DistributedSaveError: another rank failed; nothing was committed.
+        CheckpointExistsError: a URL prefix that already holds a committed checkpoint.
 
     Example:
         >>> import torch, tempfile, os, torchkeep.distributed as tkd
@@ -352,6 +372,19 @@ def save(
         ['torchkeep-manifest.json', 'tree.safetensors']
     """
     wait()  # one save at a time: the previous one's error surfaces here rather than being lost
+    if is_url(path):
+        from torchkeep.distributed import remote
+
+        return remote.save(
+            state,
+            str(path),
+            storage_options=storage_options or {},
+            metadata=metadata,
+            async_save=async_save,
+            per_rank=tuple(per_rank),
+            process_group=process_group,
+            thread_count=thread_count,
+        )
     final = Path(os.fspath(path)).expanduser().absolute()
     if final.exists() and not final.is_dir():
         raise IsADirectoryError(f"{final}: is a file; a distributed checkpoint is a directory, give another path")

@@ -41,7 +41,12 @@ __all__ = [
     "TREE_FILE",
     "check_files",
     "hash_file",
+    "hash_stream",
     "is_torchkeep_dcp",
+    "is_url",
+    "join",
+    "manifest_bytes",
+    "parse_manifest",
     "rank_file",
     "read_manifest",
     "share",
@@ -65,6 +70,18 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.safetensors"
 
 
+def hash_stream(f: Any, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """``{"bytes": size, "xxh3": hex digest}`` of what a binary file object yields, read in 16 MiB chunks."""
+    h = HashState()
+    size = 0
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return {"bytes": size, "xxh3": h.hexdigest()}
+
+
 def hash_file(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """``{"bytes": size, "xxh3": hex digest}`` of a file, read in 16 MiB chunks."""
     h = HashState()
@@ -85,15 +102,10 @@ def _body_digest(manifest: Mapping[str, Any]) -> str:
     return digest(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def write_manifest(
-    directory: str | os.PathLike[str],
-    files: Mapping[str, Mapping[str, Any]],
-    *,
-    world_size: int,
-    durable: bool = True,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    """Write the manifest naming ``files`` atomically (and fsync the directory when ``durable``)."""
+def manifest_bytes(
+    files: Mapping[str, Mapping[str, Any]], *, world_size: int, extra: Mapping[str, Any] | None = None
+) -> bytes:
+    """The manifest naming ``files``, with its own digest, as the bytes to write."""
     from torchkeep.api import provenance_metadata  # api imports dcp; keep this module light
 
     prov = provenance_metadata()
@@ -108,18 +120,55 @@ def write_manifest(
         "files": {k: dict(v) for k, v in sorted(files.items())},
     }
     manifest["digest"] = _body_digest(manifest)
+    return json.dumps(manifest, indent=1, ensure_ascii=False).encode() + b"\n"
+
+
+def write_manifest(
+    directory: str | os.PathLike[str],
+    files: Mapping[str, Mapping[str, Any]],
+    *,
+    world_size: int,
+    durable: bool = True,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the manifest naming ``files`` atomically (and fsync the directory when ``durable``)."""
+    raw = manifest_bytes(files, world_size=world_size, extra=extra)
     directory = Path(directory)
     with AtomicFile(directory / MANIFEST, durable=durable) as f:
-        os.write(f.fd, json.dumps(manifest, indent=1, ensure_ascii=False).encode() + b"\n")
+        os.write(f.fd, raw)
         f.commit()
     if durable:
         fsync_dir(directory)
 
 
-def is_torchkeep_dcp(path: str | os.PathLike[str]) -> bool:
-    """True for a directory holding a torchkeep manifest (valid or not)."""
+def is_torchkeep_dcp(path: Any, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True for a directory (or an fsspec URL prefix, ``s3://...``) holding a torchkeep manifest (valid or not).
+
+    Example:
+        >>> is_torchkeep_dcp("memory://nothing-here")
+        False
+    """
+    if is_url(path):
+        from torchkeep.distributed.remote import Store
+
+        return Store(str(path), storage_options or {}).exists(MANIFEST)
     p = Path(path)
     return p.is_dir() and (p / MANIFEST).is_file()
+
+
+def is_url(path: Any) -> bool:
+    """True for an fsspec URL (``s3://bucket/run``, ``memory://x``), which goes through object storage.
+
+    Example:
+        >>> is_url("s3://bucket/run/step-1"), is_url("runs/step-1")
+        (True, False)
+    """
+    return isinstance(path, str) and "://" in path
+
+
+def join(directory: Any, name: str) -> Any:
+    """``directory / name`` for a path, ``directory + "/" + name`` for a URL (never collapsing ``//``)."""
+    return f"{str(directory).rstrip('/')}/{name}" if is_url(directory) else Path(directory) / name
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -134,9 +183,20 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointNotFoundError(directory)
     path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(directory, f"no {MANIFEST}: the save never committed") from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, path: Any) -> dict[str, Any]:
+    """A manifest from its bytes (``path`` names it in errors), its own digest checked.
+
+    Raises:
+        CorruptCheckpointError: unreadable or damaged.
+    """
+    try:
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptCheckpointError(path, f"the manifest is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -217,17 +277,17 @@ def raise_for(directory: str | os.PathLike[str], problems: list[dict[str, Any]])
 
     if not problems:
         return
-    directory = Path(directory)
     problems = sorted(problems, key=lambda p: p["file"])
     missing = [p["file"] for p in problems if p["kind"] == "missing"]
     if missing:
-        raise MissingShardError(directory / MANIFEST, missing)
+        raise MissingShardError(join(directory, MANIFEST), missing)
     p = problems[0]
     if p["kind"] == "size":
         raise CorruptCheckpointError(
-            directory / p["file"], f"{p['actual']} bytes, the manifest says {p['expected']} (truncated or rewritten)"
+            join(directory, p["file"]),
+            f"{p['actual']} bytes, the manifest says {p['expected']} (truncated or rewritten)",
         )
-    raise FileChecksumError(directory / p["file"], p["expected"], p["actual"])
+    raise FileChecksumError(join(directory, p["file"]), p["expected"], p["actual"])
 
 
 def verify_all(

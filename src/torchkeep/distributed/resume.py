@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torchkeep.distributed.manifest import (
     TREE_FILE,
     check_files,
     is_torchkeep_dcp,
+    is_url,
     raise_for,
     rank_file,
     read_manifest,
@@ -48,11 +50,62 @@ _POLICIES = ("skip", "reuse", "error")
 # -- restore ------------------------------------------------------------------------------------
 
 
-def _verify(root: Path, manifest: dict[str, Any], group: Any, verify: bool) -> None:
+class _Local:
+    """What :func:`restore` reads from a local checkpoint directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = self.label = root
+
+    def exists(self) -> bool:
+        return self.root.exists()
+
+    def is_ours(self) -> bool:
+        return is_torchkeep_dcp(self.root)
+
+    def is_dcp(self) -> bool:
+        return is_dcp_dir(self.root)
+
+    def not_checkpoint(self) -> str:
+        return f"not a distributed checkpoint (no {MANIFEST}, no DCP .metadata)"
+
+    def unverified(self) -> str:
+        return f"a DCP directory without a torchkeep manifest ({MANIFEST})"
+
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.root)
+
+    def check(self, manifest: dict[str, Any], names: list[str], verify: bool) -> list[dict[str, Any]]:
+        return check_files(self.root, manifest, names, verify=verify)
+
+    def metadata(self, manifest: Any, verify: bool = True) -> Any:
+        md = read_metadata(self.root)
+        check_complete(self.root, md)
+        return md
+
+    @contextmanager
+    def local(self, name: str, manifest: Any, verify: bool) -> Iterator[Path]:
+        yield self.root / name
+
+    def reader(self, md: Any) -> Any:
+        return safe_reader(self.root, md)
+
+    def foreign(self) -> dict[str, Any]:
+        return {"checkpoint_id": str(self.root)}
+
+
+def _source(path: PathLike, storage_options: Mapping[str, Any] | None) -> Any:
+    if is_url(path):
+        from torchkeep.distributed.remote import RemoteSource
+
+        return RemoteSource(str(path), storage_options or {})
+    return _Local(Path(os.fspath(path)).expanduser().absolute())
+
+
+def _verify(src: Any, manifest: dict[str, Any], group: Any, verify: bool) -> None:
     """Every file checked by exactly one rank (split by size); every rank raises the same error."""
     mine = share(manifest, _comm.rank(group), _comm.world_size(group))
-    problems = [p for ps in _comm.all_gather_json(check_files(root, manifest, mine, verify=verify), group) for p in ps]
-    raise_for(root, problems)
+    problems = [p for ps in _comm.all_gather_json(src.check(manifest, mine, verify), group) for p in ps]
+    raise_for(src.label, problems)
 
 
 def _get(tree: Any, path: Path_) -> tuple[bool, Any]:
@@ -138,6 +191,7 @@ def restore(
     trust_pickle: bool = False,
     per_rank_policy: str = "skip",
     process_group: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Restore a checkpoint written by :func:`save` into ``targets``, on any number of ranks; call it on every rank.
 
@@ -149,8 +203,12 @@ def restore(
     :class:`RankStateWarning`), ``"reuse"`` (rank r takes saved rank ``r % N``, warned: ranks may
     then share random streams) or ``"error"``.
 
+    ``path`` may be an fsspec URL (``s3://bucket/run/step-10``): a prefix without a valid
+    manifest was never committed and is refused; every object is hashed (one rank each,
+    streaming reads) before DCP reads the shards from the store.
+
     Args:
-        path: the checkpoint directory.
+        path: the checkpoint directory, or an fsspec URL prefix.
         targets: dict (possibly nested) of modules, optimizers (their model must be among
             the targets), schedulers, ``RNGState`` and other objects with ``load_state_dict``.
         strict: raise :class:`~torchkeep.errors.KeyMismatchError` on missing targets or module keys.
@@ -159,6 +217,7 @@ def restore(
             ``.metadata`` is unpickled by DCP and nothing checks its completeness).
         per_rank_policy: ``"skip"``, ``"reuse"`` or ``"error"``, as above.
         process_group: the group to restore with (default: the default group).
+        storage_options: fsspec options for a URL ``path``; unused for a local path.
 
     Returns:
         The whole tree (epoch, config, ...), with restored entries as loaded.
@@ -178,21 +237,22 @@ def restore(
     if per_rank_policy not in _POLICIES:
         raise ValueError(f"per_rank_policy must be one of {', '.join(_POLICIES)}, not {per_rank_policy!r}")
     wait()
-    root = Path(os.fspath(path)).expanduser().absolute()
-    if not root.exists():
+    src = _source(path, storage_options)
+    root = src.label
+    if not src.exists():
         raise CheckpointNotFoundError(root)
     plan = api._targets(targets)
-    if not is_torchkeep_dcp(root):
-        if not is_dcp_dir(root):
-            raise CorruptCheckpointError(root, f"not a distributed checkpoint (no {MANIFEST}, no DCP .metadata)")
+    if not src.is_ours():
+        if not src.is_dcp():
+            raise CorruptCheckpointError(root, src.not_checkpoint())
         if not trust_pickle:
-            raise UnverifiedCheckpointError(root, f"a DCP directory without a torchkeep manifest ({MANIFEST})")
-        return _restore_foreign(root, plan, strict=strict, group=process_group)
-    manifest = read_manifest(root)
-    _verify(root, manifest, process_group, verify)
-    md = read_metadata(root)
-    check_complete(root, md)
-    tree = api.load(root / TREE_FILE, verify=verify)
+            raise UnverifiedCheckpointError(root, src.unverified())
+        return _restore_foreign(src, plan, strict=strict, group=process_group)
+    manifest = src.manifest()
+    _verify(src, manifest, process_group, verify)
+    md = src.metadata(manifest, verify)
+    with src.local(TREE_FILE, manifest, verify) as tree_file:
+        tree = api.load(tree_file, verify=verify)
     placeholders = {tuple(p): k for p, k in manifest.get("tensors", [])}
     rank_paths = [tuple(p) for p in manifest.get("per_rank", [])]
     modules = [t for _, t in plan if isinstance(t, torch.nn.Module)]
@@ -224,7 +284,7 @@ def restore(
     with _quiet():
         dcp.load(
             filler.load,
-            storage_reader=safe_reader(root, md),
+            storage_reader=src.reader(md),
             process_group=process_group,
             no_dist=not _comm.is_distributed(),
         )
@@ -238,13 +298,14 @@ def restore(
         else:
             target.load_state_dict(sub)
     if rank_paths:
-        tree = _restore_per_rank(root, tree, plan, rank_paths, manifest, per_rank_policy, process_group, verify)
+        tree = _restore_per_rank(src, tree, plan, rank_paths, manifest, per_rank_policy, process_group, verify)
     return tree
 
 
 def _restore_per_rank(
-    root: Path, tree: Any, plan: list, rank_paths: list[Path_], manifest: dict, policy: str, group: Any, verify: bool
+    src: Any, tree: Any, plan: list, rank_paths: list[Path_], manifest: dict, policy: str, group: Any, verify: bool
 ) -> Any:
+    root = src.label
     me, world = _comm.rank(group), _comm.world_size(group)
     saved = int(manifest["world_size"])
     if world == saved:
@@ -260,7 +321,8 @@ def _restore_per_rank(
             return tree
         source = me % saved
         warnings.warn(f"{msg}: rank {me} takes saved rank {source}'s", RankStateWarning, stacklevel=3)
-    values = api.load(root / rank_file(source), verify=verify)
+    with src.local(rank_file(source), manifest, verify) as rank_path:
+        values = api.load(rank_path, verify=verify)
     wanted = {tp: t for tp, t in plan}
     for rp, value in zip(rank_paths, values, strict=True):
         target = wanted.get(rp)
@@ -274,7 +336,7 @@ def _restore_per_rank(
     return tree
 
 
-def _restore_foreign(root: Path, plan: list, *, strict: bool, group: Any) -> Any:
+def _restore_foreign(src: Any, plan: list, *, strict: bool, group: Any) -> Any:
     """A plain DCP directory, trusted by the caller: DCP reads it (its pickle included) with its own key layout."""
     modules = [t for _, t in plan if isinstance(t, torch.nn.Module)]
     state: dict[str, Any] = {}
@@ -294,18 +356,18 @@ def _restore_foreign(root: Path, plan: list, *, strict: bool, group: Any) -> Any
         for p in tpath[:-1]:
             node = node.setdefault(p, {})
         node[tpath[-1]] = value
-    dcp.load(state, checkpoint_id=str(root), process_group=group, no_dist=not _comm.is_distributed())
+    dcp.load(state, **src.foreign(), process_group=group, no_dist=not _comm.is_distributed())
     for (tpath, _), setter in zip(plan, setters, strict=True):
         if setter is not None:
             setter(_get(state, tpath)[1])
     return state
 
 
-def load_tree(path: PathLike, *, verify: bool = True) -> Any:
+def load_tree(path: PathLike, *, verify: bool = True, storage_options: Mapping[str, Any] | None = None) -> Any:
     """The whole tree of a distributed checkpoint on this one process, tensors gathered at full size.
 
     For conversion and inspection on a laptop: run it without a process group. Per-rank
-    entries come from rank 0. Each tensor is allocated once, at its full size, and read in place.
+    entries come from rank 0. ``path`` may be an fsspec URL (with ``storage_options``). Each tensor is allocated once, at its full size, and read in place.
 
     Example:
         >>> import torch, tempfile, os, torchkeep.distributed as tkd
@@ -316,4 +378,4 @@ def load_tree(path: PathLike, *, verify: bool = True) -> Any:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RankStateWarning)
-        return restore(path, {}, verify=verify, per_rank_policy="reuse")
+        return restore(path, {}, verify=verify, per_rank_policy="reuse", storage_options=storage_options)

@@ -1,0 +1,476 @@
+"""Distributed checkpoints on object storage (``s3://bucket/run/step-10``, ``gs://...``, ``memory://...``) via fsspec.
+
+Object stores have no rename, so the local protocol (write a hidden directory, rename it into
+place) becomes: **every object is written under the final prefix, and the manifest object,
+one PUT by rank 0 after every rank has reported, is the commit.** A prefix without a valid
+manifest was never committed: ``restore`` refuses it, so a save killed at any point leaves
+nothing restorable. A prefix that already holds a manifest is never written to
+(:class:`~torchkeep.errors.CheckpointExistsError`): rewriting objects under a committed
+manifest would expose a mix of two checkpoints while the new save runs. Leftovers of a
+killed save (no manifest) are overwritten by the next save to the same prefix.
+
+Checksums are computed while the bytes are uploaded (each rank hashes the stream it writes,
+no second read); DCP's ``.metadata`` (small) is read back by rank 0. ``restore`` lists the
+prefix once, has every object hashed by one rank with streaming reads (split by size), then
+DCP reads the shards straight from the store; ``.metadata``, the tree file and per-rank
+files are downloaded once and checked again against the manifest on the rank that uses them.
+
+Example:
+    >>> import torch, torchkeep.distributed as tkd
+    >>> url = tkd.save({"w": torch.arange(3.0), "step": 7}, "memory://doc-dist/step-7")
+    >>> tkd.restore(url, {})["step"], tkd.is_torchkeep_dcp(url)
+    (7, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
+
+from torchkeep import api
+from torchkeep.dcp import check_ranges, metadata_from_bytes
+from torchkeep.distributed import _comm
+from torchkeep.distributed.manifest import (
+    MANIFEST,
+    TREE_FILE,
+    hash_file,
+    hash_stream,
+    manifest_bytes,
+    parse_manifest,
+    rank_file,
+)
+from torchkeep.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    DistributedSaveError,
+    FileChecksumError,
+)
+from torchkeep.format.header import HashState, digest
+
+__all__ = ["RemoteSource", "Store", "save"]
+
+_CHUNK = 16 << 20
+_OVERWRITE_WARNING = ".*Detected an existing checkpoint.*"
+
+
+class Store:
+    """A checkpoint prefix on an fsspec file system: ``url`` is ``scheme://bucket/prefix``."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
+        from torchkeep.storage.remote import _filesystem  # the install hints for missing fsspec packages
+
+        self.url = url.rstrip("/")
+        self.options = dict(storage_options)
+        self.fs, root = _filesystem(self.url, self.options)
+        self.root = root.rstrip("/")
+
+    def p(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def _refresh(self) -> None:
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.root)  # other processes write here
+
+    def exists(self, name: str) -> bool:
+        self._refresh()
+        return bool(self.fs.exists(self.p(name)))
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Everything directly under the prefix (objects and sub-prefixes), freshly listed."""
+        self._refresh()
+        try:
+            return list(self.fs.ls(self.root, detail=True))
+        except FileNotFoundError:
+            return []
+
+    def sizes(self, listing: list[dict[str, Any]] | None = None) -> dict[str, int]:
+        """``{object name: bytes}`` of the objects directly under the prefix (one listing)."""
+        return {
+            str(item["name"]).rstrip("/").rsplit("/", 1)[-1]: int(item.get("size") or 0)
+            for item in (self.listing() if listing is None else listing)
+            if item.get("type", "file") == "file"
+        }
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(self.p(name)))
+        except FileNotFoundError:
+            return None
+
+    def hash(self, name: str) -> dict[str, Any]:
+        """Size and digest of an object, by a streaming read."""
+        with self.fs.open(self.p(name), "rb", block_size=_CHUNK) as f:
+            return hash_stream(f)
+
+    def upload(self, local: Path, name: str) -> None:
+        self.fs.put_file(str(local), self.p(name))
+
+    def download(self, name: str, dest: Path) -> None:
+        self.fs.get_file(self.p(name), str(dest))
+
+    def remove_all(self) -> None:
+        """Delete everything under the prefix (only ever called for a prefix that was empty when the save began)."""
+        with contextlib.suppress(Exception):
+            self.fs.rm(self.root, recursive=True)
+
+
+# -- save ---------------------------------------------------------------------------------------
+
+
+class _Tap:
+    """A write-only stream that hashes every byte on its way to the object (no seeking back)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._hash = HashState()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        wrote = self._stream.write(data)
+        if wrote is not None and wrote != n:
+            raise OSError(f"short write to object storage ({wrote} of {n} bytes)")
+        self._hash.update(data)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if (whence == 0 and pos == self.size) or (whence == 1 and pos == 0):
+            return self.size
+        raise io.UnsupportedOperation("object storage streams are written front to back")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self._stream, "closed", False))
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("an object-storage stream has no file descriptor")
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def entry(self) -> dict[str, Any]:
+        return {"bytes": self.size, "xxh3": self._hash.hexdigest()}
+
+
+class _TapFS(FileSystem):
+    """DCP's fsspec file system, recording the digest of every object it finishes writing."""
+
+    def __init__(self, inner: FileSystem, record: Callable[[str, dict[str, Any]], None]) -> None:
+        super().__init__()
+        self.fs = inner.fs
+        self._record = record
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            tap = _Tap(stream)
+            yield tap
+        # only after the object is complete (the upload finished without an error)
+        self._record(os.path.basename(os.fspath(path)), tap.entry())
+
+
+class _Writer(FsspecWriter):
+    """DCP's fsspec writer that hashes what it uploads and remembers which data files this rank wrote."""
+
+    def __init__(self, store: Store, thread_count: int) -> None:
+        # sync_files=False: an object is durable once its upload completes; fsync would sync the local disk
+        super().__init__(store.url, sync_files=False, thread_count=thread_count, **store.options)
+        self.digests: dict[str, dict[str, Any]] = {}
+        self.fs = _TapFS(self.fs, self.digests.__setitem__)
+        self.written: set[str] = set()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        fut = super().write_data(plan, planner)
+        self.written.update(str(r.storage_data.relative_path) for r in fut.wait())
+        return fut
+
+
+def _upload(store: Store, name: str, write: Callable[[Path], Any]) -> dict[str, Any]:
+    """Write a small torchkeep file locally, hash it, upload it; returns its manifest entry."""
+    with tempfile.TemporaryDirectory(prefix="torchkeep-") as tmp:
+        local = Path(tmp) / name
+        write(local)
+        entry = hash_file(local)
+        store.upload(local, name)
+    return entry
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _commit(
+    store: Store,
+    writer: _Writer,
+    own: dict[str, Any],
+    before: Callable[[], dict[str, Any]],
+    group: Any,
+    *,
+    world: int,
+    extra: dict[str, Any],
+    fresh: bool,
+) -> str:
+    """Gather every rank's digests on rank 0, which PUTs the manifest last; every rank learns the outcome."""
+    report: dict[str, Any] = {"files": {}, "error": None}
+    try:
+        files = {**own, **before()}
+        for name in sorted(writer.written):
+            if name not in writer.digests:
+                raise OSError(f"{store.url_of(name)}: written, but its digest was not recorded")
+            files[name] = writer.digests[name]
+        report["files"] = files
+    except Exception as e:  # reported to rank 0, which then commits nothing
+        report["error"] = _error(e)
+    reports = _comm.all_gather_json(report, group)
+    failure: BaseException | None = None
+    status: dict[str, Any] | None = None
+    if _comm.rank(group) == 0:
+        try:
+            bad = [(r, x["error"]) for r, x in enumerate(reports) if x["error"]]
+            if bad:
+                raise DistributedSaveError(store.url, bad[0][0], bad[0][1])
+            files = {name: entry for x in reports for name, entry in x["files"].items()}
+            raw = store.read(".metadata")
+            if raw is None:
+                raise DistributedSaveError(store.url, 0, "DCP's .metadata object is missing after the save")
+            files[".metadata"] = {"bytes": len(raw), "xxh3": digest(raw)}
+            if store.exists(MANIFEST):
+                raise CheckpointExistsError(store.url, "another save committed here while this one ran")
+            store.fs.pipe_file(store.p(MANIFEST), manifest_bytes(files, world_size=world, extra=extra))
+            status = {"ok": True}
+        except Exception as e:  # every rank must hear of it, or they would wait forever
+            failure = e
+            status = {"ok": False, "error": _error(e)}
+            if fresh and not isinstance(e, CheckpointExistsError):
+                store.remove_all()
+    outcome = _comm.all_gather_json(status, group)[0]
+    if failure is not None:
+        raise failure
+    if not outcome["ok"]:
+        raise DistributedSaveError(store.url, 0, outcome["error"])
+    return store.url
+
+
+def save(
+    state: Any,
+    url: str,
+    *,
+    storage_options: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    async_save: bool,
+    per_rank: tuple[str, ...],
+    process_group: Any,
+    thread_count: int,
+) -> Any:
+    """:func:`torchkeep.distributed.save` to an fsspec URL (see the module docstring)."""
+    from torchkeep.distributed import checkpoint as ck
+
+    store = Store(url, storage_options)
+    split = ck._Split(tuple(per_rank))
+    tree = split.run(state)
+    group = process_group
+    me, world = _comm.rank(group), _comm.world_size(group)
+    rank_values = [ck._snapshot(v) for v in split.rank_values]
+    start: dict[str, Any] = {}
+    failure: Exception | None = None
+    if me == 0:
+        try:
+            existing = store.listing()
+            if MANIFEST in store.sizes(existing):
+                raise CheckpointExistsError(store.url)
+            tree_entry = _upload(store, TREE_FILE, lambda p: api.save(tree, p, metadata=metadata, durable=False))
+            start = {"fresh": not existing, "tree": tree_entry}
+        except Exception as e:  # tell the other ranks before they start writing, then raise here
+            failure = e
+            start = {"error": _error(e)}
+    start = _comm.all_gather_json(start, group)[0]
+    if failure is not None:
+        raise failure
+    if "error" in start:
+        raise DistributedSaveError(store.url, 0, start["error"])
+    own = {TREE_FILE: start["tree"]} if me == 0 else {}
+    fresh = bool(start["fresh"])
+
+    def write_rank_file() -> dict[str, Any]:
+        if not split.rank_paths:
+            return {}
+        name = rank_file(me)
+        return {name: _upload(store, name, lambda p: api.save(rank_values, p, durable=False))}
+
+    extra = {"tensors": split.placeholders, "per_rank": split.rank_paths}
+    writer = _Writer(store, thread_count)
+    dist_kw: dict[str, Any] = {"no_dist": not _comm.is_distributed()}
+
+    def failed(e: BaseException) -> BaseException:
+        if me == 0 and fresh:
+            store.remove_all()
+        return ck._as_save_error(store.url, e)
+
+    def commit(grp: Any) -> str:
+        return _commit(store, writer, own, write_rank_file, grp, world=world, extra=extra, fresh=fresh)
+
+    if not async_save:
+        try:
+            with ck._quiet(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_OVERWRITE_WARNING)  # leftovers of a killed save
+                dcp.save(split.tensors, storage_writer=writer, process_group=group, **dist_kw)
+        except BaseException as e:
+            raise failed(e) from e
+        return commit(group)
+    bg = ck._async_group(group)
+    with ck._quiet(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_OVERWRITE_WARNING)
+        response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
+    upload = getattr(response, "upload_completion", response)
+    future: Future[str] = Future()
+
+    def finish() -> None:
+        try:
+            try:
+                upload.result()
+            except BaseException as e:
+                raise failed(e) from e
+            done = commit(bg)
+        except BaseException as e:
+            future.set_exception(e)
+        else:
+            future.set_result(done)
+
+    threading.Thread(target=finish, name="torchkeep-distributed-save", daemon=True).start()
+    job = ck.AsyncSave(store.url, future)  # type: ignore[arg-type]
+    ck._set_pending(job)
+    return job
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+
+class RemoteSource:
+    """What :func:`torchkeep.distributed.restore` reads from a checkpoint prefix on object storage."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
+        self.store = Store(url, storage_options)
+        self.label = self.store.url
+        self._sizes: dict[str, int] = {}
+
+    def exists(self) -> bool:
+        self._sizes = self.store.sizes()
+        return bool(self._sizes)
+
+    def is_ours(self) -> bool:
+        return MANIFEST in self._sizes
+
+    def is_dcp(self) -> bool:
+        return ".metadata" in self._sizes
+
+    def not_checkpoint(self) -> str:
+        return (
+            f"objects but no {MANIFEST} and no DCP .metadata: a save that was killed before its commit "
+            "(the manifest is written last), or not a checkpoint"
+        )
+
+    def unverified(self) -> str:
+        return (
+            f"a DCP checkpoint without a torchkeep manifest ({MANIFEST}): a torchkeep save killed before "
+            "its commit leaves exactly this, and so does a foreign DCP save"
+        )
+
+    def manifest(self) -> dict[str, Any]:
+        raw = self.store.read(MANIFEST)
+        if raw is None:
+            raise CorruptCheckpointError(self.label, f"no {MANIFEST}: the save never committed")
+        return parse_manifest(raw, self.store.url_of(MANIFEST))
+
+    def check(self, manifest: Mapping[str, Any], names: list[str], verify: bool) -> list[dict[str, Any]]:
+        problems: list[dict[str, Any]] = []
+        for name in names:
+            entry = manifest["files"][name]
+            size = self._sizes.get(name)
+            if size is None:
+                problems.append({"file": name, "kind": "missing"})
+            elif size != entry["bytes"]:
+                problems.append({"file": name, "kind": "size", "expected": entry["bytes"], "actual": size})
+            elif verify:
+                try:
+                    got = self.store.hash(name)
+                except FileNotFoundError:
+                    problems.append({"file": name, "kind": "missing"})
+                    continue
+                if got["xxh3"] != entry["xxh3"]:
+                    problems.append(
+                        {"file": name, "kind": "checksum", "expected": entry["xxh3"], "actual": got["xxh3"]}
+                    )
+        return problems
+
+    def _checked(self, name: str, raw: bytes, manifest: Mapping[str, Any] | None, verify: bool) -> bytes:
+        entry = (manifest or {}).get("files", {}).get(name)
+        if verify and entry is not None and digest(raw) != entry["xxh3"]:
+            raise FileChecksumError(self.store.url_of(name), entry["xxh3"], digest(raw))
+        return raw
+
+    def metadata(self, manifest: Mapping[str, Any] | None, verify: bool = True) -> Any:
+        raw = self.store.read(".metadata")
+        if raw is None:
+            from torchkeep.errors import MissingShardError
+
+            raise MissingShardError(self.store.url_of(MANIFEST), [".metadata"])
+        md = metadata_from_bytes(self._checked(".metadata", raw, manifest, verify), self.store.url_of(".metadata"))
+        check_ranges(self.label, md, self._sizes.get)
+        return md
+
+    @contextlib.contextmanager
+    def local(self, name: str, manifest: Mapping[str, Any], verify: bool) -> Iterator[Path]:
+        """``name`` downloaded to a temporary file (checked against the manifest again), removed afterwards."""
+        with tempfile.TemporaryDirectory(prefix="torchkeep-") as tmp:
+            dest = Path(tmp) / name
+            self.store.download(name, dest)
+            entry = manifest["files"].get(name)
+            if verify and entry is not None:
+                got = hash_file(dest)["xxh3"]
+                if got != entry["xxh3"]:
+                    raise FileChecksumError(self.store.url_of(name), entry["xxh3"], got)
+            yield dest
+
+    def reader(self, md: Any) -> Any:
+        from torchkeep.dcp import safe_reader
+
+        return safe_reader(self.label, md, self.store.options)
+
+    def foreign(self) -> dict[str, Any]:
+        """DCP's own reader (it unpickles ``.metadata``): only for ``trust_pickle=True``."""
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return {"storage_reader": FsspecReader(self.label, **self.store.options)}
