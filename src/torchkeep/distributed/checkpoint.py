@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from torchkeep import api
 from torchkeep.distributed import _comm
+from torchkeep.distributed._tap import TapFS
 from torchkeep.distributed.manifest import (
     TREE_FILE,
     hash_file,
@@ -140,10 +141,12 @@ class _Split:
 
 
 class _Writer(FileSystemWriter):
-    """DCP's file writer that remembers which data files this rank wrote."""
+    """DCP's file writer that hashes what it writes and remembers which data files this rank wrote."""
 
     def __init__(self, path: Path, **kwargs: Any) -> None:
         super().__init__(str(path), **kwargs)
+        self.digests: dict[str, dict[str, Any]] = {}
+        self.fs = TapFS(self.fs, self.digests.__setitem__)
         self.written: set[str] = set()
 
     def write_data(self, plan: Any, planner: Any) -> Any:
@@ -177,13 +180,18 @@ def _commit(
     extra: dict[str, Any],
     world: int,
     before: Any = None,
+    known: Mapping[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Hash this rank's files, gather on rank 0, write the manifest last, rename; every rank learns the outcome."""
+    """Hash this rank's files, gather on rank 0, write the manifest last, rename; every rank learns the outcome.
+
+    ``known`` holds the entries of files hashed as they were written (no second read).
+    """
     report: dict[str, Any] = {"files": {}, "error": None}
     try:
         if before is not None:
             own = [*own, *before()]
-        report["files"] = {name: hash_file(tmp / name) for name in own}
+        known = known or {}
+        report["files"] = {name: known.get(name) or hash_file(tmp / name) for name in own}
     except Exception as e:  # reported to rank 0, which then commits nothing
         report["error"] = f"{type(e).__name__}: {e}"
     reports = _comm.all_gather_json(report, group)
@@ -440,6 +448,7 @@ def save(
             extra=extra,
             world=world,
             before=write_rank_file,
+            known=writer.digests,
         )
     bg = _async_group(group)
     response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
@@ -461,6 +470,7 @@ def save(
                 extra=extra,
                 world=world,
                 before=write_rank_file,
+                known=writer.digests,
             )
         except BaseException as e:
             future.set_exception(e)

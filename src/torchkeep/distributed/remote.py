@@ -25,8 +25,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import tempfile
 import threading
 import warnings
@@ -36,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 from torchkeep import api
 from torchkeep.dcp import check_ranges, metadata_from_bytes
 from torchkeep.distributed import _comm
+from torchkeep.distributed._tap import TapFS
 from torchkeep.distributed.manifest import (
     MANIFEST,
     TREE_FILE,
@@ -56,7 +55,7 @@ from torchkeep.errors import (
     DistributedSaveError,
     FileChecksumError,
 )
-from torchkeep.format.header import HashState, digest
+from torchkeep.format.header import digest
 
 __all__ = ["RemoteSource", "Store", "save"]
 
@@ -131,77 +130,6 @@ class Store:
 # -- save ---------------------------------------------------------------------------------------
 
 
-class _Tap:
-    """A write-only stream that hashes every byte on its way to the object (no seeking back)."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._hash = HashState()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        n = memoryview(data).nbytes
-        wrote = self._stream.write(data)
-        if wrote is not None and wrote != n:
-            raise OSError(f"short write to object storage ({wrote} of {n} bytes)")
-        self._hash.update(data)
-        self.size += n
-        return n
-
-    def tell(self) -> int:
-        return self.size
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if (whence == 0 and pos == self.size) or (whence == 1 and pos == 0):
-            return self.size
-        raise io.UnsupportedOperation("object storage streams are written front to back")
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def close(self) -> None:
-        self._stream.close()
-
-    @property
-    def closed(self) -> bool:
-        return bool(getattr(self._stream, "closed", False))
-
-    def fileno(self) -> int:
-        raise io.UnsupportedOperation("an object-storage stream has no file descriptor")
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def entry(self) -> dict[str, Any]:
-        return {"bytes": self.size, "xxh3": self._hash.hexdigest()}
-
-
-class _TapFS(FileSystem):
-    """DCP's fsspec file system, recording the digest of every object it finishes writing."""
-
-    def __init__(self, inner: FileSystem, record: Callable[[str, dict[str, Any]], None]) -> None:
-        super().__init__()
-        self.fs = inner.fs
-        self._record = record
-
-    @contextlib.contextmanager
-    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            tap = _Tap(stream)
-            yield tap
-        # only after the object is complete (the upload finished without an error)
-        self._record(os.path.basename(os.fspath(path)), tap.entry())
-
-
 class _Writer(FsspecWriter):
     """DCP's fsspec writer that hashes what it uploads and remembers which data files this rank wrote."""
 
@@ -209,7 +137,7 @@ class _Writer(FsspecWriter):
         # sync_files=False: an object is durable once its upload completes; fsync would sync the local disk
         super().__init__(store.url, sync_files=False, thread_count=thread_count, **store.options)
         self.digests: dict[str, dict[str, Any]] = {}
-        self.fs = _TapFS(self.fs, self.digests.__setitem__)
+        self.fs = TapFS(self.fs, self.digests.__setitem__)
         self.written: set[str] = set()
 
     def write_data(self, plan: Any, planner: Any) -> Any:
