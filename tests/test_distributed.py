@@ -10,37 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 import torchkeep as tk
 import torchkeep.distributed as tkd
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, UnverifiedCheckpointError
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from compare import assert_bitwise_state
 from dist_launch import launch
-from dist_worker import net
+from dist_worker import full, net
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _flat(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    out = {}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
-    for k, v in items:
-        out.update(_flat(v, f"{prefix}/{k}"))
-    return out
-
-
-def assert_bitwise(a, b) -> None:
-    fa, fb = _flat(a), _flat(b)
-    assert set(fa) == set(fb)
-    assert len(fa) > 10
-    for k in fa:
-        assert fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]), k
-    # hyperparameters (lr, betas, weight_decay) came back too
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
 def _trained():
@@ -54,17 +34,13 @@ def _trained():
     return model, opt
 
 
-def _full(model, opt):
-    return {"model": dict(model.state_dict()), "optimizer": get_optimizer_state_dict(model, opt)}
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 2-rank job: saves FSDP2 and DDP checkpoints, restores at 2 (and 1 -> 2), async checks."""
     out = tmp_path_factory.mktemp("dist")
     model, opt = _trained()
     tkd.save({"model": model, "optimizer": opt}, out / "ws1")
-    tk.save(_full(model, opt), out / "ref-ws1.safetensors")
+    tk.save(full(model, opt), out / "ref-ws1.safetensors")
     results = launch("save2", 2, out, timeout=150)
     for code, tail in results:
         assert code == 0, tail
@@ -78,7 +54,7 @@ def _checks(out: Path, scenario: str, rank: int) -> dict:
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 def test_same_world_size_is_bitwise_and_restores_each_ranks_rng(saved: Path, kind: str) -> None:
-    assert_bitwise(tk.load(saved / f"ref-{kind}.safetensors"), tk.load(saved / f"same-{kind}.safetensors"))
+    assert_bitwise_state(tk.load(saved / f"ref-{kind}.safetensors"), tk.load(saved / f"same-{kind}.safetensors"))
     for rank in (0, 1):
         c = _checks(saved, "save2", rank)
         assert c[f"{kind}-after-restore"] == c[f"{kind}-after-save"]  # the rank's own RNG stream resumed
@@ -97,13 +73,13 @@ def test_saved_at_2_restores_at_1(saved: Path, kind: str) -> None:
     with pytest.warns(tkd.RankStateWarning, match="saved on 2 ranks, restored on 1"):
         got = tkd.restore(saved / kind, {"model": model, "optimizer": opt, "rng": tk.RNGState()})
     assert got["epoch"] == 5 and got["config"] == {"lr": 0.01}
-    assert_bitwise(tk.load(saved / f"ref-{kind}.safetensors"), _full(model, opt))
+    assert_bitwise_state(tk.load(saved / f"ref-{kind}.safetensors"), full(model, opt))
     assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
 
 
 @pytest.mark.timeout(200)
 def test_saved_at_1_restores_at_2_into_fsdp_shards(saved: Path) -> None:
-    assert_bitwise(tk.load(saved / "ref-ws1.safetensors"), tk.load(saved / "from1.safetensors"))
+    assert_bitwise_state(tk.load(saved / "ref-ws1.safetensors"), tk.load(saved / "from1.safetensors"))
 
 
 @pytest.mark.timeout(200)
@@ -123,7 +99,7 @@ def test_saved_at_2_restores_at_4(saved: Path) -> None:
     for code, tail in launch("restore4", 4, saved, timeout=240):
         assert code == 0, tail
     for kind in ("fsdp", "ddp"):
-        assert_bitwise(tk.load(saved / f"ref-{kind}.safetensors"), tk.load(saved / f"at4-{kind}.safetensors"))
+        assert_bitwise_state(tk.load(saved / f"ref-{kind}.safetensors"), tk.load(saved / f"at4-{kind}.safetensors"))
         for rank in range(4):
             c = _checks(saved, "restore4", rank)
             assert c[f"{kind}-epoch"] == 5

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,8 +24,10 @@ from torchkeep.errors import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from compare import assert_bitwise_state
+from dist_launch import launch
 from dist_worker import net
-from s3server import S3Server, free_port
+from s3server import S3Server
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -35,40 +35,6 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 WORKER = HELPERS / "dist_remote_worker.py"
-
-
-def _run(
-    scenario: str, out: Path, url: str, env: dict[str, str], world: int, timeout: float
-) -> list[tuple[int | None, str]]:
-    """``(exit code, or None when it had to be killed; stderr tail)`` per process; every process is reaped."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        penv = {**env, "OMP_NUM_THREADS": "1"}
-        if world > 1:
-            penv.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            penv["GLOO_SOCKET_IFNAME"] = "lo"
-        err = open(out / f"stderr-{scenario}-{rank}.txt", "wb")  # noqa: SIM115 - closed below
-        procs.append(
-            (subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), url], env=penv, stderr=err), err)
-        )
-    deadline = time.monotonic() + timeout
-    results: list[tuple[int | None, str]] = []
-    try:
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        for proc, err in procs:
-            code = proc.poll()
-            if code is None:
-                proc.kill()
-                proc.wait()
-            err.close()
-            results.append((code, Path(err.name).read_text(errors="replace")[-3000:]))
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -82,29 +48,11 @@ def job(s3, tmp_path_factory):
     """One 2-rank job (save, same-size restore, refusals, async), checked by several tests."""
     out = tmp_path_factory.mktemp("remote2")
     url = s3.bucket("ckpts") + "/run"
-    results = _run("save2", out, url, s3.env, 2, timeout=240)
+    results = launch("save2", 2, out, timeout=240, worker=WORKER, args=[url], env=s3.env)
     for rank, (code, tail) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{tail}"
     checks = [json.loads((out / f"checks-save2-{r}.json").read_text()) for r in range(2)]
     return out, url, checks
-
-
-def _flat(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
-    out = {}
-    for k, v in items:
-        out.update(_flat(v, f"{prefix}/{k}"))
-    return out
-
-
-def assert_bitwise(a, b) -> None:
-    fa, fb = _flat(a), _flat(b)
-    assert set(fa) == set(fb) and len(fa) > 10
-    for k in fa:
-        assert fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]), k
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
 
 
 def _copy(s3: S3Server, src: str, dst: str, *, skip: tuple[str, ...] = (), flip: str = "") -> None:
@@ -124,7 +72,7 @@ def test_two_ranks_save_and_restore_bitwise(job) -> None:
     out, url, checks = job
     assert [c["saved"] for c in checks] == [f"{url}/step-1"] * 2
     ref, same = tk.load(out / "ref.safetensors"), tk.load(out / "same.safetensors")
-    assert_bitwise(ref, same)
+    assert_bitwise_state(ref, same)
     for c in checks:
         assert c["epoch"] == 5 and c["config"] == {"lr": 0.01}
         assert c["after-restore"] == c["after-save"]  # per-rank RNG came back on each rank
@@ -165,7 +113,7 @@ def test_restore_on_one_process_bitwise(job, s3) -> None:
     assert got["epoch"] == 5
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    assert_bitwise(
+    assert_bitwise_state(
         tk.load(out / "ref.safetensors"),
         {"model": dict(model.state_dict()), "optimizer": get_optimizer_state_dict(model, opt)},
     )
@@ -208,7 +156,7 @@ def test_prefix_without_manifest_is_refused(job, s3) -> None:
 @pytest.mark.timeout(120)
 def test_a_killed_save_leaves_nothing_restorable_and_can_be_redone(s3, tmp_path) -> None:
     url = s3.bucket("killed") + "/run/step-1"
-    ((code, tail),) = _run("killed", tmp_path, url, s3.env, 1, timeout=90)
+    ((code, tail),) = launch("killed", 1, tmp_path, timeout=90, worker=WORKER, args=[url], env=s3.env, group=False)
     assert code == -9, tail
     left = Store(url, s3.options).sizes()
     assert "__0_0.distcp" in left and "torchkeep-manifest.json" not in left  # data uploaded, never committed

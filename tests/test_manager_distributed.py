@@ -9,19 +9,18 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 import torchkeep as tk
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.manager import CheckpointSkippedWarning, manifest
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-import dist_launch
-from dist_worker import net
+from compare import assert_bitwise_state, flat_tensors
+from dist_launch import launch
+from dist_worker import full, net
 
 WORKER = Path(__file__).parent / "helpers" / "dist_manager_worker.py"
 
@@ -30,36 +29,14 @@ WORKER = Path(__file__).parent / "helpers" / "dist_manager_worker.py"
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     """The 2-rank job: saves with retention, reopen + restore, corrupt + fall back, async saves."""
     out = tmp_path_factory.mktemp("dist-manager")
-    with mock.patch.object(dist_launch, "WORKER", WORKER):
-        results = dist_launch.launch("manager", 2, out, timeout=240)
+    results = launch("manager", 2, out, timeout=240, worker=WORKER)
     for code, tail in results:
         assert code == 0, tail
     return out, [json.loads((out / f"checks-manager-{r}.json").read_text()) for r in range(2)]
 
 
-def _full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    return {"model": dict(model.state_dict()), "optimizer": get_optimizer_state_dict(model, opt)}
-
-
-def _flat(tree, prefix=""):
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    out = {}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
-    for k, v in items:
-        out.update(_flat(v, f"{prefix}/{k}"))
-    return out
-
-
-def assert_bitwise(a, b) -> None:
-    fa, fb = _flat(a), _flat(b)
-    assert set(fa) == set(fb) and len(fa) > 10
-    for k in fa:
-        assert fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]), k
-
-
 def assert_differs(a, b) -> None:
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flat_tensors(a), flat_tensors(b)
     assert any(not torch.equal(fa[k], fb[k]) for k in fa)
 
 
@@ -99,7 +76,7 @@ def test_retention_deletes_directories_only_after_the_manifest_drops_them(job) -
 def test_reopened_restore_returns_the_newest_bitwise_and_cleans_leftovers(job) -> None:
     out, (r0, r1) = job
     assert r0["restored"] == r1["restored"] == "ckpt_000004.dcp"
-    assert_bitwise(tk.load(out / "restored-latest.safetensors"), tk.load(out / "ref-4.safetensors"))
+    assert_bitwise_state(tk.load(out / "restored-latest.safetensors"), tk.load(out / "ref-4.safetensors"))
     # the killed save's temp directory and a deletion's leftover are removed; someone else's is not
     assert r0["after_open_hidden"] == [".lock", ".notours.tmp-01"]
 
@@ -112,7 +89,7 @@ def test_corrupt_newest_makes_every_rank_fall_back_to_the_same_older_one(job) ->
         assert len(r["skipped_warnings"]) == 1 and "ckpt_000004.dcp" in r["skipped_warnings"][0]
         assert "falling back to ckpt_000003.dcp" in r["skipped_warnings"][0]
     fallback = tk.load(out / "restored-fallback.safetensors")
-    assert_bitwise(fallback, tk.load(out / "ref-3.safetensors"))
+    assert_bitwise_state(fallback, tk.load(out / "ref-3.safetensors"))
     assert_differs(fallback, tk.load(out / "ref-4.safetensors"))
     assert r0["strict_error"] == "FileChecksumError" and r1["strict_error"] == "FileChecksumError"
 
@@ -142,10 +119,10 @@ def test_saved_on_two_ranks_restores_on_one_process_through_the_manager(job) -> 
     with tk.CheckpointManager(out / "run", keep_last=2, keep_best=1, monitor="acc") as mgr:
         assert mgr.checkpoints()[-1].file == "ckpt_000004.dcp" and not mgr._dist
         assert mgr.restore({"model": model, "optimizer": opt}, step="best").file == "ckpt_000001.dcp"
-        assert_bitwise(_full(model, opt), tk.load(out / "ref-1.safetensors"))
+        assert_bitwise_state(full(model, opt), tk.load(out / "ref-1.safetensors"))
         with pytest.warns(CheckpointSkippedWarning, match="ckpt_000004.dcp"):
             assert mgr.restore({"model": model, "optimizer": opt}).file == "ckpt_000003.dcp"  # corrupt newest
-        assert_bitwise(_full(model, opt), tk.load(out / "ref-3.safetensors"))
+        assert_bitwise_state(full(model, opt), tk.load(out / "ref-3.safetensors"))
 
 
 # -- one process, distributed=True: directory checkpoints in a run ------------------------------

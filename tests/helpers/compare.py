@@ -28,3 +28,24 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert math.isnan(b), where
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def flat_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{"/a/b/0": tensor}`` for every tensor leaf of a nested dict/list/tuple."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(flat_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+def assert_bitwise_state(a: Any, b: Any) -> None:
+    """Two ``{"model": state dict, "optimizer": optimizer state dict}`` trees: same tensors, bit for bit,
+    and the same optimizer hyperparameters (lr, betas, weight decay)."""
+    fa, fb = flat_tensors(a), flat_tensors(b)
+    assert set(fa) == set(fb) and len(fa) > 10
+    for k in fa:
+        assert fa[k].dtype == fb[k].dtype and torch.equal(fa[k], fb[k]), k
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]

@@ -13,11 +13,11 @@ import json
 import os
 import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from dist_launch import init_rank
 
 import torchkeep as tk
 import torchkeep.distributed.checkpoint as tkdc
@@ -161,14 +161,7 @@ def asynchronous(out: Path, checks: dict) -> None:
 
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    rank = int(os.environ["RANK"])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
-        rank=rank,
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timedelta(seconds=60),
-    )
+    rank = init_rank()
     try:
         assert scenario == "manager", scenario
         checks: dict = {}

@@ -12,13 +12,13 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dist_launch import init_rank
 from dist_worker import fresh, fsdp, full, net, train
 
 import torchkeep as tk
@@ -166,14 +166,7 @@ def main() -> None:
     if scenario == "killed":
         killed(out, url)
         return
-    rank = int(os.environ["RANK"])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
-        rank=rank,
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timedelta(seconds=60),
-    )
+    rank = init_rank()
     try:
         checks = {"save2": save2, "bench": bench}[scenario](out, url)
         (out / f"checks-{scenario}-{rank}.json").write_text(json.dumps(checks))

@@ -11,11 +11,11 @@ import os
 import signal
 import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from dist_launch import init_rank
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 import torchkeep as tk
@@ -166,14 +166,7 @@ def killed(out: Path) -> dict:
 
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    rank = int(os.environ["RANK"])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
-        rank=rank,
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timedelta(seconds=60),
-    )
+    rank = init_rank()
     try:
         checks = {"save2": save2, "restore4": restore4, "killed": killed}[scenario](out)
         (out / f"checks-{scenario}-{rank}.json").write_text(json.dumps(checks))
