@@ -15,7 +15,7 @@ import secrets
 import shutil
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -433,51 +433,53 @@ def save(
     extra = {"tensors": split.placeholders, "per_rank": split.rank_paths}
     writer = _Writer(tmp, sync_files=durable, thread_count=thread_count)
     dist_kw: dict[str, Any] = {"no_dist": not _comm.is_distributed()}
-    if not async_save:
-        try:
-            with _quiet():
-                dcp.save(split.tensors, storage_writer=writer, process_group=group, **dist_kw)
-        except BaseException as e:
-            raise _failed(final, tmp, me, e) from e
+
+    def commit(grp: Any) -> Path:
+        files = [*own, *sorted(writer.written)]
         return _commit(
             tmp,
             final,
-            [*own, *sorted(writer.written)],
-            group,
+            files,
+            grp,
             durable=durable,
             extra=extra,
             world=world,
             before=write_rank_file,
             known=writer.digests,
         )
+
+    if not async_save:
+        try:
+            with _quiet():
+                dcp.save(split.tensors, storage_writer=writer, process_group=group, **dist_kw)
+        except BaseException as e:
+            raise _failed(final, tmp, me, e) from e
+        return commit(group)
     bg = _async_group(group)
     response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
+    return in_background(response, lambda e: _failed(final, tmp, me, e), lambda: commit(bg), final)
+
+
+def in_background(
+    response: Any, failed: Callable[[BaseException], BaseException], commit: Callable[[], Any], where: Any
+) -> AsyncSave:
+    """Finish an ``async_save``: wait for DCP's upload, then ``commit()``, in a thread; the pending save."""
     upload = getattr(response, "upload_completion", response)
-    future: Future[Path] = Future()
+    future: Future[Any] = Future()
 
     def finish() -> None:
         try:
             try:
                 upload.result()
             except BaseException as e:
-                raise _failed(final, tmp, me, e) from e
-            done = _commit(
-                tmp,
-                final,
-                [*own, *sorted(writer.written)],
-                bg,
-                durable=durable,
-                extra=extra,
-                world=world,
-                before=write_rank_file,
-                known=writer.digests,
-            )
+                raise failed(e) from e
+            done = commit()
         except BaseException as e:
             future.set_exception(e)
         else:
             future.set_result(done)
 
     threading.Thread(target=finish, name="torchkeep-distributed-save", daemon=True).start()
-    global _pending
-    _pending = AsyncSave(final, future)
-    return _pending
+    job = AsyncSave(where, future)
+    _set_pending(job)
+    return job

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -282,25 +280,7 @@ def save(
     with ck._quiet(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_OVERWRITE_WARNING)
         response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
-    upload = getattr(response, "upload_completion", response)
-    future: Future[str] = Future()
-
-    def finish() -> None:
-        try:
-            try:
-                upload.result()
-            except BaseException as e:
-                raise failed(e) from e
-            done = commit(bg)
-        except BaseException as e:
-            future.set_exception(e)
-        else:
-            future.set_result(done)
-
-    threading.Thread(target=finish, name="torchkeep-distributed-save", daemon=True).start()
-    job = ck.AsyncSave(store.url, future)  # type: ignore[arg-type]
-    ck._set_pending(job)
-    return job
+    return ck.in_background(response, failed, lambda: commit(bg), store.url)
 
 
 # -- restore ------------------------------------------------------------------------------------
