@@ -144,3 +144,30 @@ def test_tk_load_reads_the_weights_of_a_verified_directory(tmp_path: Path) -> No
     assert torch.equal(flat["model.0.weight"], model[0].weight.detach())
     report = tk.load_into(_model(), path, strict=False)  # the optimizer state and "ema" are not weights
     assert len(report.matched) == 4 and not report.missing
+
+
+def test_an_async_save_error_is_reported_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``job.result()`` raises the background error; ``wait()`` and the next save do not raise it again."""
+    import torchkeep.distributed.checkpoint as tkdc
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP's single-process notice
+        monkeypatch.setattr(tkdc, "write_manifest", broken)
+        job = tkd.save({"model": model}, tmp_path / "a", async_save=True)
+        with pytest.raises(OSError, match="No space left"):  # as itself, on the rank it happened
+            job.result()
+        monkeypatch.undo()
+        assert tkd.wait() is None
+        assert not (tmp_path / "a").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+        ok = tkd.save({"model": model}, tmp_path / "b", async_save=True)
+        assert ok.result() == tmp_path / "b" and tkd.wait() is None
+    fresh = _model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    tkd.restore(tmp_path / "b", {"model": fresh})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))

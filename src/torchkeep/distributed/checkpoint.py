@@ -239,8 +239,16 @@ class AsyncSave:
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> Path:
-        """Wait for the commit; returns the path, or raises the error that stopped the save."""
-        return self._future.result(timeout)
+        """Wait for the commit; returns the path, or raises the error that stopped the save.
+
+        Once this returns or raises, :func:`wait` and the next ``save`` no longer report this save.
+        """
+        global _pending
+        try:
+            return self._future.result(timeout)
+        finally:
+            if _pending is self and self._future.done():
+                _pending = None
 
     def __repr__(self) -> str:
         return f"AsyncSave({str(self.path)!r}, done={self.done()})"
@@ -255,8 +263,8 @@ def wait() -> Path | None:
 
     Example:
         >>> import torchkeep.distributed as tkd
-        >>> tkd.wait() is None or True
-        True
+        >>> print(tkd.wait())  # no save in flight
+        None
     """
     global _pending
     job, _pending = _pending, None

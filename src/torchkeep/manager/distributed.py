@@ -141,10 +141,4 @@ def agree(error: BaseException | None, path: str | os.PathLike[str]) -> BaseExce
 
 def wait_for(job: Any) -> None:
     """Wait for a background :func:`torchkeep.distributed.save`; re-raise its error (every rank gets one)."""
-    import torchkeep.distributed as tkd
-    import torchkeep.distributed.checkpoint as tkdc
-
-    if getattr(tkdc, "_pending", None) is job:
-        tkd.wait()  # also clears the engine's record of it, so its error is not raised twice
-    else:
-        job.result()
+    job.result()  # also clears the engine's record of it, so its error is not raised twice
