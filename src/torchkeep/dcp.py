@@ -24,6 +24,8 @@ import io
 import os
 import pickle
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from torchkeep.errors import CorruptCheckpointError, MissingShardError, UnsafeCh
 __all__ = [
     "check_complete",
     "check_ranges",
+    "dcp_errors",
     "is_dcp_dir",
     "metadata_from_bytes",
     "read_dcp",
@@ -190,6 +193,27 @@ def safe_reader(path: str | os.PathLike[str], md: Any, storage_options: Any = No
     return _Reader(os.fspath(path))
 
 
+@contextmanager
+def dcp_errors(label: Any) -> Iterator[None]:
+    """DCP's read failure (a ``CheckpointException``, which is a ``BaseException``) as a typed error.
+
+    A vanished shard becomes :class:`MissingShardError`; anything else :class:`CorruptCheckpointError`
+    naming the rank it happened on, so ``except Exception`` and the manager's fallback see it.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        failures = getattr(e, "failures", None) or {}
+        rank, cause = sorted(failures.items())[0] if failures else (-1, e)
+        if isinstance(cause, tuple):  # (exception, traceback)
+            cause = cause[0]
+        if isinstance(cause, FileNotFoundError):
+            raise MissingShardError(label, [os.path.basename(str(cause.filename or cause))]) from e
+        raise CorruptCheckpointError(label, f"reading failed on rank {rank}: {type(cause).__name__}: {cause}") from e
+
+
 def read_dcp(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read every tensor of a DCP directory into CPU memory, as ``{flattened fqn: tensor}``.
 
@@ -221,5 +245,6 @@ def read_dcp(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=safe_reader(root, md), no_dist=True)
+        with dcp_errors(root):
+            dcp.load(state, storage_reader=safe_reader(root, md), no_dist=True)
     return {k.replace("/", "."): v for k, v in state.items()} if ours else state

@@ -71,10 +71,11 @@ class TorchkeepError(Exception):
 class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
     """The path does not exist."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, hint: str = "") -> None:
         self.path = str(path)
         super().__init__(
-            f"{self.path}: no such checkpoint file. Check the path (cwd-relative paths are resolved from the current directory)."
+            f"{self.path}: no such checkpoint file. "
+            + (hint or "Check the path (cwd-relative paths are resolved from the current directory).")
         )
 
 
@@ -462,13 +463,32 @@ class ExportVerificationError(TorchkeepError, RuntimeError):
             for check, out, a, r, why in self.failures[:5]
         )
         more = f"; ... ({len(self.failures) - 5} more)" if len(self.failures) > 5 else ""
-        tol = getattr(report, "rtol", None), getattr(report, "atol", None)
         super().__init__(
             f"{self.path}: the exported model does not match the eager model: {shown}{more} "
-            f"(rtol={tol[0]}, atol={tol[1]}). The artifact was kept there for inspection; do not ship it. "
+            f"({self._tolerances(report)}). The artifact was kept there for inspection; do not ship it. "
             "A value-dependent Python branch frozen by tracing, a batch size baked in, or an operator the runtime "
             "computes differently are the usual causes: try method='script' or the torch.export format, "
             "or loosen rtol/atol if the differences are expected (e.g. float16)."
+        )
+
+    @staticmethod
+    def _tolerances(report: Any) -> str:
+        """The tolerances the failed outputs of an export report were compared with, e.g. ``rtol=0.0001, atol=1e-05``."""
+        pairs: dict[tuple[Any, Any], list[str]] = {}
+        for check in getattr(report, "checks", None) or []:
+            for out in check.outputs:
+                if not out.ok and getattr(out, "rtol", None) is not None:
+                    pairs.setdefault((out.rtol, out.atol), []).append(out.name)
+        if not pairs:
+            rtol, atol = getattr(report, "rtol", None), getattr(report, "atol", None)
+            if rtol is None and atol is None:
+                return "default tolerances per dtype"
+            return f"rtol={rtol}, atol={atol}"
+        if len(pairs) == 1:
+            ((rtol, atol),) = pairs
+            return f"rtol={rtol:g}, atol={atol:g}"
+        return "; ".join(
+            f"{', '.join(dict.fromkeys(names))}: rtol={rtol:g}, atol={atol:g}" for (rtol, atol), names in pairs.items()
         )
 
 

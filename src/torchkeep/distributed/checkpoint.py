@@ -10,6 +10,7 @@ manifest last, after every rank has finished, and renames the directory into pla
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import shutil
@@ -36,6 +37,7 @@ from torchkeep.distributed._tap import TapFS
 from torchkeep.distributed.manifest import (
     TREE_FILE,
     hash_file,
+    is_torchkeep_dcp,
     is_url,
     rank_file,
     write_manifest,
@@ -156,18 +158,44 @@ class _Writer(FileSystemWriter):
 
 
 def _publish(tmp: Path, final: Path, durable: bool) -> None:
-    """Rename the finished directory into place; an old checkpoint there is replaced, then deleted."""
-    from torchkeep.storage.local import fsync_dir
+    """Rename the finished directory into place; an old checkpoint there is replaced, then deleted.
 
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
-        os.rename(final, old)
-    os.rename(tmp, final)
+    The replacement is one atomic swap where the file system allows it (Linux
+    ``renameat2(RENAME_EXCHANGE)``): a crash leaves the old or the new checkpoint at ``final``,
+    never neither. Elsewhere it takes two renames; a crash between them leaves both complete
+    copies hidden beside ``final``, and ``restore`` names them in its error.
+    """
+    from torchkeep.storage.local import exchange, fsync_dir
+
+    if final.exists() and exchange(tmp, final):
+        old = tmp  # the swap left the previous checkpoint under the temporary name
+    else:
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+            os.rename(final, old)
+        os.rename(tmp, final)
     if durable:
         fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _replaceable(final: Path) -> None:
+    """Refuse to replace a directory that is not a torchkeep checkpoint (a save would delete it)."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise IsADirectoryError(f"{final}: is a file; a distributed checkpoint is a directory, give another path")
+    if is_torchkeep_dcp(final):
+        return
+    held = sorted(p.name for p in final.iterdir())
+    if held:
+        shown = ", ".join(held[:10]) + (f", ... ({len(held)} entries)" if len(held) > 10 else "")
+        raise FileExistsError(
+            f"{final}: exists and is not a torchkeep checkpoint (it holds {shown}); a save replaces only a "
+            "checkpoint, never other data. Give another path, or move that directory away first."
+        )
 
 
 def _commit(
@@ -203,6 +231,9 @@ def _commit(
             bad = [(r, x["error"]) for r, x in enumerate(reports) if x["error"]]
             if bad:
                 raise DistributedSaveError(final, bad[0][0], bad[0][1])
+            for r, x in enumerate(reports):
+                for name, entry in x["files"].items():
+                    _visible(tmp, final, r, name, entry["bytes"])
             files = {name: entry for x in reports for name, entry in x["files"].items()}
             files[".metadata"] = hash_file(tmp / ".metadata")
             write_manifest(tmp, files, world_size=world, durable=durable, extra=extra)
@@ -218,6 +249,22 @@ def _commit(
     if not outcome["ok"]:
         raise DistributedSaveError(final, 0, outcome["error"])
     return final
+
+
+def _visible(tmp: Path, final: Path, rank: int, name: str, size: int) -> None:
+    """Rank 0 commits only files it can see whole: ranks on disks it does not share are caught here."""
+    try:
+        seen = (tmp / name).stat().st_size
+    except FileNotFoundError:
+        seen = -1
+    if seen != size:
+        what = "missing" if seen < 0 else f"{seen} bytes instead of {size}"
+        raise DistributedSaveError(
+            final,
+            rank,
+            f"its file {name} is {what} as seen from rank 0: the checkpoint path must be on a file system every "
+            "rank shares (a shared mount, or an s3:// URL), not a node-local disk",
+        )
 
 
 class AsyncSave:
@@ -308,12 +355,21 @@ def _as_save_error(final: Any, e: BaseException) -> BaseException:
 
 
 def _snapshot(value: Any) -> Any:
-    """A copy of a per-rank entry as it is now: a state dict, or a generator's state in a new generator."""
+    """A copy of a per-rank entry as it is now (an async save writes it later): tensors cloned,
+    containers copied, a Stateful's state dict, a generator's state in a new generator."""
     if isinstance(value, torch.Generator):
         g = torch.Generator(device=value.device)
         g.set_state(value.get_state())
         return g
-    return value.state_dict() if is_stateful(value) else value
+    if is_stateful(value):
+        value = value.state_dict()
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if type(value) is dict:
+        return {k: _snapshot(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return copy.deepcopy(value)
 
 
 @contextmanager
@@ -402,8 +458,6 @@ def save(
             thread_count=thread_count,
         )
     final = Path(os.fspath(path)).expanduser().absolute()
-    if final.exists() and not final.is_dir():
-        raise IsADirectoryError(f"{final}: is a file; a distributed checkpoint is a directory, give another path")
     split = _Split(tuple(per_rank))
     tree = split.run(state)
     group = process_group
@@ -414,6 +468,7 @@ def save(
     token = secrets.token_hex(6)
     if me == 0:
         try:
+            _replaceable(final)
             final.parent.mkdir(parents=True, exist_ok=True)
             (final.parent / f".{final.name}.tmp-{token}").mkdir()
             start["token"] = token

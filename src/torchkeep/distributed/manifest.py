@@ -307,6 +307,8 @@ def raise_for(directory: str | os.PathLike[str], problems: list[dict[str, Any]])
     if missing:
         raise MissingShardError(join(directory, MANIFEST), missing)
     p = problems[0]
+    if p["kind"] == "error":  # the check itself failed on some rank (EIO, permissions, a store error)
+        raise CorruptCheckpointError(join(directory, p["file"]), f"could not be checked: {p['detail']}")
     if p["kind"] == "size":
         raise CorruptCheckpointError(
             join(directory, p["file"]),

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchkeep import api
-from torchkeep.dcp import check_complete, is_dcp_dir, read_metadata, safe_reader
+from torchkeep.dcp import check_complete, dcp_errors, is_dcp_dir, read_metadata, safe_reader
 from torchkeep.distributed import _comm
 from torchkeep.distributed.checkpoint import Path_, PathLike, RankStateWarning, _key, _owner, _quiet, wait
 from torchkeep.distributed.manifest import (
@@ -51,10 +51,44 @@ _POLICIES = ("skip", "reuse", "error")
 
 
 class _Local:
-    """What :func:`restore` reads from a local checkpoint directory."""
+    """What :func:`restore` reads from a local checkpoint directory.
+
+    :meth:`pin` makes every later read go through a descriptor of the directory as it is then
+    (``/proc/self/fd/N``, Linux): a save that swaps another checkpoint into the path while a
+    restore runs makes that restore fail cleanly (the old files are gone) instead of reading
+    half of each. Error messages still name the real path.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = self.label = root
+        self._fd = -1
+
+    def pin(self) -> None:
+        if self._fd >= 0 or not os.path.isdir("/proc/self/fd"):
+            return
+        try:
+            self._fd = os.open(self.label, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return
+        self.root = Path(f"/proc/self/fd/{self._fd}")
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        self.root = self.label
+
+    def named(self, e: BaseException) -> BaseException:
+        """``e`` with the pinned path replaced by the real one in its message and attributes."""
+        pinned, real = str(self.root), str(self.label)
+        if pinned == real:
+            return e
+        e.args = tuple(a.replace(pinned, real) if isinstance(a, str) else a for a in e.args)
+        for attr in ("path", "index", "directory", "filename"):
+            v = getattr(e, attr, None)
+            if isinstance(v, str) and pinned in v:
+                setattr(e, attr, v.replace(pinned, real))
+        return e
 
     def exists(self) -> bool:
         return self.root.exists()
@@ -104,7 +138,11 @@ def _source(path: PathLike, storage_options: Mapping[str, Any] | None) -> Any:
 def _verify(src: Any, manifest: dict[str, Any], group: Any, verify: bool) -> None:
     """Every file checked by exactly one rank (split by size); every rank raises the same error."""
     mine = share(manifest, _comm.rank(group), _comm.world_size(group))
-    problems = [p for ps in _comm.all_gather_json(src.check(manifest, mine, verify), group) for p in ps]
+    try:
+        found = src.check(manifest, mine, verify)
+    except Exception as e:  # reported, not raised here: the other ranks would wait in the gather forever
+        found = [{"file": ", ".join(mine) or "?", "kind": "error", "detail": f"{type(e).__name__}: {e}"}]
+    problems = [p for ps in _comm.all_gather_json(found, group) for p in ps]
     raise_for(src.label, problems)
 
 
@@ -238,10 +276,41 @@ def restore(
         raise ValueError(f"per_rank_policy must be one of {', '.join(_POLICIES)}, not {per_rank_policy!r}")
     wait()
     src = _source(path, storage_options)
-    root = src.label
     if not src.exists():
-        raise CheckpointNotFoundError(root)
+        raise CheckpointNotFoundError(src.label, _interrupted(src.label))
     plan = api._targets(targets)
+    getattr(src, "pin", lambda: None)()
+    try:
+        return _restore(src, plan, strict, verify, trust_pickle, per_rank_policy, process_group)
+    except Exception as e:
+        getattr(src, "named", lambda x: x)(e)  # the real path in the message, not the pinned one
+        raise
+    finally:
+        getattr(src, "close", lambda: None)()
+
+
+def _interrupted(final: Any) -> str:
+    """A hint naming complete copies a save interrupted while replacing ``final`` left hidden beside it."""
+    if not isinstance(final, Path) or not final.parent.is_dir():
+        return ""
+    prefix = f".{final.name}."
+    copies = sorted(
+        p.name
+        for p in final.parent.iterdir()
+        if p.name.startswith(prefix) and (".tmp-" in p.name or ".old-" in p.name) and is_torchkeep_dcp(p)
+    )
+    if not copies:
+        return ""
+    return (
+        f"A save was interrupted while replacing it; complete checkpoints are left beside it: {', '.join(copies)} "
+        f"(.tmp-: the new one, .old-: the previous one). Rename the one you want to {final.name}."
+    )
+
+
+def _restore(
+    src: Any, plan: list, strict: bool, verify: bool, trust_pickle: bool, per_rank_policy: str, process_group: Any
+) -> Any:
+    root = src.label
     if not src.is_ours():
         if not src.is_dcp():
             raise CorruptCheckpointError(root, src.not_checkpoint())
@@ -281,7 +350,7 @@ def restore(
         warnings.warn(f"{root}: not in the checkpoint, left unchanged: {', '.join(sorted(absent))}", stacklevel=2)
     filler = _Filler(md, placeholders, templates)
     tree = filler.fill(tree, ())
-    with _quiet():
+    with _quiet(), dcp_errors(root):
         dcp.load(
             filler.load,
             storage_reader=src.reader(md),
@@ -356,7 +425,8 @@ def _restore_foreign(src: Any, plan: list, *, strict: bool, group: Any) -> Any:
         for p in tpath[:-1]:
             node = node.setdefault(p, {})
         node[tpath[-1]] = value
-    dcp.load(state, **src.foreign(), process_group=group, no_dist=not _comm.is_distributed())
+    with dcp_errors(src.label):
+        dcp.load(state, **src.foreign(), process_group=group, no_dist=not _comm.is_distributed())
     for (tpath, _), setter in zip(plan, setters, strict=True):
         if setter is not None:
             setter(_get(state, tpath)[1])

@@ -13,6 +13,7 @@ previous file at ``path`` is never touched until the rename.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["AtomicFile", "buffer_of", "fsync_dir", "read_into", "write_buffers"]
+__all__ = ["AtomicFile", "buffer_of", "exchange", "fsync_dir", "read_into", "write_buffers"]
 
 _IOV_MAX = 1024
 _MAX_IO = 1 << 30  # Linux transfers at most ~2 GiB per call; stay well below
@@ -95,6 +96,40 @@ def read_into(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
             if batch and n:
                 batch = [batch[0][n:], *batch[1:]]
     return offset
+
+
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported.
+
+    Replacing a directory otherwise takes two renames, with a moment where neither is in place.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "a").write_text("A"); (d / "b").write_text("B")
+        1
+        1
+        >>> exchange(d / "a", d / "b") is False or (d / "a").read_text() == "B"
+        True
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # this file system or kernel cannot swap
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def fsync_dir(directory: Path) -> None:
