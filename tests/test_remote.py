@@ -313,3 +313,26 @@ def test_s3_killed_upload_leaves_no_visible_checkpoint(s3: S3Server) -> None:
         proc.stdin.close()
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+def test_two_openers_racing_for_the_lock_cannot_both_hold_it(mem_run: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchkeep.storage.remote import RemoteRun
+
+    a, b = RemoteRun(mem_run, {}), RemoteRun(mem_run, {})
+    a.lock()
+    # b looked before a created the lock, so it saw none: the exclusive create still refuses it
+    real_read = RemoteRun.read
+    monkeypatch.setattr(
+        RemoteRun, "read", lambda self, name: None if self is b and name == ".lock" else real_read(self, name)
+    )
+    with pytest.raises(CheckpointLockedError):
+        b.lock()
+    monkeypatch.undo()
+    assert json.loads(fsspec.filesystem("memory").cat_file(f"{mem_run}/.lock"))["token"] == a._token
+    a.write("manifest.json", b"{}", durable=True)  # still a's lock
+    # a lock overwritten behind a's back (e.g. deleted by hand and taken): a stops writing its manifest
+    fsspec.filesystem("memory").pipe_file(
+        f"{mem_run}/.lock", json.dumps({"host": "node-2", "pid": 7, "token": "z"}).encode()
+    )
+    with pytest.raises(CheckpointLockedError, match="node-2"):
+        a.write("manifest.json", b"{}", durable=True)

@@ -12,8 +12,10 @@ upload, or on non-atomic stores a partial object) is never seen. The next manage
 the run aborts unfinished S3 multipart uploads of its checkpoint names and deletes checkpoint
 objects that carry its record but that no manifest names.
 
-Locking: ``.lock`` holds ``{"host", "pid", "token"}``. A lock whose holder is a dead process
-on this host is taken over; any other is reported with the host, pid and the fix.
+Locking: ``.lock`` holds ``{"host", "pid", "token"}`` and is created exclusively (on S3 a
+conditional PUT), so of two managers opening at once exactly one gets it. A lock whose holder is
+a dead process on this host is taken over; any other is reported with the host, pid and the
+fix. Before each manifest write the manager checks that the lock is still its own.
 
 Example:
     >>> import torch, torchkeep as tk
@@ -105,26 +107,55 @@ class RemoteRun:
     # -- lock ------------------------------------------------------------------------------------
     def lock(self) -> None:
         here = socket.gethostname()
-        raw = self.read(LOCK)
-        if raw is not None:
-            try:
-                held = json.loads(raw)
-                host, pid = str(held["host"]), int(held["pid"])
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointLockedError(self.location, None, host="unknown") from None
-            if host != here or _alive(pid):
-                raise CheckpointLockedError(self.location, pid, host=host)
-            warnings.warn(
-                f"{self.location}: taking over the lock of process {pid}, which is no longer running", stacklevel=4
-            )
         token = secrets.token_hex(8)
-        self.write(LOCK, json.dumps({"host": here, "pid": os.getpid(), "token": token}).encode(), durable=True)
-        # last writer wins on an object store: read back to see whether another opener raced us
+        mine = json.dumps({"host": here, "pid": os.getpid(), "token": token}).encode()
+        for _attempt in range(3):
+            try:
+                # an exclusive create (S3: a conditional PUT, If-None-Match: *) decides between racing openers
+                self.fs.pipe_file(self._p(LOCK), mine, mode="create")
+                break
+            except FileExistsError:
+                raw = self.read(LOCK)
+                if raw is None:
+                    continue  # released meanwhile: race for it again, exclusively
+                self._check_stale(raw, here)
+                self.write(LOCK, mine, durable=True)  # a dead process's lock on this host: take it over
+                break
+            except TypeError:  # an fsspec without mode=: check, write, read back (last writer wins)
+                raw = self.read(LOCK)
+                if raw is not None:
+                    self._check_stale(raw, here)
+                self.write(LOCK, mine, durable=True)
+                break
+        else:
+            raise CheckpointLockedError(self.location, None, host="unknown")
         back = self.read(LOCK)
         if back is None or json.loads(back).get("token") != token:
             held = json.loads(back) if back else {}
-            raise CheckpointLockedError(self.location, held.get("pid"), host=held.get("host"))
+            raise CheckpointLockedError(self.location, held.get("pid"), host=held.get("host") or "unknown")
         self._token = token
+
+    def _check_stale(self, raw: bytes, here: str) -> None:
+        """Return if the lock ``raw`` is held by a dead process on this host (it may be taken over); else raise."""
+        try:
+            held = json.loads(raw)
+            host, pid = str(held["host"]), int(held["pid"])
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointLockedError(self.location, None, host="unknown") from None
+        if host != here or _alive(pid):
+            raise CheckpointLockedError(self.location, pid, host=host)
+        warnings.warn(
+            f"{self.location}: taking over the lock of process {pid}, which is no longer running", stacklevel=5
+        )
+
+    def fence(self) -> None:
+        """Raise unless this store still holds the lock (checked before each manifest write)."""
+        if self._token is None:
+            return
+        raw = self.read(LOCK)
+        held = json.loads(raw) if raw else {}
+        if held.get("token") != self._token:
+            raise CheckpointLockedError(self.location, held.get("pid"), host=held.get("host") or "unknown")
 
     def unlock(self) -> None:
         token, self._token = self._token, None
@@ -175,7 +206,9 @@ class RemoteRun:
             return None
 
     def write(self, name: str, data: bytes, *, durable: bool) -> None:
-        """One PUT: whole or absent on an object store."""
+        """One PUT: whole or absent on an object store. The manifest is written only while the lock is ours."""
+        if name != LOCK:
+            self.fence()
         self.fs.pipe_file(self._p(name), bytes(data))
 
     # -- checkpoints -----------------------------------------------------------------------------
