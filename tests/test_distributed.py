@@ -110,7 +110,7 @@ def test_saved_at_2_restores_at_4(saved: Path) -> None:
 def test_a_rank_killed_mid_save_leaves_no_checkpoint(tmp_path: Path) -> None:
     results = launch("killed", 2, tmp_path, timeout=60)
     assert results[1][0] == -9  # rank 1 died by SIGKILL after writing its shard
-    assert results[0][0] != 0  # rank 0 noticed (or was killed at the deadline); it never committed
+    assert results[0][0] not in (0, None), results[0][1]  # rank 0 noticed the dead peer by itself; no commit
     assert not (tmp_path / "ckpt").exists()
     with pytest.raises(CheckpointNotFoundError):
         tkd.restore(tmp_path / "ckpt", {"model": net()})
