@@ -35,6 +35,15 @@ def options() -> dict:
     }
 
 
+def objects(url: str, opts: dict) -> dict:
+    """``{path under url: xxh3 of its bytes}`` of every object under ``url``, freshly listed."""
+    from torchkeep.format.header import digest
+
+    store = tkr.Store(url, opts)
+    store.fs.invalidate_cache()
+    return {p[len(store.root) + 1 :]: digest(bytes(store.fs.cat_file(p))) for p in store.fs.find(store.root)}
+
+
 def _error(fn) -> str | None:
     try:
         fn()
@@ -69,6 +78,15 @@ def save2(out: Path, url: str) -> dict:
         tk.save(back, out / "same.safetensors")
     # a committed prefix is never rewritten: every rank hears the refusal
     checks["again"] = _error(lambda: tkd.save({"model": model}, f"{url}/step-1", storage_options=opts))
+    # a save that passed its early check before step-1 was committed: its exclusive commit fails on rank 0,
+    # every rank raises CheckpointExistsError, its own objects are deleted, step-1's are untouched
+    committed = objects(f"{url}/step-1", opts)
+    early = tkr._committed
+    tkr._committed = lambda store: False
+    checks["race"] = _error(lambda: tkd.save({"model": model}, f"{url}/step-1", storage_options=opts))
+    tkr._committed = early
+    dist.barrier()
+    checks["race-unchanged"] = objects(f"{url}/step-1", opts) == committed
     # a rank failing mid-write: every rank raises, and the fresh prefix is removed
     original = tkr._Writer.write_data
 
@@ -81,7 +99,7 @@ def save2(out: Path, url: str) -> dict:
     checks["broken"] = _error(lambda: tkd.save({"model": model}, f"{url}/step-2", storage_options=opts))
     tkr._Writer.write_data = original
     dist.barrier()
-    checks["broken-left"] = tkr.Store(f"{url}/step-2", opts).sizes()
+    checks["broken-left"] = objects(f"{url}/step-2", opts)
     # async to object storage: mutating after return does not reach the checkpoint
     before = full(model, opt)
     job = tkd.save({"model": model, "optimizer": opt}, f"{url}/step-3", async_save=True, storage_options=opts)
@@ -147,6 +165,7 @@ def bench(out: Path, url: str) -> dict:
         )
         timed("restore_s", lambda: tkd.restore(f"{url}/bench-0", {"model": model}, storage_options=opts))
     store = tkr.Store(f"{url}/bench-0", opts)
+    store = store.child(json.loads(store.read("torchkeep-manifest.json") or b"{}")["data"])
     mine = [n for n in store.sizes() if n.startswith(f"__{rank}_")]
     s = time.perf_counter()
     for n in mine:
