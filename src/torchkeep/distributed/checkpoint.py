@@ -403,14 +403,18 @@ def save(
     assumed replicated (DCP writes them once). Non-tensor leaves (epoch, config) are taken
     from rank 0. ``RNGState`` and ``torch.Generator`` leaves, and the top-level keys named in
     ``per_rank``, are saved per rank. The checkpoint appears at ``path`` only once every rank has
-    finished and rank 0 has written the manifest; an existing checkpoint there is replaced.
+    finished and rank 0 has written the manifest; an existing checkpoint there is replaced by one
+    atomic swap where the file system allows it. A directory there that is not a torchkeep
+    checkpoint is refused, never replaced.
 
     Without a process group it saves as a single rank (same layout).
 
     ``path`` may be an fsspec URL (``s3://bucket/run/step-10``, ``gs://...``, ``memory://...``):
-    every object is written under that prefix and the manifest, written last by rank 0, is the
-    commit; a prefix that already holds a committed checkpoint is refused
-    (:class:`~torchkeep.errors.CheckpointExistsError`), never rewritten in place.
+    each save writes its objects under its own ``PREFIX/.data-<token>/`` and commits by an
+    exclusive create of ``PREFIX/torchkeep-manifest.json`` (on S3 a conditional PUT) naming it;
+    a prefix that already holds a committed checkpoint is refused
+    (:class:`~torchkeep.errors.CheckpointExistsError`), and a racing save never touches the
+    winner's objects.
 
     Args:
         state: the state tree (the same structure on every rank).
@@ -434,6 +438,8 @@ def save(
             model is not in the tree.
         DistributedSaveError: another rank failed; nothing was committed.
         CheckpointExistsError: a URL prefix that already holds a committed checkpoint.
+        FileExistsError: a directory at ``path`` that is not a torchkeep checkpoint (raised as
+            itself on rank 0, as a ``DistributedSaveError`` on the other ranks).
 
     Example:
         >>> import torch, tempfile, os, torchkeep.distributed as tkd
