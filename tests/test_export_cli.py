@@ -109,3 +109,85 @@ def test_quantize_command_reports_and_writes_torchscript(tmp_path: Path) -> None
     assert human.exit_code == 0 and "smaller" in human.stdout and "quantize at load" in " ".join(human.stdout.split())
     wrong = runner.invoke(app, ["quantize", str(path), "-s", "1x64", "-o", str(tmp_path / "q.onnx")])
     assert wrong.exit_code == 2 and "TorchScriptonly" in "".join(wrong.output.split()).replace("│", "")
+
+
+# -- errors of the user's making: one red line, exit 2; a failed verification: strict JSON, exit 1 --
+
+
+@tk.register_model("test-export-cli-rowindex")
+class RowIndex(torch.nn.Module):
+    """Multiplies row i by i: a trace bakes in the batch size, so another batch size fails to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * torch.arange(len(x)).unsqueeze(1)
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return tk.save_model(MLP(), tmp_path_factory.mktemp("cli-mlp") / "mlp.safetensors")
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_export_json_of_a_failed_verification_is_strict_json(tmp_path: Path) -> None:
+    path = tk.save_model(RowIndex(), tmp_path / "rows.safetensors")
+    out = tmp_path / "rows.pt"
+    result = runner.invoke(app, ["export", str(path), "-s", "2x4", "-o", str(out), "--json"])
+    assert result.exit_code == 1 and out.is_file(), result.output
+    report = _strict_json(result.stdout)
+    assert report["verified"] is False and report["max_abs_error"] is None
+    failed = report["checks"][1]["outputs"][0]
+    assert failed["ok"] is False and failed["max_abs"] is None and "failed to run" in failed["reason"]
+
+
+def _one_red_line(result: object) -> str:
+    text = " ".join(result.stderr.split())
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and text.startswith("error:")
+    return text
+
+
+def test_export_user_errors_exit_2_with_one_line(mlp_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt2"
+    shape = runner.invoke(app, ["export", str(mlp_file), "-s", "2x5", "-o", str(out)])
+    text = _one_red_line(shape)
+    assert "shape 2x5" in text and "float32" in text and "--input-shape" in text
+    dtype = runner.invoke(app, ["export", str(mlp_file), "-s", "2x8", "--dtype", "int64", "-o", str(out)])
+    assert "dtype int64" in _one_red_line(dtype)
+    method = runner.invoke(app, ["export", str(mlp_file), "-s", "2x8", "--method", "foo", "-o", str(tmp_path / "m.pt")])
+    assert method.exit_code == 2 and "--method" in method.output and "Traceback" not in method.output
+    names = runner.invoke(app, ["export", str(mlp_file), "-s", "2x8", "-s", "2x8", "-o", str(out)])
+    assert names.exit_code == 2 and "Traceback" not in names.output
+    assert not out.exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_export_float16_casts_the_model_too(mlp_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "half.pt2"
+    result = runner.invoke(app, ["export", str(mlp_file), "-s", "2x8", "--dtype", "float16", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = _strict_json(result.stdout)
+    assert report["verified"] is True
+    assert report["checks"][0]["outputs"][0]["rtol"] == 1e-2, "compared with the float16 tolerances"
+    program = torch.export.load(str(out)).module()
+    assert program(torch.randn(3, 8, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_quantize_user_errors_exit_2_and_float16_says_larger(mlp_file: Path) -> None:
+    gru = runner.invoke(app, ["quantize", str(mlp_file), "--modules", "gru"])
+    assert "no submodule of type GRU" in _one_red_line(gru)
+    shape = runner.invoke(app, ["quantize", str(mlp_file), "-s", "2x3"])
+    assert "shape 2x3" in _one_red_line(shape)
+    half = runner.invoke(app, ["quantize", str(mlp_file), "--dtype", "float16"])
+    assert half.exit_code == 0 and "x larger" in half.stdout and "smaller" not in half.stdout
+    as_json = runner.invoke(app, ["quantize", str(mlp_file), "--dtype", "float16", "--json"])
+    assert as_json.exit_code == 0 and _strict_json(as_json.stdout)["ratio"] < 1

@@ -10,12 +10,12 @@ Example:
     7
 """
 
-from torchkeep import distributed, errors
+from torchkeep import distributed, errors, export  # export: the callable package (tk.export(...), tk.export.api)
 from torchkeep._version import __version__
 from torchkeep.api import load, restore, save
 from torchkeep.convert import convert
 from torchkeep.diff import DiffReport, diff
-from torchkeep.export import ExportReport, QuantizeReport, export, quantize
+from torchkeep.export import ExportReport, QuantizeReport, quantize
 from torchkeep.inspection import inspect, verify
 from torchkeep.loading import LoadReport, load_into
 from torchkeep.manager import CheckpointManager

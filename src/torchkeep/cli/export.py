@@ -18,7 +18,7 @@ from rich.table import Table
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import ExportVerificationError
 
-__all__ = ["example_inputs", "export_command", "parse_shape", "spinner"]
+__all__ = ["check_runs", "example_inputs", "export_command", "fail", "parse_shape", "spinner"]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -57,6 +57,30 @@ def example_inputs(shapes: list[str], dtype: str, seed: int = 0) -> tuple[torch.
         else:
             out.append(torch.randint(0, 2, shape, generator=g).to(dt))
     return tuple(out)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` as one red line on stderr; return the exit (status 2) to raise."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[bold red]error:[/] {escape(' '.join(message.split()))}"
+    )
+    return typer.Exit(2)
+
+
+def check_runs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], shapes: list[str], dtype: str) -> None:
+    """Run the model once on the example inputs (eval mode, no grad); a failure exits 2 naming shapes and dtype."""
+    from torchkeep.export._inputs import eval_mode, run_eager
+
+    try:
+        with eval_mode(model):
+            run_eager(model, (inputs, {}))
+    except Exception as e:
+        first = " ".join(str(e).strip().splitlines()[:1])[:300]
+        given = ", ".join(shapes)
+        raise fail(
+            f"the model cannot run example inputs of shape {given} and dtype {dtype}: {type(e).__name__}: {first}. "
+            "Check --input-shape (one per forward input, batch first) and --dtype."
+        ) from None
 
 
 def spinner(label: str, *, json_out: bool) -> AbstractContextManager[Any]:
@@ -124,7 +148,12 @@ def export_command(
         help="onnx, torchscript, torch.export or tensorrt (NVIDIA GPU). Default: from OUT's suffix.",
         show_default=False,
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="dtype of the example inputs."),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help="dtype of the example inputs; a floating dtype (float16, bfloat16) also casts the model's floating "
+        "weights to it.",
+    ),
     dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Make dim 0 a dynamic batch axis."),
     opset: int = typer.Option(
         None, "--opset", help="ONNX opset version (default: the exporter's).", show_default=False
@@ -153,13 +182,20 @@ def export_command(
     """
     from torchkeep.export import export
 
+    if method not in ("trace", "script"):
+        raise typer.BadParameter(f"{method!r}: use trace or script", param_hint="--method")
     inputs = example_inputs(input_shape, dtype)
     model = _load(checkpoint, allow_import)
+    dt = _dtype(dtype)
+    if dt.is_floating_point and any(p.is_floating_point() and p.dtype != dt for p in model.state_dict().values()):
+        model = model.to(dt)  # inputs and weights in the same dtype: the model as it would be deployed
+    check_runs(model, inputs, input_shape, dtype)
     fmt_label = format or output.suffix.lstrip(".") or "?"
     failed: ExportVerificationError | None = None
     label = f"exporting {escape(str(checkpoint))} to {escape(fmt_label)}…"
     with spinner(label, json_out=json_out), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the report carries the TorchScript note
+        warnings.filterwarnings("ignore", message="torchkeep.export:")  # and the fallback note
         try:
             report = export(
                 model,
@@ -176,8 +212,10 @@ def export_command(
             )
         except ExportVerificationError as e:
             failed, report = e, e.report
+        except (ValueError, TypeError) as e:
+            raise fail(str(e)) from None
     if json_out:
-        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str, allow_nan=False))
     else:
         print_report(report, Console(highlight=False, soft_wrap=True))
         if failed is not None:

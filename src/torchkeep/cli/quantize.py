@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from torchkeep.cli.export import _load, example_inputs, print_report, spinner
+from torchkeep.cli.export import _load, check_runs, example_inputs, fail, print_report, spinner
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import ExportVerificationError
 
@@ -82,8 +82,13 @@ def quantize_command(
         )
     inputs = example_inputs(input_shape, input_dtype) if input_shape else None
     model = _load(checkpoint, allow_import)
-    with spinner("quantizing…", json_out=json_out):
-        qmodel, report = quantize(model, dtype=getattr(torch, dtype), modules=tuple(kinds), example_inputs=inputs)
+    if inputs is not None:
+        check_runs(model, inputs, input_shape, input_dtype)
+    try:
+        with spinner("quantizing…", json_out=json_out):
+            qmodel, report = quantize(model, dtype=getattr(torch, dtype), modules=tuple(kinds), example_inputs=inputs)
+    except (ValueError, TypeError) as e:
+        raise fail(str(e)) from None
     exported = failed = None
     if output is not None:
         with spinner(f"exporting to {escape(str(output))}…", json_out=json_out), warnings.catch_warnings():
@@ -92,10 +97,12 @@ def quantize_command(
                 exported = export(qmodel, inputs, output, format="torchscript")
             except ExportVerificationError as e:
                 failed, exported = e, e.report
+            except (ValueError, TypeError) as e:
+                raise fail(str(e)) from None
     if json_out:
         out = report.to_dict()
         out["export"] = exported.to_dict() if exported is not None else None
-        typer.echo(json.dumps(out, indent=2, default=str))
+        typer.echo(json.dumps(out, indent=2, default=str, allow_nan=False))
     else:
         con = Console(highlight=False, soft_wrap=True)
         con.print(
@@ -103,8 +110,7 @@ def quantize_command(
             f"{len(report.quantized_modules)} layer(s) ({escape(', '.join(report.quantized_modules[:10]))})"
         )
         con.print(
-            f"  saved state {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} "
-            f"({report.ratio:.2f}x smaller)"
+            f"  saved state {human_bytes(report.bytes_before)} -> {human_bytes(report.bytes_after)} ({_size_change(report.ratio)})"
         )
         if report.max_abs_error is not None:
             con.print(
@@ -116,3 +122,17 @@ def quantize_command(
             con.print("  [dim]keep the float file; quantize at load with tk.quantize(tk.load_model(path))[/]")
     if failed is not None:
         raise typer.Exit(1)
+
+
+def _size_change(ratio: float) -> str:
+    """``"3.64x smaller"``, ``"1.03x larger"`` (the float16 packing can outweigh the saving on small layers).
+
+    Example:
+        >>> _size_change(3.641), _size_change(0.97), _size_change(1.0)
+        ('3.64x smaller', '1.03x larger', 'same size')
+    """
+    if ratio > 1.005:
+        return f"{ratio:.2f}x smaller"
+    if 0 < ratio < 0.995:
+        return f"{1 / ratio:.2f}x larger"
+    return "same size"

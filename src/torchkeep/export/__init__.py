@@ -25,8 +25,9 @@ from torchkeep.export.report import Check, ExportReport, OutputError
 
 
 class _CallableModule(types.ModuleType):
-    """``torchkeep.export`` is both this package and the function ``export``: importers that set
-    the package as an attribute of ``torchkeep`` (some test runners do) must not break ``tk.export(...)``."""
+    """``tk.export`` is this package, callable as the function :func:`~torchkeep.export.api.export`:
+    ``tk.export(model, x, path)``, ``tk.export.verify_export(...)`` and ``import torchkeep.export.api``
+    all work, in any import order."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> ExportReport:
         return export(*args, **kwargs)

@@ -1,5 +1,9 @@
 """Atomic export: the exporter writes into a hidden directory beside the target, then each file is
-renamed into place (the main file last), so a reader never sees a half-written artifact."""
+renamed into place (the main file last), so a reader never sees a half-written artifact.
+
+Side files (ONNX external data) carry a name unique to their export, so renaming them beside the
+target never overwrites the data the previous main file still refers to; once the new main file
+is in place, the side files of the previous export are removed."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from torchkeep.storage.local import fsync_dir
@@ -23,8 +27,12 @@ class _Stage:
         self.file = self.dir / target.name  # the exporter writes here; side files keep their final names
         self.written: list[Path] = []
 
-    def commit(self) -> list[Path]:
-        """Move every staged file beside the target, the main file last; return the final paths."""
+    def commit(self, *, stale: Iterable[str] = ()) -> list[Path]:
+        """Move every staged file beside the target, the main file last; return the final paths.
+
+        ``stale``: names of side files of the previous artifact (beside the target) to remove once
+        the new main file is in place; files this commit wrote are kept.
+        """
         if not self.file.exists():
             raise FileNotFoundError(f"{self.file}: the exporter wrote nothing")
         others = sorted(p for p in self.dir.iterdir() if p != self.file)
@@ -35,6 +43,10 @@ class _Stage:
             os.replace(p, final)
             self.written.append(final)
         fsync_dir(self.target.parent)
+        for name in stale:
+            old = self.target.parent / name
+            if Path(name).name == name and name not in ("", ".", "..") and old not in self.written and old.is_file():
+                old.unlink(missing_ok=True)
         return self.written
 
 

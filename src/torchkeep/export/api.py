@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import ExportVerificationError
+from torchkeep.errors import ExportError, ExportVerificationError
 from torchkeep.export._files import staged
 from torchkeep.export._inputs import (
     Call,
@@ -94,10 +95,13 @@ def export(
     """Export ``model`` for deployment and check the artifact against the eager model.
 
     The model is exported in eval mode (every submodule's own train/eval flag is restored
-    afterwards). The artifact is written atomically. With ``verify=True`` it is loaded back by its
-    own runtime (onnxruntime, ``torch.jit.load``, ``torch.export.load``) and run on the example
-    inputs, on another batch size when the batch is dynamic, and on each of ``verify_inputs``;
-    every output is compared with eager (eval mode, ``torch.no_grad()``).
+    afterwards, also when the export fails). The artifact is written into a staging directory
+    beside ``path``; with ``verify=True`` it is loaded back from there by its own runtime
+    (onnxruntime, ``torch.jit.load``, ``torch.export.load``) and run on the example inputs, on
+    another batch size when the batch is dynamic, and on each of ``verify_inputs``; every output is
+    compared with eager (eval mode, ``torch.no_grad()``), dtype included. Only then is it renamed
+    into place (side files first, the main file last, then the previous artifact's side files are
+    removed).
 
     Args:
         model: the module to export.
@@ -125,7 +129,12 @@ def export(
     Raises:
         ExportVerificationError: the artifact differs from eager (kept at ``path``, with the numbers).
         ExportUnavailableError: the format needs a package or a GPU that is missing.
-        ExportError: the exporter failed (nothing is written).
+        ExportError: nothing is written: the exporter failed or refused the model (ONNX and
+            torch.export refuse a Python branch on a tensor value: rewrite it with ``torch.where``/
+            ``torch.cond``, or trace it knowingly with ``legacy=True`` and ``verify_inputs``), the
+            eager model cannot run another batch size (it is fixed: pass ``dynamic_batch=False``),
+            or the artifact's runtime cannot load it (onnxruntime and bfloat16).
+        ValueError: bad arguments (format, names, ``method``, ``verify_inputs`` eager cannot run).
 
     Example:
         >>> import torch, torchkeep as tk, tempfile, os
@@ -136,6 +145,8 @@ def export(
         ('torch.export', True, ['example inputs (batch 3)', 'batch 5'])
     """
     fmt = format_for(path, format)
+    if method not in ("trace", "script"):
+        raise ValueError(f"method must be 'trace' or 'script', not {method!r}")
     if fmt == "tensorrt":
         from torchkeep.export.tensorrt import require_tensorrt
 
@@ -144,6 +155,7 @@ def export(
         from torchkeep.export.onnx import require_onnx
 
         require_onnx()
+    target = Path(os.fspath(path)).expanduser()
     call = canonical(model, as_call(example_inputs, kwargs))
     extra = [canonical(model, as_call(v)) for v in verify_inputs]
     notes: list[str] = []
@@ -160,33 +172,109 @@ def export(
             notes.append("the TensorRT engine is built for the example shapes (static batch)")
         # torch.export specialises sizes 0 and 1, so a batch of 1 would be frozen: trace a batch of 2
         traced = with_batch(call, 2) if dynamic and batch == 1 else call
+        if traced is not call:
+            _eager_or_fail(fmt, model, traced, "batch 2")
+        plan = _plan(fmt, model, call, want, extra if verify else [], dynamic)
         started = time.perf_counter()
-        with staged(path) as stage:
+        with staged(target) as stage:
             info = _write(fmt, model, traced, stage.file, dynamic, names_in, names_out, opset, legacy, method)
-            files = stage.commit()
-        export_seconds = time.perf_counter() - started
-        notes += info["warnings"]
-        if fmt == "torchscript":
-            warnings.warn(info["warnings"][0], FutureWarning, stacklevel=2)
-        report = ExportReport(
-            path=str(files[-1]),
-            format=fmt,
-            exporter=info["exporter"],
-            fallback=info["fallback"],
-            dynamic_batch=dynamic,
-            input_names=names_in,
-            output_names=names_out,
-            opset=info["opset"],
-            files=[str(f) for f in files],
-            bytes=sum(f.stat().st_size for f in files),
-            export_seconds=export_seconds,
-            rtol=rtol,
-            atol=atol,
-            warnings=notes,
-        )
-        if verify:
-            _verify_into(report, model, call, extra, dynamic)
+            export_seconds = time.perf_counter() - started
+            notes += info["warnings"]
+            if fmt == "torchscript":
+                _warn(info["warnings"][0], FutureWarning)
+            if info["fallback"]:
+                _warn(f"torchkeep.export: {info['fallback']}", UserWarning)
+            staged_files = [*sorted(p for p in stage.dir.iterdir() if p != stage.file), stage.file]
+            report = ExportReport(
+                path=str(target),
+                format=fmt,
+                exporter=info["exporter"],
+                fallback=info["fallback"],
+                dynamic_batch=dynamic,
+                input_names=names_in,
+                output_names=names_out,
+                opset=info["opset"],
+                files=[str(target.parent / p.name) for p in staged_files[:-1]] + [str(target)],
+                bytes=sum(p.stat().st_size for p in staged_files),
+                export_seconds=export_seconds,
+                rtol=rtol,
+                atol=atol,
+                warnings=notes,
+            )
+            failed: ExportVerificationError | None = None
+            if verify:  # from the staging directory: an artifact that cannot even be checked is never committed
+                try:
+                    _verify_into(report, model, plan, stage.file)
+                except ExportVerificationError as e:
+                    failed = e  # committed all the same, for inspection, as documented
+            files = stage.commit(stale=_side_files(fmt, target, previous=True))
+        report.files = [str(f) for f in files]
+        if failed is not None:
+            raise failed
     return report
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (``tk.export`` goes through
+    the package's ``__call__``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _eager_or_fail(fmt: str, model: torch.nn.Module, call: Call, name: str) -> Any:
+    """The eager outputs on inputs torchkeep generated for another batch size; an :class:`ExportError` if the
+    model cannot run them (its batch size is baked in)."""
+    try:
+        return run_eager(model, call)
+    except Exception as e:
+        first = " ".join(str(e).strip().splitlines()[:1])[:200]
+        raise ExportError(
+            fmt,
+            f"the model cannot run {name} ({type(e).__name__}: {first}): its batch size is fixed",
+            "Pass dynamic_batch=False (CLI: --static-batch) to export it for the example batch size only.",
+        ) from e
+
+
+def _plan(
+    fmt: str, model: torch.nn.Module, call: Call, want: Any, extra: list[Call], dynamic: bool
+) -> list[tuple[str, Call, Any]]:
+    """The verification runs ``(name, inputs, eager outputs)``, the eager side computed now, before anything is
+    written: the example inputs, another batch size when the batch is dynamic, each of ``verify_inputs``."""
+    batch = batch_size(call)
+    plan = [(f"example inputs (batch {batch})" if batch is not None else "example inputs", call, want)]
+    if dynamic and batch is not None:
+        other = with_batch(call, batch + 2, seed=1)
+        plan.append((f"batch {batch + 2}", other, _eager_or_fail(fmt, model, other, f"batch {batch + 2}")))
+    for i, c in enumerate(extra):
+        try:
+            out = run_eager(model, c)
+        except Exception as e:
+            first = " ".join(str(e).strip().splitlines()[:1])[:200]
+            raise ValueError(f"verify_inputs[{i}]: the eager model cannot run them: {type(e).__name__}: {first}") from e
+        plan.append((f"verify_inputs[{i}]", c, out))
+    return plan
+
+
+def _side_files(fmt: str, path: Path, *, previous: bool = False) -> list[str]:
+    """Names of the files beside ``path`` that belong to it (ONNX external data).
+
+    With ``previous``: what an export replacing ``path`` should remove once it is in place, including
+    the exporter's default data name ``<name>.data`` of an earlier export.
+    """
+    if fmt != "onnx" or not path.is_file():
+        return []
+    from torchkeep.export.onnx import external_data_files
+
+    try:
+        names = external_data_files(path)
+    except Exception:  # not a readable ONNX file: nothing of it to count or remove
+        names = []
+    if previous:
+        names.append(f"{path.name}.data")
+    return [n for n in dict.fromkeys(names) if Path(n).name == n and (path.parent / n).is_file()]
 
 
 def _check_names(what: str, names: list[str], count: int) -> None:
@@ -251,15 +339,13 @@ def _runner(fmt: str, path: Path, input_names: list[str]) -> Callable[[Call], li
     return load_tensorrt(path)  # pragma: no cover - needs a GPU
 
 
-def _run_check(
-    name: str, run: Callable[[Call], list[Any]], model: torch.nn.Module, call: Call, report: ExportReport
-) -> Check:
-    want = flat_outputs(run_eager(model, call))
+def _run_check(name: str, run: Callable[[Call], list[Any]], call: Call, eager: Any, report: ExportReport) -> Check:
+    want = flat_outputs(eager)
     names = report.output_names if len(report.output_names) == len(want) else output_names_for(want)
     try:
         got = run(call)
     except Exception as e:  # the artifact cannot run these inputs at all: that is the finding
-        reason = f"the artifact failed to run: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        reason = f"the artifact failed to run: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         return Check(name, [OutputError(n, [], float("inf"), float("inf"), False, reason) for n in names])
     if len(got) != len(want):
         reason = f"the artifact returned {len(got)} output(s), eager {len(want)}"
@@ -267,15 +353,13 @@ def _run_check(
     return Check(name, [compare(n, g, w, report.rtol, report.atol) for n, g, w in zip(names, got, want, strict=True)])
 
 
-def _verify_into(report: ExportReport, model: torch.nn.Module, call: Call, extra: list[Call], dynamic: bool) -> None:
+def _verify_into(
+    report: ExportReport, model: torch.nn.Module, plan: list[tuple[str, Call, Any]], source: Path | None = None
+) -> None:
+    """Run the artifact (at ``source``, default ``report.path``) on every planned input set and compare."""
     started = time.perf_counter()
-    run = _runner(report.format, Path(report.path), report.input_names)
-    batch = batch_size(call)
-    checks = [(f"example inputs (batch {batch})" if batch is not None else "example inputs", call)]
-    if dynamic and batch is not None:
-        checks.append((f"batch {batch + 2}", with_batch(call, batch + 2, seed=1)))
-    checks += [(f"verify_inputs[{i}]", c) for i, c in enumerate(extra)]
-    report.checks = [_run_check(name, run, model, c, report) for name, c in checks]
+    run = _runner(report.format, source if source is not None else Path(report.path), report.input_names)
+    report.checks = [_run_check(name, run, c, eager, report) for name, c, eager in plan]
     report.verify_seconds = time.perf_counter() - started
     if not report.verified:
         raise ExportVerificationError(report.path, report, report.failures())
@@ -315,21 +399,25 @@ def verify_export(
         True
     """
     fmt = format_for(path, format)
+    target = Path(os.fspath(path)).expanduser()
     call = canonical(model, as_call(example_inputs, kwargs))
     extra = [canonical(model, as_call(v)) for v in verify_inputs]
     with eval_mode(model):
         want = run_eager(model, call)
+        dynamic = bool(dynamic_batch) and batch_size(call) is not None
+        plan = _plan(fmt, model, call, want, extra, dynamic)
+        files = [target.parent / n for n in _side_files(fmt, target)] + [target]
         report = ExportReport(
-            path=str(path),
+            path=str(target),
             format=fmt,
             exporter="(existing file)",
-            dynamic_batch=bool(dynamic_batch) and batch_size(call) is not None,
+            dynamic_batch=dynamic,
             input_names=list(input_names) if input_names is not None else input_names_for(model, call),
             output_names=list(output_names) if output_names is not None else output_names_for(want),
-            files=[str(path)],
-            bytes=Path(os.fspath(path)).stat().st_size,
+            files=[str(f) for f in files],
+            bytes=sum(f.stat().st_size for f in files),
             rtol=rtol,
             atol=atol,
         )
-        _verify_into(report, model, call, extra, report.dynamic_batch)
+        _verify_into(report, model, plan)
     return report

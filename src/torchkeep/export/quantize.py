@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from torchkeep.export._inputs import as_call, eval_mode, flat_outputs, output_names_for, run_eager
-from torchkeep.export.report import compare
+from torchkeep.export.report import compare, json_ready
 
 __all__ = ["QuantizeReport", "is_quantized", "quantize", "state_bytes"]
 
@@ -61,12 +61,13 @@ class QuantizeReport:
 
     @property
     def ratio(self) -> float:
-        """``bytes_before / bytes_after``: how many times smaller the saved state is."""
+        """``bytes_before / bytes_after``: how many times smaller the saved state is (below 1: larger,
+        as with ``float16`` weights of small layers, whose packing overhead outweighs the halved weights)."""
         return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (what ``torchkeep quantize --json`` prints)."""
-        return {**asdict(self), "ratio": self.ratio}
+        """A JSON-ready dict (what ``torchkeep quantize --json`` prints); non-finite numbers become ``None``."""
+        return json_ready({**asdict(self), "ratio": self.ratio})
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -96,6 +97,10 @@ def quantize(
 ) -> tuple[nn.Module, QuantizeReport]:
     """Dynamically quantize ``model`` (weights int8, activations quantized on the fly) for CPU inference.
 
+    With ``dtype=torch.float16`` the weights are packed as float16 instead: that is about float16
+    arithmetic, not size. Their saved state holds the weights unpacked as float32 plus packing
+    metadata, so it comes out slightly larger than the float model's (``report.ratio`` just below 1).
+
     The input model is not modified: a quantized copy, in eval mode, is returned with a report of
     the saved-state size before and after and, with ``example_inputs``, the largest output
     difference from the float model. The copy cannot be saved in a torchkeep file (its packed
@@ -103,7 +108,8 @@ def quantize(
 
     Args:
         model: a float model.
-        dtype: ``torch.qint8`` (default) or ``torch.float16`` (weights stored as float16).
+        dtype: ``torch.qint8`` (default: about 4x smaller weights) or ``torch.float16`` (weights packed as
+            float16; no smaller on disk, see above).
         modules: the module types to replace.
         example_inputs: a tensor, tuple, dict or ``(args, kwargs)`` as in :func:`torchkeep.export`.
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Check", "ExportReport", "OutputError", "compare", "default_tolerances"]
+__all__ = ["Check", "ExportReport", "OutputError", "compare", "default_tolerances", "json_ready"]
 
 #: Default ``(rtol, atol)`` per output dtype: loose enough for the re-ordered arithmetic of
 #: another runtime (fused BatchNorm, other GEMM kernels), tight enough to catch a wrong weight.
@@ -46,7 +46,10 @@ class OutputError:
         max_abs: max absolute difference.
         max_rel: max relative difference over the elements whose eager value exceeds ``atol`` in size.
         ok: within ``atol + rtol * |eager|`` everywhere, same shape, NaNs in the same places.
-        reason: why not, when not ok (``"shape (3, 2) != (2, 2)"``, ``"values differ"``).
+        reason: why not, when not ok (``"shape (3, 2) != (2, 2)"``, ``"dtype float16 != float32"``,
+            ``"values differ"``).
+        rtol / atol: the tolerances this output was compared with (the per-dtype defaults unless
+            given); ``None`` when no numeric comparison applied.
     """
 
     name: str
@@ -55,6 +58,8 @@ class OutputError:
     max_rel: float
     ok: bool
     reason: str = ""
+    rtol: float | None = None
+    atol: float | None = None
 
 
 @dataclass
@@ -90,7 +95,8 @@ class ExportReport:
         bytes: their total size.
         export_seconds / verify_seconds: wall time of each phase.
         checks: the verification runs (empty with ``verify=False``).
-        rtol / atol: the tolerances used (``None``: per-dtype defaults).
+        rtol / atol: the tolerances asked for (``None``: per-dtype defaults; each output records
+            the tolerances it was actually compared with).
         warnings: notes for the user (deprecations, fallbacks).
 
     Example:
@@ -136,17 +142,37 @@ class ExportReport:
         return [(c.name, o.name, o.max_abs, o.max_rel, o.reason) for c in self.checks for o in c.outputs if not o.ok]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (what ``torchkeep export --json`` prints)."""
+        """A JSON-ready dict (what ``torchkeep export --json`` prints).
+
+        Non-finite numbers (the errors of an output that could not be compared) become ``None``,
+        so the result is strict JSON (``json.dumps(..., allow_nan=False)`` accepts it).
+        """
         d = asdict(self)
         d["verified"] = self.verified
         d["max_abs_error"] = self.max_abs_error
         d["max_rel_error"] = self.max_rel_error
         for c, check in zip(d["checks"], self.checks, strict=True):
             c["ok"] = check.ok
-        return d
+        return json_ready(d)
 
     def __post_init__(self) -> None:
         self.path = str(Path(self.path))
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (``inf``, ``nan``) replaced by ``None``, recursively.
+
+    Example:
+        >>> json_ready({"a": float("inf"), "b": [1.5, float("nan")], "c": "x"})
+        {'a': None, 'b': [1.5, None], 'c': 'x'}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
 
 
 def compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | None) -> OutputError:
@@ -159,18 +185,22 @@ def compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | No
     want = want.detach().cpu()
     got = got.detach().cpu()
     shape = list(want.shape)
-    if tuple(got.shape) != tuple(want.shape):
-        return OutputError(name, shape, math.inf, math.inf, False, f"shape {tuple(got.shape)} != {tuple(want.shape)}")
     d_rtol, d_atol = default_tolerances(want.dtype)
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
+    if tuple(got.shape) != tuple(want.shape):
+        why = f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+        return OutputError(name, shape, math.inf, math.inf, False, why, rtol, atol)
+    if got.dtype != want.dtype:
+        why = f"dtype {_dtype_name(got.dtype)} != {_dtype_name(want.dtype)} (eager)"
+        return OutputError(name, shape, math.inf, math.inf, False, why, rtol, atol)
     if want.numel() == 0:
-        return OutputError(name, shape, 0.0, 0.0, True)
+        return OutputError(name, shape, 0.0, 0.0, True, "", rtol, atol)
     w = want.double() if not want.is_complex() else want.to(torch.complex128)
     g = got.to(w.dtype)
     nan_w, nan_g = torch.isnan(w), torch.isnan(g)
     if not torch.equal(nan_w, nan_g):
-        return OutputError(name, shape, math.nan, math.nan, False, "NaNs in other places")
+        return OutputError(name, shape, math.nan, math.nan, False, "NaNs in other places", rtol, atol)
     w = torch.where(nan_w, torch.zeros_like(w), w)
     g = torch.where(nan_g, torch.zeros_like(g), g)
     diff = (g - w).abs()
@@ -179,4 +209,8 @@ def compare(name: str, got: Any, want: Any, rtol: float | None, atol: float | No
     big = w.abs() > max(atol, 1e-12)
     max_rel = float((diff[big] / w.abs()[big]).max()) if bool(big.any()) else 0.0
     ok = bool((diff <= atol + rtol * w.abs()).all())
-    return OutputError(name, shape, max_abs, max_rel, ok, "" if ok else "values differ")
+    return OutputError(name, shape, max_abs, max_rel, ok, "" if ok else "values differ", rtol, atol)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -7,11 +7,13 @@ Without ``torch_tensorrt`` or without a CUDA device this raises
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from torchkeep.errors import ExportError, ExportUnavailableError
 from torchkeep.export._inputs import Call
@@ -46,37 +48,50 @@ def require_tensorrt() -> None:
         )
 
 
+def _device() -> torch.device:
+    """The device TensorRT engines are built and run on."""
+    return torch.device("cuda")
+
+
+def _to(tree: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
+
+
 def export_tensorrt(model: torch.nn.Module, call: Call, file: Path, *, dynamic_batch: bool) -> dict[str, Any]:
     """Compile with ``torch_tensorrt.compile(ir="dynamo")`` and save the program to ``file``.
 
-    Runs only where :func:`require_tensorrt` passes (untestable on CPU-only machines).
+    A copy of the model is moved to the GPU and compiled; the user's model stays where it is (the
+    eager reference of the verification runs there). Positional and keyword inputs are moved to the
+    GPU. Runs only where :func:`require_tensorrt` passes.
     """
     require_tensorrt()
-    import torch_tensorrt  # pragma: no cover
+    import torch_tensorrt
 
-    args, kwargs = call  # pragma: no cover
-    device = torch.device("cuda")  # pragma: no cover
-    moved = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)  # pragma: no cover
-    try:  # pragma: no cover
-        compiled = torch_tensorrt.compile(model.to(device), ir="dynamo", arg_inputs=moved, kwarg_inputs=kwargs or None)
-        torch_tensorrt.save(compiled, str(file), output_format="exported_program", arg_inputs=moved)
-    except Exception as e:  # pragma: no cover
-        raise ExportError("tensorrt", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    device = _device()
+    args, kwargs = _to(call, device)
+    try:
+        gpu_model = copy.deepcopy(model).to(device).eval()
+        compiled = torch_tensorrt.compile(gpu_model, ir="dynamo", arg_inputs=args, kwarg_inputs=kwargs or None)
+        torch_tensorrt.save(
+            compiled, str(file), output_format="exported_program", arg_inputs=args, kwarg_inputs=kwargs or None
+        )
+    except Exception as e:
+        raise ExportError("tensorrt", f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}") from e
     return {"exporter": "torch_tensorrt.compile(ir='dynamo')", "fallback": "", "opset": None, "warnings": []}
 
 
 def load_tensorrt(path: Path) -> Any:  # pragma: no cover - needs a CUDA device
-    """``torch.export.load(path).module()`` on CUDA as ``run(call) -> flat outputs`` (inputs moved to CUDA)."""
+    """``torch.export.load(path).module()`` on the GPU as ``run(call) -> flat outputs`` (inputs moved there,
+    outputs moved back to the CPU)."""
     import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops the program calls)
 
     from torchkeep.export._inputs import flat_outputs
 
     module = torch.export.load(str(path)).module()
+    device = _device()
 
     def run(call: Call) -> list[Any]:
-        from torch.utils import _pytree as pytree
-
-        args, kwargs = pytree.tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, call)
+        args, kwargs = _to(call, device)
         with torch.no_grad():
             return [t.cpu() if isinstance(t, torch.Tensor) else t for t in flat_outputs(module(*args, **kwargs))]
 
