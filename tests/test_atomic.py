@@ -7,8 +7,6 @@ import os
 import random
 import signal
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from forkserver import ForkClient
 from loadfile import load_file
 
 import torchkeep as tk
@@ -35,45 +34,12 @@ def save_loop() -> Any:
     return load_file("torchkeep_test_save_loop", HELPER)
 
 
-class SaverProcess:
+class SaverProcess(ForkClient):
     """Drives tests/helpers/save_loop.py: fork a saving child, kill it, reap it."""
 
     def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HELPER), str(path), str(NUMEL)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        word, seconds = self.reply().split()
-        assert word == "ready"
-        self.save_seconds = float(seconds)
-
-    def reply(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(timeout=10)
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise AssertionError(f"save_loop.py died (rc={self.proc.returncode}):\n{err}")
-        return line.strip()
-
-    def ask(self, command: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return self.reply()
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(HELPER, path, NUMEL, stderr=True)
+        self.save_seconds = float(self.ready.split()[1])
 
 
 @pytest.fixture

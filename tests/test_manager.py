@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from forkserver import ForkClient
+from manager_save_loop import Model
 
 import torchkeep as tk
 from torchkeep.errors import (
@@ -330,35 +332,15 @@ def test_sigkill_loop(tmp_path: Path) -> None:
     run = tmp_path / "run"
     numel = 50_000  # 200 KB
     rng = random.Random(1234)
-    proc = subprocess.Popen(
-        [sys.executable, str(HELPER), str(run), str(numel)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPER.parent), os.environ.get("PYTHONPATH", "")])},
-    )
-    sys.path.insert(0, str(HELPER.parent))
-    try:
-        from manager_save_loop import Model
-    finally:
-        sys.path.remove(str(HELPER.parent))
-
-    def ask(line: str) -> str:
-        proc.stdin.write(line + "\n")
-        proc.stdin.flush()
-        return proc.stdout.readline().strip()
-
-    try:
-        assert proc.stdout.readline().strip() == "ready"
+    with ForkClient(HELPER, run, numel) as server:
         last_step = -1
         kills = progressed = 0
         t0 = time.monotonic()
         while kills < 30 or (progressed < 10 and time.monotonic() - t0 < 20):
-            pid = int(ask("fork").split()[1])
+            pid = int(server.ask("fork").split()[1])
             time.sleep(rng.uniform(0.0, 0.12))
             os.kill(pid, signal.SIGKILL)
-            assert ask(f"reap {pid}") in ("signal 9", "exit 0"), "child failed"
+            assert server.ask(f"reap {pid}") in ("signal 9", "exit 0"), "child failed"
             kills += 1
             with tk.CheckpointManager(run, keep_last=3) as mgr:
                 assert not [n for n in os.listdir(run) if ".tmp-" in n]
@@ -375,7 +357,3 @@ def test_sigkill_loop(tmp_path: Path) -> None:
                 last_step = info.step
         print(f"{kills} kills, {progressed} with progress, last step {last_step}")
         assert progressed >= 5, f"only {progressed} of {kills} kills made progress"
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=10)
-        proc.stdout.close()

@@ -7,6 +7,7 @@ and prints ``pid N``; ``reap N`` waits for it and prints ``signal S`` or ``exit 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -33,3 +34,54 @@ def serve(child: Callable[[str | None], None]) -> None:
                 print(f"signal {os.WTERMSIG(status)}", flush=True)
             else:
                 print(f"exit {os.WEXITSTATUS(status)}", flush=True)
+
+
+class ForkClient:
+    """The test side: start ``python SCRIPT ARGS...`` (a program that calls :func:`serve` after printing
+    a ``ready ...`` line), then ``ask("fork ...")`` / ``ask("reap PID")``. A context manager."""
+
+    def __init__(self, script: object, *args: object, env: dict[str, str] | None = None, stderr: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *(str(a) for a in args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if stderr else None,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        self.ready = self.reply()
+        assert self.ready.split()[0] == "ready", self.ready
+
+    def reply(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=10)
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"the fork server died (rc={self.proc.returncode}):\n{err}")
+        return line.strip()
+
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> ForkClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 from torchkeep.format.header import HashState
 
-__all__ = ["Tap", "TapFS"]
+__all__ = ["Tap", "TapFS", "TappedWriter"]
 
 
 class Tap:
@@ -97,3 +97,22 @@ class TapFS:
             yield tap
         # only after the file is complete (closed, or its upload finished, without an error)
         self._record(os.path.basename(os.fspath(path)), tap.entry())
+
+
+class TappedWriter:
+    """Mixin for DCP's storage writers: hashes what it writes (``digests``) and records the data files
+    this rank wrote (``written``). Call :meth:`tap` at the end of ``__init__``."""
+
+    fs: Any
+    digests: dict[str, dict[str, Any]]
+    written: set[str]
+
+    def tap(self) -> None:
+        self.digests = {}
+        self.fs = TapFS(self.fs, self.digests.__setitem__)
+        self.written = set()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        fut = super().write_data(plan, planner)  # type: ignore[misc]
+        self.written.update(str(r.storage_data.relative_path) for r in fut.wait())
+        return fut

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from torchkeep import api
 from torchkeep.distributed import _comm
-from torchkeep.distributed._tap import TapFS
+from torchkeep.distributed._tap import TappedWriter
 from torchkeep.distributed.manifest import (
     TREE_FILE,
     hash_file,
@@ -142,19 +143,12 @@ class _Split:
 # -- committing ---------------------------------------------------------------------------------
 
 
-class _Writer(FileSystemWriter):
+class _Writer(TappedWriter, FileSystemWriter):
     """DCP's file writer that hashes what it writes and remembers which data files this rank wrote."""
 
     def __init__(self, path: Path, **kwargs: Any) -> None:
         super().__init__(str(path), **kwargs)
-        self.digests: dict[str, dict[str, Any]] = {}
-        self.fs = TapFS(self.fs, self.digests.__setitem__)
-        self.written: set[str] = set()
-
-    def write_data(self, plan: Any, planner: Any) -> Any:
-        fut = super().write_data(plan, planner)
-        self.written.update(str(r.storage_data.relative_path) for r in fut.wait())
-        return fut
+        self.tap()
 
 
 def _publish(tmp: Path, final: Path, durable: bool) -> None:
@@ -302,7 +296,9 @@ class AsyncSave:
 
 
 _pending: AsyncSave | None = None
-_async_groups: dict[int, Any] = {}
+# weak: once destroy_process_group() drops a group, no reference here keeps its C++ object (and its
+# threads) alive until interpreter teardown
+_async_groups: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def wait() -> Path | None:
@@ -328,9 +324,10 @@ def _async_group(group: Any) -> Any:
     if group is not None or not _comm.is_distributed():
         return group
     default = dist.distributed_c10d._get_default_group()
-    if id(default) not in _async_groups:
-        _async_groups[id(default)] = dist.new_group(backend="gloo")
-    return _async_groups[id(default)]
+    bg = _async_groups.get(id(default))
+    if bg is None:
+        bg = _async_groups[id(default)] = dist.new_group(backend="gloo")
+    return bg
 
 
 # -- save ---------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torchkeep import api
 from torchkeep.dcp import check_ranges, metadata_from_bytes
 from torchkeep.distributed import _comm
-from torchkeep.distributed._tap import TapFS
+from torchkeep.distributed._tap import TappedWriter
 from torchkeep.distributed.manifest import (
     MANIFEST,
     TREE_FILE,
@@ -167,20 +167,13 @@ def data_name(manifest: Mapping[str, Any], where: Any) -> str | None:
 # -- save ---------------------------------------------------------------------------------------
 
 
-class _Writer(FsspecWriter):
+class _Writer(TappedWriter, FsspecWriter):
     """DCP's fsspec writer that hashes what it uploads and remembers which data files this rank wrote."""
 
     def __init__(self, store: Store, thread_count: int) -> None:
         # sync_files=False: an object is durable once its upload completes; fsync would sync the local disk
         super().__init__(store.url, sync_files=False, thread_count=thread_count, **store.options)
-        self.digests: dict[str, dict[str, Any]] = {}
-        self.fs = TapFS(self.fs, self.digests.__setitem__)
-        self.written: set[str] = set()
-
-    def write_data(self, plan: Any, planner: Any) -> Any:
-        fut = super().write_data(plan, planner)
-        self.written.update(str(r.storage_data.relative_path) for r in fut.wait())
-        return fut
+        self.tap()
 
 
 def _upload(store: Store, name: str, write: Callable[[Path], Any]) -> dict[str, Any]:
