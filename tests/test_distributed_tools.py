@@ -55,6 +55,9 @@ def test_inspect_and_verify(tmp_path: Path) -> None:
         p.numel() for p in model.parameters()
     )
     assert nodes["epoch"]["value"] == 3 and info["metadata"] == {"run": "a"}
+    # parameters are the model's tensors only, not the optimizer state beside them
+    assert info["parameters"] == sum(p.numel() for p in model.parameters()) < info["elements"]
+    assert nodes["rng"]["kind"] == "per rank" and "1 rank file" in nodes["rng"]["value"]
     ok = tk.verify(path)
     assert ok["ok"] and ok["checksums"] and ok["bytes_checked"] > 0
     data = path / "__0_0.distcp"
@@ -71,6 +74,7 @@ def test_cli_inspect_and_verify(tmp_path: Path) -> None:
     shown = runner.invoke(app, ["inspect", str(path)])
     assert shown.exit_code == 0, shown.output
     assert "torchkeep-dcp/1" in shown.output and "saved on 1 rank(s)" in shown.output
+    assert "rng  one per rank" in shown.output
     result = runner.invoke(app, ["verify", str(path), "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["ok"] is True
     (path / "tree.safetensors").write_bytes(b"x")

@@ -392,9 +392,14 @@ def _distributed_summary(path: Path, depth: int | None) -> dict[str, Any]:
         d["elements"] += n
         d["bytes"] += nbytes
     top: dict[str, list[tuple[int, int]]] = {}
+    modules = [list(m) for m in manifest.get("modules", [])]
+    params = 0
     for p, key in manifest.get("tensors", []):
         if key in sizes and p:
             top.setdefault(str(p[0]), []).append(sizes[key][1:])
+            if any(list(p[: len(m)]) == m for m in modules):
+                params += sizes[key][1]
+    per_rank = {str(p[0]) for p in manifest.get("per_rank", []) if len(p) == 1}
     for node in info["tree"]:
         held = top.get(node["name"])
         if held:  # tensors held in the shards, not in the tree file: counts only
@@ -402,6 +407,8 @@ def _distributed_summary(path: Path, depth: int | None) -> dict[str, Any]:
             node["bytes"] = sum(b for _, b in held)
             node.pop("value", None)
             node.pop("children", None)
+        elif node["name"] in per_rank:  # in the per-rank files, one per saving rank
+            node.update(kind="per rank", value=f"one per rank, in {manifest['world_size']} rank file(s)")
     elements = sum(n for _, n, _ in sizes.values())
     info.update(
         path=str(path),
@@ -411,7 +418,8 @@ def _distributed_summary(path: Path, depth: int | None) -> dict[str, Any]:
         file_size=sum(e["bytes"] for e in manifest["files"].values()),
         tensors=len(sizes),
         elements=elements,
-        parameters=elements,
+        # module tensors only (optimizer state is not parameters); older manifests did not record modules
+        parameters=params if "modules" in manifest else elements,
         bytes=sum(b for _, _, b in sizes.values()),
         dtypes=dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
         created=manifest.get("created"),

@@ -54,6 +54,9 @@ def _label(node: dict[str, Any]) -> Text:
     name = node["name"]
     kind = node["kind"]
     label = Text(name if name else "''", style="bold")
+    if kind == "per rank":  # RNG states and per_rank= entries of a distributed checkpoint
+        label.append(f"  {node['value']}", style="magenta")
+        return label
     if "value" in node:
         value = node["value"]
         shown = _short(value) if kind not in ("float", "dtype", "device") or not isinstance(value, str) else value

@@ -108,6 +108,7 @@ class _Split:
         self.rank_paths: list[list[Any]] = []
         self.rank_values: list[Any] = []
         self.modules: list[torch.nn.Module] = []
+        self.module_paths: list[list[Any]] = []  # where modules were: their tensors are the parameters
 
     def run(self, state: Any) -> Any:
         _walk_modules(state, self.modules)
@@ -119,6 +120,7 @@ class _Split:
             self.rank_values.append(obj)
             return None
         if isinstance(obj, torch.nn.Module):
+            self.module_paths.append(list(path))
             return self.node(get_model_state_dict(obj), path)
         if isinstance(obj, torch.optim.Optimizer):
             owner = _owner(obj, self.modules, format_path(path))
@@ -496,7 +498,7 @@ def save(
         api.save(rank_values, tmp / rank_file(me), durable=durable)
         return [rank_file(me)]
 
-    extra = {"tensors": split.placeholders, "per_rank": split.rank_paths}
+    extra = {"tensors": split.placeholders, "per_rank": split.rank_paths, "modules": split.module_paths}
     writer = _Writer(tmp, sync_files=durable, thread_count=thread_count)
     dist_kw: dict[str, Any] = {"no_dist": not _comm.is_distributed()}
 

@@ -334,7 +334,7 @@ def save(
         name = rank_file(me)
         return {name: _upload(data, name, lambda p: api.save(rank_values, p, durable=False))}
 
-    extra = {"tensors": split.placeholders, "per_rank": split.rank_paths, "data": sub}
+    extra = {"tensors": split.placeholders, "per_rank": split.rank_paths, "modules": split.module_paths, "data": sub}
     writer = _Writer(data, thread_count)
     dist_kw: dict[str, Any] = {"no_dist": not _comm.is_distributed()}
 
