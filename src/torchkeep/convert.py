@@ -12,8 +12,13 @@ Formats (``to=``, or guessed from the output name):
   written as one rank; it restores on any number of ranks.
 
 The input may also be a torchkeep distributed checkpoint directory: its manifest is verified
-and its shards are gathered on this process, each tensor read once into its full-size buffer
-(the tree is never held twice).
+first (every file hashed), then its shards are gathered on this process. For ``"torchkeep"`` and
+``"safetensors"`` output (sharded or not) this streams: the output layout comes from DCP's
+metadata alone, and the tensors are read in batches of at most half of ``max_memory`` (a
+larger tensor alone), each written at its offset, hashed and dropped before the next, so the
+memory used stays about ``max_memory`` (twice the largest tensor if that is more), not the
+model. ``"torch"`` and ``"distributed"`` output load the whole tree (each tensor read once into
+its full-size buffer).
 
 Sharded output (``max_shard_size``) writes ``name-00001-of-0000N.safetensors`` files and
 ``name.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {...}}``).
@@ -26,22 +31,26 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep.api import host_copies, provenance_metadata, write_checksummed
+from torchkeep.api import host_copies, paused_gc, prepared, provenance_metadata, write_checksummed
+from torchkeep.distributed.gather import Gathered, tensor_bytes
 from torchkeep.errors import CheckpointNotFoundError, ConversionError, CorruptCheckpointError
 from torchkeep.format.dtypes import DTYPE_TO_ST, ITEMSIZE
-from torchkeep.format.header import FORMAT_KEY
+from torchkeep.format.header import FORMAT_KEY, HeaderBuilder
+from torchkeep.hashing import Digests
 from torchkeep.legacy import is_legacy
 from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
 from torchkeep.storage.local import AtomicFile, buffer_of, fsync_dir, write_buffers
-from torchkeep.tree import SkeletonError, flatten, unflatten
+from torchkeep.tree import Flat, SkeletonError, flatten, unflatten
 
 __all__ = [
+    "DEFAULT_MAX_MEMORY",
     "FORMATS",
     "WEIGHT_KEYS",
     "convert",
@@ -70,11 +79,15 @@ INDEX_SUFFIX = ".index.json"
 #: Where the weights live in a state tree, tried in this order (torchkeep trees, then training-script wrappers).
 WEIGHT_KEYS = ("model", "model_state_dict", "state_dict", "module", "net")
 _BATCH = 64 << 20  # bytes read from the source per batch (one progress step)
+#: About the most memory the tensors of a distributed checkpoint take while gathered (``convert(max_memory=)``).
+DEFAULT_MAX_MEMORY = 1 << 30
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
-def parse_size(value: int | str | None) -> int | None:
+def parse_size(value: int | str | None, what: str = "max_shard_size") -> int | None:
     """Bytes from ``5000``, ``"500MB"``, ``"5GB"`` (powers of 1000) or ``"4GiB"`` (powers of 1024).
+
+    ``what`` names the option in errors.
 
     Example:
         >>> parse_size("5GB"), parse_size("1.5KiB"), parse_size(100), parse_size(None)
@@ -87,10 +100,10 @@ def parse_size(value: int | str | None) -> int | None:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", str(value), re.IGNORECASE)
         if m is None:
-            raise ConversionError(f"max_shard_size {value!r} is not a size; write it like 5GB, 500MB, 4GiB or 1000000")
+            raise ConversionError(f"{what} {value!r} is not a size; write it like 5GB, 500MB, 4GiB or 1000000")
         n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
     if n <= 0:
-        raise ConversionError(f"max_shard_size must be positive, got {value!r}")
+        raise ConversionError(f"{what} must be positive, got {value!r}")
     return n
 
 
@@ -116,12 +129,16 @@ def _is_index(path: Path) -> bool:
 
 
 def input_size(src: PathLike) -> int:
-    """Bytes of input :func:`convert` reads from ``src`` (all shards for an index file)."""
+    """Bytes of input :func:`convert` reads from ``src`` (all shards for an index file).
+
+    A distributed checkpoint directory is read twice: every file once to verify it against the
+    manifest, then the tensors (their bytes per DCP's metadata) once more to gather them.
+    """
     src = Path(src)
     from torchkeep.distributed.manifest import is_torchkeep_dcp, read_manifest
 
     if is_torchkeep_dcp(src):
-        return sum(e["bytes"] for e in read_manifest(src)["files"].values())
+        return sum(e["bytes"] for e in read_manifest(src)["files"].values()) + tensor_bytes(src)
     if _is_index(src):
         return sum((src.parent / f).stat().st_size for f in set(_read_index(src)["weight_map"].values()))
     return src.stat().st_size
@@ -222,6 +239,57 @@ def read_tree(
         return _build(src, ck.skeleton if ck.has_tree else None, tensors), ck.metadata
 
 
+# -- writing a gathered distributed checkpoint, streaming ---------------------------------------
+
+
+def _in_batches(layout: Sequence[tuple[str, int, int]], budget: int) -> Iterator[list[tuple[str, int, int]]]:
+    """Consecutive ``(name, start, nbytes)`` runs of at most ``budget`` bytes (a larger tensor alone).
+
+    Example:
+        >>> [[n for n, _, _ in b] for b in _in_batches([("a", 0, 4), ("b", 4, 4), ("c", 8, 9), ("d", 17, 1)], 8)]
+        [['a', 'b'], ['c'], ['d']]
+    """
+    batch: list[tuple[str, int, int]] = []
+    size = 0
+    for item in layout:
+        if batch and size + item[2] > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[2]
+    if batch:
+        yield batch
+
+
+def _stream_tensors(
+    fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, checksums: bool, source: Gathered
+) -> None:
+    """The same file as :func:`_write_tensors`, with the data read from ``source`` batch by batch.
+
+    The layout comes from shapes and dtypes alone; each batch is loaded, written at its
+    offset, hashed beside the write and dropped before the next; the header goes last, at 0.
+    """
+    if checksums:
+        builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
+        layout = [(s.name, s.start, s.nbytes) for s in builder.specs]
+        base = builder.header_size
+    else:
+        head, layout = _plain_layout(tensors, meta)
+        base = len(head)
+    digests: list[str] = []
+    with ThreadPoolExecutor(1) as pool:
+        for batch in _in_batches(layout, source.batch):
+            loaded = source.load({name: tensors[name] for name, _, _ in batch})
+            bufs = [buffer_of(loaded[name]) for name, _, _ in batch]
+            del loaded
+            hashes = Digests(bufs, pool) if checksums else None  # large tensors hash beside the write
+            write_buffers(fd, base + batch[0][1], bufs)
+            if hashes is not None:
+                digests += hashes.result()
+            del bufs, hashes  # the batch's memory goes back before the next is read
+    os.pwrite(fd, builder.seal(digests) if checksums else head, 0)
+
+
 # -- choosing the weights -----------------------------------------------------------------------
 
 
@@ -297,34 +365,65 @@ def _plain_meta(user: Mapping[str, Any]) -> dict[str, str]:
     return meta
 
 
-def _write_tensors(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, checksums: bool) -> None:
-    """One safetensors file into ``fd``: torchkeep-checksummed when ``checksums``, else plain."""
-    for name, t in tensors.items():
-        if t.dtype not in DTYPE_TO_ST:
-            raise ConversionError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-    keep = host_copies(tensors)
-    if checksums:
-        write_checksummed(fd, keep, meta)
-        return
-    entries = [(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in keep.items()]
+def _plain_layout(
+    tensors: Mapping[str, torch.Tensor], meta: dict[str, str]
+) -> tuple[bytes, list[tuple[str, int, int]]]:
+    """``(header bytes with the length prefix, [(name, data offset, nbytes)] in data order)`` of a plain file."""
+    entries = [(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()]
     # plain safetensors: largest element size first, so every tensor is aligned to its element size
     entries.sort(key=lambda e: -ITEMSIZE[e[1]])
     head: dict[str, Any] = {"__metadata__": meta}
+    layout: list[tuple[str, int, int]] = []
     offset = 0
     for name, st, shape in entries:
         end = offset + math.prod(shape) * ITEMSIZE[st]
         head[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, end]}
+        layout.append((name, offset, end - offset))
         offset = end
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
-    os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-    write_buffers(fd, 8 + len(raw), [buffer_of(keep[name]) for name, _, _ in entries])
+    return len(raw).to_bytes(8, "little") + raw, layout
 
 
-def write_file(dst: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, checksums: bool) -> None:
+def _write_tensors(
+    fd: int,
+    tensors: Mapping[str, torch.Tensor],
+    meta: dict[str, str],
+    *,
+    checksums: bool,
+    source: Gathered | None = None,
+) -> None:
+    """One safetensors file into ``fd``: torchkeep-checksummed when ``checksums``, else plain.
+
+    With ``source`` (a distributed checkpoint being gathered) ``tensors`` may hold its stand-ins:
+    the data is then read batch by batch (:func:`_stream_tensors`).
+    """
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_TO_ST:
+            raise ConversionError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+    if source is not None:
+        _stream_tensors(fd, tensors, meta, checksums=checksums, source=source)
+        return
+    keep = host_copies(tensors)
+    if checksums:
+        write_checksummed(fd, keep, meta)
+        return
+    head, layout = _plain_layout(keep, meta)
+    os.pwrite(fd, head, 0)
+    write_buffers(fd, len(head), [buffer_of(keep[name]) for name, _, _ in layout])
+
+
+def write_file(
+    dst: Path,
+    tensors: Mapping[str, torch.Tensor],
+    meta: dict[str, str],
+    *,
+    checksums: bool,
+    source: Gathered | None = None,
+) -> None:
     """One safetensors file of ``tensors`` with string ``meta``, atomically (torchkeep checksums if asked)."""
     with AtomicFile(dst) as f:
-        _write_tensors(f.fd, tensors, meta, checksums=checksums)
+        _write_tensors(f.fd, tensors, meta, checksums=checksums, source=source)
         f.commit()
 
 
@@ -372,6 +471,7 @@ def write_sharded(
     index_meta: dict[str, Any],
     *,
     checksums: bool,
+    source: Gathered | None = None,
 ) -> Path:
     """Every shard to a temp name (fsynced), then rename them all, then the index (atomically) last."""
     shards, index_path = shard_names(dst, len(groups))
@@ -383,7 +483,7 @@ def write_sharded(
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
             temps.append((tmp, shard))
             try:
-                _write_tensors(fd, {n: tensors[n] for n in names}, meta, checksums=checksums)
+                _write_tensors(fd, {n: tensors[n] for n in names}, meta, checksums=checksums, source=source)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -436,13 +536,21 @@ def convert(
     trust_pickle: bool = False,
     key: str | None = None,
     progress: Callable[[int], None] | None = None,
+    max_memory: int | str | None = None,
 ) -> Path:
     """Convert a checkpoint to another format; the source is never modified.
 
     The input may be a legacy ``torch.save`` file (read safely, ``weights_only=True``), a
-    torchkeep or plain safetensors file, or a ``*.safetensors.index.json`` shard set.
+    torchkeep or plain safetensors file, a ``*.safetensors.index.json`` shard set, or a
+    torchkeep distributed checkpoint directory (see :mod:`torchkeep.distributed`).
     Outputs are written atomically (temp file, fsync, rename): a failed conversion leaves
     any previous ``dst`` as it was.
+
+    A distributed checkpoint is verified against its manifest first (nothing is written
+    if a file is damaged), then, for ``"torchkeep"`` and ``"safetensors"`` output, gathered
+    in bounded memory: its tensors are read through DCP in batches of at most ``max_memory``
+    bytes, each written at its offset in the output and freed before the next. The output
+    is byte for byte what gathering the whole tree first would write.
 
     Args:
         src: the checkpoint to read.
@@ -458,13 +566,18 @@ def convert(
             torchkeep shards carry checksums; the tree skeleton goes in the index metadata.
         trust_pickle: allow legacy pickles that need more than plain data (runs their code!).
         key: for ``to="safetensors"``: the ``/``-path of the subtree holding the weights.
-        progress: called with the number of input bytes read after each batch (for progress bars).
+        progress: called with the number of input bytes read after each batch (for progress bars);
+            the calls add up to :func:`input_size` for a distributed checkpoint.
+        max_memory: for a distributed checkpoint: about the most memory its tensors take while
+            gathering (``"1GiB"`` default, :data:`DEFAULT_MAX_MEMORY`): batches of half of it,
+            the other half for the chunks DCP reads them from. A tensor larger than half is read
+            alone and takes twice its size. Ignored for other inputs.
 
     Returns:
         The path written (the index file for sharded output).
 
     Raises:
-        ConversionError: ``dst`` is ``src``, unknown format, weights not found, bad shard size.
+        ConversionError: ``dst`` is ``src``, unknown format, weights not found, bad shard or memory size.
         CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: reading ``src``.
 
     Example:
@@ -480,6 +593,7 @@ def convert(
     dst = Path(os.fspath(dst)).expanduser()
     fmt = _format_for(dst, to)
     limit = parse_size(max_shard_size)
+    memory = parse_size(max_memory, "max_memory") or DEFAULT_MAX_MEMORY
     if limit is not None and fmt in ("torch", "distributed"):
         raise ConversionError("max_shard_size needs a safetensors output (to='torchkeep' or 'safetensors')")
     if not src.exists():
@@ -487,7 +601,35 @@ def convert(
     if dst.is_dir() and fmt != "distributed":
         raise ConversionError(f"{dst}: is a directory; give a file name such as {dst / 'model.safetensors'}")
     _refuse_same(src, [dst])
+    from torchkeep.distributed.manifest import is_torchkeep_dcp
+
+    if fmt in ("torchkeep", "safetensors") and is_torchkeep_dcp(src):
+        source = Gathered(src, memory, progress)
+        try:
+            with paused_gc():
+                out = _convert_tree(src, dst, fmt, limit, key, source.tree, source.user, source)
+            source.finish()
+            return out
+        except BaseException as e:
+            source.src.named(e)
+            raise
+        finally:
+            source.close()
     tree, user = read_tree(src, trust_pickle=trust_pickle, progress=progress)
+    return _convert_tree(src, dst, fmt, limit, key, tree, user, None)
+
+
+def _convert_tree(
+    src: Path,
+    dst: Path,
+    fmt: str,
+    limit: int | None,
+    key: str | None,
+    tree: Any,
+    user: dict[str, Any],
+    source: Gathered | None,
+) -> Path:
+    """Write ``tree`` as ``fmt``; with ``source``, its tensors may be stand-ins gathered while writing."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "torch":
         _write_torch(dst, tree)
@@ -509,13 +651,16 @@ def convert(
         checksums = True
     groups = split_shards(tensors, limit) if limit is not None else [list(tensors)]
     if len(groups) > 1:
-        return write_sharded(src, dst, tensors, groups, meta, index_meta, checksums=checksums)
+        return write_sharded(src, dst, tensors, groups, meta, index_meta, checksums=checksums, source=source)
     if _is_index(dst):
         dst = dst.with_name(dst.name[: -len(INDEX_SUFFIX)])
         _refuse_same(src, [dst])
     if fmt == "torchkeep":
-        from torchkeep.api import save
+        if source is None:
+            from torchkeep.api import save
 
-        return save(tree, dst, metadata=user or None)
-    write_file(dst, tensors, meta, checksums=checksums)
+            return save(tree, dst, metadata=user or None)
+        # what save() writes: the same header metadata, the tensors streamed in
+        _, meta = prepared(Flat(skeleton=flat.skeleton), user or None)
+    write_file(dst, tensors, meta, checksums=checksums, source=source)
     return dst

@@ -1,4 +1,5 @@
-"""``torchkeep convert SRC DST``: legacy torch files to torchkeep, torchkeep to plain safetensors or torch, sharding."""
+"""``torchkeep convert SRC DST``: legacy torch files to torchkeep, torchkeep to plain safetensors or torch, sharding,
+and distributed checkpoint directories gathered into one file in bounded memory."""
 
 from __future__ import annotations
 
@@ -77,6 +78,14 @@ def convert_command(
         "Default: model, model_state_dict, state_dict, module or net, or the whole file if it is flat.",
         show_default=False,
     ),
+    max_memory: str = typer.Option(
+        None,
+        "--max-memory",
+        metavar="SIZE",
+        help="Gathering a distributed checkpoint directory: use about SIZE of memory for its tensors "
+        "(batches of half of it; a larger tensor alone, at twice its size). Default: 1GiB.",
+        show_default=False,
+    ),
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow a legacy pickle that needs more than plain data. RUNS ITS CODE."
     ),
@@ -94,11 +103,20 @@ def convert_command(
       torchkeep convert ckpt.safetensors model.safetensors --max-shard-size 5GB
       # torch.save format for old tools
       torchkeep convert ckpt.safetensors legacy.pt
+      # gather a distributed checkpoint into one file, 512 MiB of tensors at a time
+      torchkeep convert runs/exp1/step-001000 model.safetensors --max-memory 512MiB
     """
     started = time.perf_counter()
     with byte_progress("converting", input_size(src) if src.exists() else 0, json_out=json_out) as progress:
         out = convert(
-            src, dst, to=to, max_shard_size=max_shard_size, trust_pickle=trust_pickle, key=key, progress=progress
+            src,
+            dst,
+            to=to,
+            max_shard_size=max_shard_size,
+            trust_pickle=trust_pickle,
+            key=key,
+            progress=progress,
+            max_memory=max_memory,
         )
     files, size = _written(out)
     elapsed = time.perf_counter() - started

@@ -60,7 +60,7 @@ MANIFEST = "torchkeep-manifest.json"
 FORMAT = "torchkeep-dcp/1"
 TREE_FILE = "tree.safetensors"
 _CHUNK = 16 << 20
-_MAP_STEP = 64 << 20  # bytes hashed per step of a memory map (progress granularity)
+_MAP_STEP = 64 << 20  # bytes of a file mapped at once while hashing (one progress step)
 
 
 def rank_file(rank: int) -> str:
@@ -88,38 +88,40 @@ def hash_stream(f: Any, progress: Callable[[int], None] | None = None) -> dict[s
 def hash_file(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """``{"bytes": size, "xxh3": hex digest}`` of a file.
 
-    Hashed through a read-only memory map (no copy out of the page cache: 2.4x faster than
-    reading into a buffer for a cached 512 MiB file), in 64 MiB steps for ``progress``; files
-    that cannot be mapped (empty, special) are read in 16 MiB chunks.
+    Hashed through read-only memory maps of 64 MiB windows: no copy out of the page cache
+    (2.4x faster than reading into a buffer for a cached 512 MiB file), and at most one window
+    resident at a time however large the file. ``progress`` is called per window. A file that
+    cannot be mapped (a special file) is read in 16 MiB chunks instead.
     """
     h = HashState()
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        try:
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except (OSError, ValueError):
-            m = None
-        if m is not None:
+        offset = 0
+        while offset < size:
+            n = min(_MAP_STEP, size - offset)
             try:
+                m = mmap.mmap(f.fileno(), n, offset=offset, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                break
+            with m:
                 with contextlib.suppress(AttributeError, OSError):
                     m.madvise(mmap.MADV_SEQUENTIAL)
                 with memoryview(m) as view:
-                    for i in range(0, size, _MAP_STEP):
-                        h.update(view[i : i + _MAP_STEP])
-                        if progress is not None:
-                            progress(min(_MAP_STEP, size - i))
-            finally:
-                m.close()
+                    h.update(view)
+            offset += n
+            if progress is not None:
+                progress(n)
+        else:
             return {"bytes": size, "xxh3": h.hexdigest()}
-        size = 0
+        f.seek(offset)
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
-            size += n
+            offset += n
             if progress is not None:
                 progress(n)
-    return {"bytes": size, "xxh3": h.hexdigest()}
+    return {"bytes": offset, "xxh3": h.hexdigest()}
 
 
 def _body_digest(manifest: Mapping[str, Any]) -> str:
