@@ -20,6 +20,7 @@ from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DistributedSaveError,
+    InsufficientSpaceError,
     MissingShardError,
     TorchkeepError,
 )
@@ -167,3 +168,18 @@ def test_async_save_snapshots_per_rank_values(tmp_path: Path, monkeypatch: pytes
     out = tkd.restore(tmp_path / "ck", {"model": _model(0)})
     assert out["sampler"]["epoch_pos"] == [10] and out["sampler"]["seen"].tolist() == [10]
     shutil.rmtree(tmp_path / "ck")
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.statvfs
+
+    class Full:
+        def __init__(self, st: os.statvfs_result) -> None:
+            self.f_frsize, self.f_bavail = st.f_frsize, 1  # one block free
+
+    monkeypatch.setattr(tkdc.os, "statvfs", lambda p: Full(real(p)))
+    model = torch.nn.Linear(256, 256)
+    with pytest.raises(InsufficientSpaceError) as err:
+        tkd.save({"model": model}, tmp_path / "ck")
+    assert err.value.needed > 256 * 256 * 4 and str(tmp_path) in str(err.value)
+    assert not os.listdir(tmp_path), "nothing was written"

@@ -45,6 +45,7 @@ from torchkeep.distributed.manifest import (
 )
 from torchkeep.errors import (
     DistributedSaveError,
+    InsufficientSpaceError,
     UnsupportedObjectError,
 )
 from torchkeep.rng import RNGState
@@ -245,6 +246,37 @@ def _commit(
     if not outcome["ok"]:
         raise DistributedSaveError(final, 0, outcome["error"])
     return final
+
+
+def _bytes_to_write(tensors: Mapping[str, torch.Tensor], me: int) -> int:
+    """Bytes this rank's part of a save writes: its local shards, and replicated tensors on rank 0
+    (DCP writes each replicated tensor once, so counting them on every rank would overestimate)."""
+    from torch.distributed.tensor import DTensor
+
+    n = 0
+    for t in tensors.values():
+        if isinstance(t, DTensor):
+            local = t.to_local()
+            n += local.numel() * local.element_size()
+        elif me == 0:
+            n += t.numel() * t.element_size()
+    return n
+
+
+_SLACK = 1 << 20  # the tree file, DCP's .metadata, the manifest: small beside the data
+_PER_TENSOR = 512  # metadata bytes per tensor (DCP's .metadata, headers)
+
+
+def _check_space(directory: Path, data: int, tensors: int) -> None:
+    """Refuse a save that cannot fit before any rank writes (checked on rank 0, for every rank's bytes)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return  # unknown: let the write decide
+    available = int(st.f_bavail) * int(st.f_frsize)
+    needed = data + _SLACK + _PER_TENSOR * tensors
+    if available < needed:
+        raise InsufficientSpaceError(directory, needed, available)
 
 
 def _visible(tmp: Path, final: Path, rank: int, name: str, size: int) -> None:
@@ -471,10 +503,12 @@ def save(
     rank_values = [_snapshot(v) for v in split.rank_values]
     start: dict[str, Any] = {}
     token = secrets.token_hex(6)
+    sizes = _comm.all_gather_json(_bytes_to_write(split.tensors, me), group)
     if me == 0:
         try:
             _replaceable(final)
             final.parent.mkdir(parents=True, exist_ok=True)
+            _check_space(final.parent, sum(sizes), len(split.tensors))
             (final.parent / f".{final.name}.tmp-{token}").mkdir()
             start["token"] = token
             api.save(tree, final.parent / f".{final.name}.tmp-{token}" / TREE_FILE, metadata=metadata, durable=durable)
