@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -405,9 +406,13 @@ def test_demo_resumes_bitwise_equal(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())
     assert "bitwise equal" in out and "resumed at epoch 3" in out
-    # the demo ships the model: an ONNX export verified by torchkeep, then run with onnxruntime
-    assert "shipped:" in out and "onnxruntime predicted 100 rows" in out and "torch.onnx.export(dynamo=True)" in out
-    assert (run_dir / "model.onnx").is_file() and str(run_dir / "model.onnx") in out
+    if all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")):
+        # the demo ships the model: an ONNX export verified by torchkeep, then run with onnxruntime
+        assert "shipped:" in out and "onnxruntime predicted 100 rows" in out
+        assert "torch.onnx.export(dynamo=True)" in out
+        assert (run_dir / "model.onnx").is_file() and str(run_dir / "model.onnx") in out
+    else:  # without the onnx extra the demo says how to get that step, and still succeeds
+        assert 'ONNX export skipped: pip install "torchkeep[onnx]"' in out and not (run_dir / "model.onnx").exists()
     names = sorted(p.name for p in run_dir.glob("*.safetensors"))
     assert names == [f"epoch-{i:03d}.safetensors" for i in range(1, 5)]
     for p in run_dir.glob("*.safetensors"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -79,6 +80,7 @@ def test_prune_refuses_while_a_job_holds_the_run(tmp_path: Path) -> None:
 
 
 def test_plot_writes_a_png_and_names_available_metrics(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
     run = _run(tmp_path)
     out = tmp_path / "out" / "curve.png"
     result = runner.invoke(app, ["plot", str(run), "--metric", "val_acc", "-o", str(out)])

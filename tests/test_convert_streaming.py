@@ -246,7 +246,9 @@ def test_peak_memory_is_bounded_by_max_memory_not_the_model(tmp_path: Path) -> N
     del state
 
     def grew(mode: str) -> int:
-        env = {"SOURCE_DATE_EPOCH": "1700000000", "PATH": "/usr/bin:/bin"}
+        # the package where this process found it (an install, or a source tree on PYTHONPATH)
+        package_root = str(Path(tk.__file__).resolve().parent.parent)
+        env = {"SOURCE_DATE_EPOCH": "1700000000", "PATH": "/usr/bin:/bin", "PYTHONPATH": package_root}
         done = subprocess.run(
             [sys.executable, "-c", _MEASURE, mode, str(src), str(tmp_path / f"{mode}.safetensors")],
             capture_output=True,

@@ -278,7 +278,7 @@ def _report(result: DemoResult, console: Console) -> None:
         )
     else:
         console.print(
-            '\n[dim]ONNX export skipped: pip install "torchkeep[onnx]" to ship the model with onnxruntime.[/]'
+            '\n[dim]ONNX export skipped: pip install "torchkeep\\[onnx]" to ship the model with onnxruntime.[/]'
         )
     last = result.checkpoints[-1][0]
     console.print(f"\n[dim]done in {result.seconds:.1f} s. Next, look inside a checkpoint and the run:[/]")
