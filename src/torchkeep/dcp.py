@@ -37,6 +37,7 @@ __all__ = [
     "check_complete",
     "check_ranges",
     "dcp_errors",
+    "first_failure",
     "is_dcp_dir",
     "metadata_from_bytes",
     "read_dcp",
@@ -193,6 +194,22 @@ def safe_reader(path: str | os.PathLike[str], md: Any, storage_options: Any = No
     return _Reader(os.fspath(path))
 
 
+def first_failure(e: BaseException) -> tuple[int, BaseException] | None:
+    """``(rank, cause)`` of the lowest failed rank in DCP's ``CheckpointException``, or ``None``.
+
+    Example:
+        >>> first_failure(ValueError("not DCP's")) is None
+        True
+    """
+    failures = getattr(e, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return None
+    rank, cause = sorted(failures.items())[0]
+    if isinstance(cause, tuple):  # (exception, traceback)
+        cause = cause[0]
+    return int(rank), cause
+
+
 @contextmanager
 def dcp_errors(label: Any) -> Iterator[None]:
     """DCP's read failure (a ``CheckpointException``, which is a ``BaseException``) as a typed error.
@@ -205,10 +222,7 @@ def dcp_errors(label: Any) -> Iterator[None]:
     try:
         yield
     except CheckpointException as e:
-        failures = getattr(e, "failures", None) or {}
-        rank, cause = sorted(failures.items())[0] if failures else (-1, e)
-        if isinstance(cause, tuple):  # (exception, traceback)
-            cause = cause[0]
+        rank, cause = first_failure(e) or (-1, e)
         if isinstance(cause, FileNotFoundError):
             raise MissingShardError(label, [os.path.basename(str(cause.filename or cause))]) from e
         raise CorruptCheckpointError(label, f"reading failed on rank {rank}: {type(cause).__name__}: {cause}") from e

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchkeep import api
+from torchkeep.dcp import first_failure
 from torchkeep.distributed import _comm
 from torchkeep.distributed._tap import TappedWriter
 from torchkeep.distributed.manifest import (
@@ -376,13 +377,11 @@ def _failed(final: Path, tmp: Path, me: int, e: BaseException) -> BaseException:
 
 def _as_save_error(final: Any, e: BaseException) -> BaseException:
     """DCP's ``CheckpointException`` as a :class:`DistributedSaveError` naming the first failed rank."""
-    failures = getattr(e, "failures", None)
-    if isinstance(e, KeyboardInterrupt) or not isinstance(failures, dict) or not failures:
+    failed = None if isinstance(e, KeyboardInterrupt) else first_failure(e)
+    if failed is None:
         return e
-    rank, cause = sorted(failures.items())[0]
-    if isinstance(cause, tuple):  # (exception, traceback)
-        cause = cause[0]
-    return DistributedSaveError(final, int(rank), f"{type(cause).__name__}: {cause}")
+    rank, cause = failed
+    return DistributedSaveError(final, rank, f"{type(cause).__name__}: {cause}")
 
 
 def _snapshot(value: Any) -> Any:
