@@ -79,11 +79,11 @@ class Store:
     """A checkpoint prefix on an fsspec file system: ``url`` is ``scheme://bucket/prefix``."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any]) -> None:
-        from torchkeep.storage.remote import _filesystem  # the install hints for missing fsspec packages
+        from torchkeep.storage.remote import filesystem  # the install hints for missing fsspec packages
 
         self.url = url.rstrip("/")
         self.options = dict(storage_options)
-        self.fs, root = _filesystem(self.url, self.options)
+        self.fs, root = filesystem(self.url, self.options)
         self.root = root.rstrip("/")
 
     def child(self, name: str) -> Store:

@@ -43,15 +43,21 @@ import torch
 
 from torchkeep import api
 from torchkeep.errors import CheckpointLockedError, CheckpointNotFoundError
-from torchkeep.storage.runs import LOCK
+from torchkeep.storage.runs import LOCK, header_length
 
-__all__ = ["RemoteRun"]
+__all__ = ["RemoteRun", "filesystem"]
 
 _CHUNK = 16 << 20  # bytes per write call: bounds the file object's buffer copy
 _HEAD = 1 << 16  # first read of a header: most headers fit, larger ones take a second request
 
 
-def _filesystem(url: str, options: Mapping[str, Any]) -> tuple[Any, str]:
+def filesystem(url: str, options: Mapping[str, Any]) -> tuple[Any, str]:
+    """``(fsspec file system, path)`` for ``url``; a missing package raises ``ImportError`` naming the install.
+
+    Example:
+        >>> filesystem("memory://x/run", {})[1]
+        '/x/run'
+    """
     try:
         from fsspec.core import url_to_fs
     except ImportError:
@@ -90,7 +96,7 @@ class RemoteRun:
     adopts = False
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], *, create: bool = True) -> None:
-        self.fs, root = _filesystem(url, storage_options)
+        self.fs, root = filesystem(url, storage_options)
         self.root = root.rstrip("/")
         self.location = url.rstrip("/")
         self._token: str | None = None
@@ -243,10 +249,8 @@ class RemoteRun:
             first = bytes(self.fs.cat_file(path, start=0, end=min(size, _HEAD)))
         except (FileNotFoundError, KeyError):
             return None
-        if len(first) < 8:
-            return None
-        n = int.from_bytes(first[:8], "little")
-        if n > min(size - 8, 1 << 28):
+        n = header_length(first, size)
+        if n is None:
             return None
         if 8 + n > len(first):
             first += bytes(self.fs.cat_file(path, start=len(first), end=8 + n))

@@ -43,7 +43,7 @@ from torchkeep import api
 from torchkeep.errors import CheckpointLockedError
 from torchkeep.storage.local import AtomicFile
 
-__all__ = ["LOCK", "LocalRun", "RunStore", "is_url", "open_run"]
+__all__ = ["LOCK", "LocalRun", "RunStore", "header_length", "is_url", "open_run"]
 
 LOCK = ".lock"
 _TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
@@ -228,17 +228,27 @@ class LocalRun:
         return int(st.f_bavail) * int(st.f_frsize)
 
 
+def header_length(prefix: bytes, size: int) -> int | None:
+    """The JSON header length a file of ``size`` bytes starting with ``prefix`` declares, or ``None``
+    when the prefix is short or the length cannot be right (past the end, or over 256 MiB).
+
+    Example:
+        >>> header_length((5).to_bytes(8, "little"), 20), header_length((50).to_bytes(8, "little"), 20)
+        (5, None)
+    """
+    if len(prefix) < 8:
+        return None
+    n = int.from_bytes(prefix[:8], "little")
+    return None if n > min(size - 8, 1 << 28) else n
+
+
 def _file_header(path: Path) -> tuple[int, bytes] | None:
     """``(file size, length prefix + JSON header)`` of a torchkeep file, or ``None``."""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
-            if len(head) < 8:
-                return None
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, 1 << 28):
-                return None
-            return size, head + fh.read(n)
+            n = header_length(head, size)
+            return None if n is None else (size, head + fh.read(n))
     except (FileNotFoundError, IsADirectoryError):
         return None
