@@ -36,14 +36,19 @@ __all__ = ["Gathered", "tensor_bytes"]
 
 def tensor_bytes(src: Path) -> int:
     """Bytes of every tensor DCP's metadata lists (0 when it cannot be read: convert then reports why)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     from torchkeep.dcp import read_metadata
 
     try:
         md = read_metadata(src)
     except (TorchkeepError, OSError):
         return 0
+    return _metadata_bytes(md)
+
+
+def _metadata_bytes(md: Any) -> int:
+    """Bytes of every tensor in DCP metadata ``md`` (global shapes)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     return sum(
         math.prod(m.size) * m.properties.dtype.itemsize
         for m in md.state_dict_metadata.values()
@@ -111,7 +116,6 @@ class Gathered:
             raise
 
     def _open(self) -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         from torchkeep.api import load
         from torchkeep.dcp import check_complete, read_metadata
@@ -126,11 +130,7 @@ class Gathered:
         raise_for(label, problems)
         self.md = read_metadata(root)
         check_complete(root, self.md)
-        self.tensor_bytes = sum(
-            math.prod(m.size) * m.properties.dtype.itemsize
-            for m in self.md.state_dict_metadata.values()
-            if isinstance(m, TensorStorageMetadata)
-        )
+        self.tensor_bytes = _metadata_bytes(self.md)
         tree = load(root / TREE_FILE)
         with Checkpoint(root / TREE_FILE) as ck:
             self.user = ck.metadata
