@@ -83,6 +83,15 @@ class DiffReport:
         leaf_changed: non-tensor values (epoch, config) that differ.
         equal: tensors bitwise equal; close: tensors not bitwise equal but within tolerance
             (with the default ``rtol=atol=0``: ``-0.0`` vs ``0.0``, NaN payloads).
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> a = tk.save({"w": torch.zeros(2), "step": 1}, os.path.join(d, "a.safetensors"))
+        >>> b = tk.save({"w": torch.zeros(2), "step": 2}, os.path.join(d, "b.safetensors"))
+        >>> report = diff(a, b)
+        >>> report.identical, report.equal, [c.name for c in report.leaf_changed]
+        (False, 1, ['step'])
     """
 
     a: str

@@ -237,6 +237,13 @@ class ScanReport:
         called: the globals actually invoked by those opcodes, sorted.
         pickles: the pickles scanned (zip entry names, or ``"pickle@offset"``).
         complete: False when a pickle could not be parsed to its end.
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "w.pt"); torch.save({"w": torch.ones(2)}, p)
+        >>> report = tk.scan(p)
+        >>> report.format, report.ok, report.unsafe
+        ('torch-zip', True, [])
     """
 
     path: str

@@ -60,7 +60,13 @@ _POLICIES = ("skip", "reuse", "error")
 
 
 class RankStateWarning(UserWarning):
-    """Per-rank entries (RNG states) could not be restored one-to-one: the world size changed."""
+    """Per-rank entries (RNG states) could not be restored one-to-one: the world size changed.
+
+    Example:
+        >>> import warnings
+        >>> warnings.simplefilter("error", RankStateWarning)  # make a changed world size an error
+        >>> warnings.resetwarnings()
+    """
 
 
 # -- splitting a tree ---------------------------------------------------------------------------
