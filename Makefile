@@ -1,5 +1,5 @@
 # make demo: create .venv, install torchkeep (torch pinned to the CPU build), run the demo.
-# make test: the same set-up, then ruff and the whole test suite.
+# make test: the same set-up, then ruff, the import contracts (lint-imports) and the whole test suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest src tests

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torchkeep as tk
 import workloads
-from torchkeep.api import save_flat
 from torchkeep.snapshot import AsyncWriter
+from torchkeep.writer import save_flat
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,7 +200,8 @@ def test_inspect_errors_are_typed(tmp_path: Path) -> None:
     with pytest.raises(CorruptCheckpointError):
         tk.inspect(tmp_path)  # a directory: its only .safetensors file is the junk one
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CorruptCheckpointError, match="directory"):
+    # an empty directory is not a damaged checkpoint: a typed "nothing here" (a ValueError, as before)
+    with pytest.raises(tk.errors.UnsupportedSourceError, match="directory"):
         tk.inspect(tmp_path / "empty")
 
 

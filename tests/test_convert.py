@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import torchkeep as tk
 import torchkeep.api
+import torchkeep.writer
 from torchkeep.cli import app
 from torchkeep.convert import convert, parse_size, select_weights
 from torchkeep.errors import CheckpointNotFoundError, ConversionError, UnsafeCheckpointError
@@ -281,8 +282,7 @@ def test_failed_single_file_write_leaves_the_old_dst_intact(tk_ckpt: Path, tmp_p
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torchkeep.api, "write_buffers", boom)
-    monkeypatch.setattr(convert_mod, "write_buffers", boom)
+    monkeypatch.setattr(torchkeep.writer, "write_buffers", boom)  # the one writer
     for to in ("torchkeep", "safetensors"):
         with pytest.raises(OSError, match="No space"):
             convert(tk_ckpt, dst, to=to)
@@ -308,7 +308,7 @@ def test_failed_shard_leaves_no_shards_and_the_old_index(tk_ckpt: Path, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors.index.json").write_text("old index")
-    real = convert_mod._write_tensors
+    real = torchkeep.writer._write_tensors
     calls = []
 
     def fail_on_second(fd, *args, **kwargs):
@@ -317,7 +317,7 @@ def test_failed_shard_leaves_no_shards_and_the_old_index(tk_ckpt: Path, tmp_path
             raise OSError(5, "I/O error")
         return real(fd, *args, **kwargs)
 
-    monkeypatch.setattr(convert_mod, "_write_tensors", fail_on_second)
+    monkeypatch.setattr(torchkeep.writer, "_write_tensors", fail_on_second)
     with pytest.raises(OSError, match="I/O error"):
         convert(tk_ckpt, out / "model.safetensors", max_shard_size=300)
     assert [p.name for p in out.iterdir()] == ["model.safetensors.index.json"]
@@ -384,19 +384,29 @@ def test_tied_weights_become_two_plain_tensors(tmp_path: Path) -> None:
 
 
 def test_cli_shows_a_progress_bar_on_a_terminal_for_big_inputs(tk_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    import sys
+
     import torchkeep.cli.convert as cli_convert
 
+    library = sys.modules["torchkeep.convert"]  # the command imports the library call when it runs
     seen: list[object] = []
-    real = cli_convert.convert
+    real = library.convert
 
     def spy(*args, **kwargs):
         seen.append(kwargs["progress"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli_convert, "convert", spy)
+    monkeypatch.setattr(library, "convert", spy)
     assert runner.invoke(app, ["convert", str(tk_ckpt), str(tmp_path / "a.pt")]).exit_code == 0
     assert seen == [None]  # small input, not a terminal: no bar
     monkeypatch.setattr(cli_convert, "PROGRESS_MIN_BYTES", 0)
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats the output as a terminal
     assert runner.invoke(app, ["convert", str(tk_ckpt), str(tmp_path / "b.pt")]).exit_code == 0
     assert callable(seen[1])
+
+
+def test_a_non_string_output_format_is_a_typed_type_error(tmp_path: Path) -> None:
+    src = tk.save({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    with pytest.raises(tk.errors.ArgumentTypeError, match="to must be a format name") as info:
+        convert(src, tmp_path / "b.safetensors", to=1)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError) and not (tmp_path / "b.safetensors").exists()

@@ -61,3 +61,19 @@ def test_a_different_dataset_size_is_refused(tmp_path: Path) -> None:
     path = tk.save({"sampler": s}, tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match="10 samples"):
         tk.restore(path, {"sampler": ResumableSampler(12)})
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+def test_bad_sampler_arguments_and_a_resize_are_typed_errors() -> None:
+    with pytest.raises(tk.errors.ArgumentTypeError, match="data_source must be a dataset with len") as info:
+        ResumableSampler(object())  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"data_source=-3") as info:
+        ResumableSampler(-3)
+    assert isinstance(info.value, ValueError)
+    state = ResumableSampler(10, seed=0).state_dict()
+    with pytest.raises(tk.errors.InvalidArgumentError, match="covered 10 samples, this dataset has 12") as info:
+        ResumableSampler(12).load_state_dict(state)
+    assert isinstance(info.value, ValueError) and info.value.argument == "state['n']"

@@ -245,3 +245,19 @@ def test_cli_unreadable_is_exit_2(pair, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "error" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["diff", str(a), str(tmp_path / "missing.safetensors")])
     assert r.exit_code == 2
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+def test_bad_tolerances_are_typed_errors(tmp_path: Path) -> None:
+    a = tk.save({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"atol=-1\.0: pass a number >= 0") as info:
+        diff(a, a, atol=-1.0)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"rtol=nan"):
+        diff(a, a, rtol=math.nan)
+    with pytest.raises(tk.errors.ArgumentTypeError, match="rtol must be a number") as info:
+        diff(a, a, rtol="1e-3")  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    assert diff(a, a, rtol=1, atol=torch.tensor(0.5)).identical  # ints and 0-d tensors are numbers

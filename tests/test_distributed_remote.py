@@ -16,7 +16,6 @@ import torch
 import torchkeep as tk
 import torchkeep.distributed as tkd
 import torchkeep.distributed.remote as tkr
-from torchkeep.distributed.manifest import MANIFEST, manifest_bytes
 from torchkeep.distributed.remote import Store
 from torchkeep.errors import (
     CheckpointExistsError,
@@ -26,6 +25,7 @@ from torchkeep.errors import (
     FileChecksumError,
     UnverifiedCheckpointError,
 )
+from torchkeep.storage.dcp_manifest import MANIFEST, manifest_bytes
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from compare import assert_bitwise_state

@@ -125,14 +125,14 @@ def test_a_failing_check_is_reported_as_a_typed_error(tmp_path: Path, monkeypatc
     def eio(*args: object, **kwargs: object) -> list:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(tkdr._Local, "check", eio)
+    monkeypatch.setattr(tkdr.Local, "check", eio)
     with pytest.raises(CorruptCheckpointError, match=r"could not be checked: OSError.*Input/output error"):
         tkd.restore(path, {"model": _model(0)})
 
 
 def test_files_rank_0_cannot_see_are_never_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ranks on node-local disks: rank 1's shard is not in rank 0's directory."""
-    real = tkdc._comm.all_gather_json
+    real = tkdc.comm.all_gather_json
 
     def with_a_remote_rank(obj: object, group: object = None) -> list:
         got = real(obj, group)
@@ -140,7 +140,7 @@ def test_files_rank_0_cannot_see_are_never_committed(tmp_path: Path, monkeypatch
             return [*got, {"files": {"__1_0.distcp": {"bytes": 64, "xxh3": "0" * 32}}, "error": None}]
         return got
 
-    monkeypatch.setattr(tkdc._comm, "all_gather_json", with_a_remote_rank)
+    monkeypatch.setattr(tkdc.comm, "all_gather_json", with_a_remote_rank)
     with pytest.raises(DistributedSaveError, match=r"rank 1.*__1_0\.distcp is missing as seen from rank 0.*shares"):
         tkd.save({"model": _model(1)}, tmp_path / "ck")
     assert not os.listdir(tmp_path), "nothing committed, no temporary directory left"
@@ -183,3 +183,33 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path, monkey
         tkd.save({"model": model}, tmp_path / "ck")
     assert err.value.needed > 256 * 256 * 4 and str(tmp_path) in str(err.value)
     assert not os.listdir(tmp_path), "nothing was written"
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+def test_a_file_or_foreign_directory_at_the_target_is_a_typed_file_exists_error(tmp_path: Path) -> None:
+    import torchkeep as tk
+
+    afile = tmp_path / "ck"
+    afile.write_text("not a checkpoint")
+    with pytest.raises(tk.errors.TargetExistsError, match=r"is a file, and a distributed checkpoint is a directory"):
+        tkd.save({"model": _model(0)}, afile)
+    assert afile.read_text() == "not a checkpoint"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('mine')")
+    with pytest.raises(tk.errors.TargetExistsError) as info:
+        tkd.save({"model": _model(0)}, project)
+    err = info.value
+    assert isinstance(err, FileExistsError) and isinstance(err, tk.errors.TorchkeepError)
+    assert err.path == str(project.absolute()) and "move that directory away" in str(err)
+
+
+def test_an_unknown_per_rank_policy_is_a_typed_value_error(tmp_path: Path) -> None:
+    import torchkeep as tk
+
+    path = tkd.save({"model": _model(1)}, tmp_path / "ck")
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"per_rank_policy='ignore': pass one of 'skip'") as info:
+        tkd.restore(path, {"model": _model(0)}, per_rank_policy="ignore")
+    assert isinstance(info.value, ValueError)

@@ -552,3 +552,50 @@ def test_tk_export_is_the_callable_package(tmp_path: Path) -> None:
     assert api_module.export is tk.export.export and tk.export is sys.modules["torchkeep.export"]
     assert callable(tk.quantize) and tk.QuantizeReport.__name__ == "QuantizeReport"
     assert tk.ExportReport is api_module.ExportReport
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument", "says"),
+    [
+        ({"path": "m.bin"}, "path", "cannot tell the export format"),
+        ({"path": "m.bin", "format": "tflite"}, "format", "unknown export format"),
+        ({"path": "m.pt2", "method": "compile"}, "method", "'trace'"),
+        ({"path": "m.pt2", "output_names": ["a", "b"]}, "output_names", "pass exactly 1"),
+        ({"path": "m.pt2", "input_names": []}, "input_names", "pass exactly 1"),
+        ({"path": "m.pt2", "verify_inputs": [torch.randn(2, 5)]}, "verify_inputs[0]", "eager model cannot run"),
+    ],
+)
+def test_bad_export_arguments_are_typed_value_errors(tmp_path: Path, kwargs: dict, argument: str, says: str) -> None:
+    kwargs = dict(kwargs)
+    path = tmp_path / kwargs.pop("path")
+    with pytest.raises(tk.errors.InvalidArgumentError) as info:
+        tk.export(torch.nn.Linear(2, 2), torch.randn(2, 2), path, **kwargs)
+    err = info.value
+    assert isinstance(err, ValueError) and isinstance(err, TorchkeepError)
+    assert err.argument == argument and says in str(err) and str(err).startswith(f"{argument}=")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_example_inputs_of_another_type_are_a_typed_type_error(tmp_path: Path) -> None:
+    with pytest.raises(tk.errors.ArgumentTypeError, match=r"example_inputs must be a tensor.*not int") as info:
+        tk.export(torch.nn.Linear(2, 2), 3, tmp_path / "m.pt2")
+    assert isinstance(info.value, TypeError) and info.value.argument == "example_inputs"
+
+
+def test_torchscript_writer_refuses_an_unknown_method(tmp_path: Path) -> None:
+    from torchkeep.export.torchscript import export_torchscript
+
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"method='jit': pass 'trace'") as info:
+        export_torchscript(torch.nn.Linear(2, 2), ((torch.randn(2, 2),), {}), tmp_path / "m.pt", method="jit")
+    assert isinstance(info.value, ValueError)
+
+
+def test_verify_export_of_a_missing_artifact_says_so(tmp_path: Path) -> None:
+    from torchkeep.export import verify_export
+
+    with pytest.raises(tk.errors.CheckpointNotFoundError, match=r"written by tk\.export") as info:
+        verify_export(tmp_path / "absent.pt2", torch.nn.Linear(2, 2), torch.randn(2, 2))
+    assert isinstance(info.value, FileNotFoundError)

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from loadfile import load_file
 
 import torchkeep as tk
+from torchkeep.dtypes import DTYPE_TO_ST, ST_TO_DTYPE, dtype_from_name, dtype_name
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, UnsupportedDtypeError
-from torchkeep.format.dtypes import DTYPE_TO_ST, ITEMSIZE, ST_TO_DTYPE, dtype_from_name, dtype_name
+from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.header import HeaderBuilder, digest, parse_header
 
 FIXTURES = Path(__file__).parent / "fixtures"

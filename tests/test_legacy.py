@@ -324,7 +324,7 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_is_not_legacy(tmp_
 
 
 def test_is_legacy_by_first_bytes() -> None:
-    from torchkeep.legacy import is_legacy
+    from torchkeep.container import is_legacy
 
     assert is_legacy(b"PK\x03\x04\x00\x00\x08\x08")  # a torch.save zip
     assert is_legacy(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:8])  # a pre-1.6 torch.save
@@ -332,3 +332,38 @@ def test_is_legacy_by_first_bytes() -> None:
     for n in (0x80, 0x280, 0x8002_80, 99_999_872):  # safetensors header lengths whose low byte is 0x80
         assert not is_legacy(n.to_bytes(8, "little")), hex(n)
     assert not is_legacy(b"\x80\x02")  # too short to tell: the reader reports it
+
+
+# -- the saved device in a placement error -----------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+@pytest.mark.parametrize("map_location", ["cuda", "cuda:1", torch.device("cuda"), {"cpu": "cuda:0"}])
+def test_a_cpu_file_sent_to_a_missing_device_is_reported_as_saved_on_cpu(tmp_path: Path, map_location: Any) -> None:
+    """torch's error names the device it was placing the storage on; the message must name where it was saved."""
+    from torchkeep.legacy import load_legacy
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "x.pth")
+    with pytest.raises(DeviceUnavailableError) as info:
+        load_legacy(tmp_path / "x.pth", map_location=map_location)
+    err = info.value
+    assert err.saved_device == "cpu" and "saved on cpu with map_location=" in str(err)
+    assert "saved on cuda" not in str(err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+@pytest.mark.parametrize("map_location", [None, "cuda:1", {"cuda:0": "cuda:1"}])
+def test_a_cuda_file_on_a_machine_without_cuda_names_its_saved_device(map_location: Any) -> None:
+    from torchkeep.legacy import load_legacy
+
+    with pytest.raises(DeviceUnavailableError) as info:
+        load_legacy(FIXTURES / "cuda0.pt", map_location=map_location)
+    assert info.value.saved_device == "cuda:0" and "saved on cuda:0 with" in str(info.value)
+
+
+def test_a_map_location_of_another_type_is_a_typed_type_error() -> None:
+    from torchkeep.legacy import load_legacy
+
+    with pytest.raises(tk.errors.ArgumentTypeError, match="map_location must be a device") as info:
+        load_legacy(FIXTURES / "cpu.pt", map_location=3)
+    assert isinstance(info.value, TypeError)

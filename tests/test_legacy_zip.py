@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import torchkeep as tk
-import torchkeep.legacy as legacy
+import torchkeep.container as container
+from torchkeep.container import check_zip
 from torchkeep.errors import CorruptCheckpointError
-from torchkeep.legacy import check_zip
 from torchkeep.scan import scan
 
 
@@ -134,7 +134,7 @@ def test_overlapping_entries_are_refused(tmp_path: Path, no_torch_load: None) ->
 
 
 def test_too_many_entries_are_refused(tmp_path: Path, no_torch_load: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(legacy, "MAX_ZIP_ENTRIES", 10)
+    monkeypatch.setattr(container, "MAX_ZIP_ENTRIES", 10)
     path = tmp_path / "many.pt"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         for i in range(20):

@@ -359,3 +359,52 @@ def test_restore_repairs_prefixes_like_load_into(tmp_path: Path) -> None:
     compiled = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
     tk.restore(tk.save({"model": plain}, tmp_path / "plain.safetensors"), {"model": compiled})
     assert torch.equal(compiled._orig_mod[0].weight, plain[0].weight)
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+def test_bad_load_into_arguments_are_typed_errors() -> None:
+    sd = nn.Linear(2, 2).state_dict()
+    with pytest.raises(tk.errors.ArgumentTypeError, match=r"model must be an nn\.Module") as info:
+        load_into({"w": torch.ones(2)}, sd)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError) and isinstance(info.value, TorchkeepError)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"dtype_policy='strict': pass \"cast\"") as info:
+        load_into(nn.Linear(2, 2), sd, dtype_policy="strict")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(tk.errors.ArgumentTypeError, match="remap must be a dict of regex") as info:
+        load_into(nn.Linear(2, 2), sd, remap=[("a", "b")])  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="not a valid regular expression") as info:
+        load_into(nn.Linear(2, 2), sd, remap={"(": ""})
+    assert isinstance(info.value, ValueError) and info.value.argument == "remap"
+
+
+def test_load_into_the_meta_device_is_refused_before_copying() -> None:
+    model = nn.Linear(2, 2)
+    before = model.weight.detach().clone()
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"map_location='meta': load_into copies values") as info:
+        load_into(model, nn.Linear(2, 2).state_dict(), map_location="meta")
+    assert isinstance(info.value, ValueError) and torch.equal(model.weight, before)
+
+
+def test_plan_into_names_the_options_of_its_caller() -> None:
+    """tk.restore has no skip_mismatched: its mismatch error must point at strict=False."""
+    from torchkeep.loading import plan_into
+
+    big = nn.Linear(3, 4).state_dict()
+    args = {"strict": True, "skip_mismatched": False, "label": "c.safetensors", "key": "model"}
+    with pytest.raises(KeyMismatchError) as as_load_into:
+        plan_into(nn.Linear(3, 2), big, **args)
+    assert "skip_mismatched=True" in str(as_load_into.value)
+    with pytest.raises(KeyMismatchError) as as_restore:
+        plan_into(nn.Linear(3, 2), big, **args, caller="restore")
+    msg = str(as_restore.value)
+    assert "skip_mismatched" not in msg and "pass strict=False to tk.restore" in msg and "warn" in msg
+    assert "weight (4, 3) vs (2, 3)" in msg
+    missing = {"weight": big["weight"][:2]}  # a missing bias and a fitting weight: still only strict=False
+    with pytest.raises(KeyMismatchError, match=r"strict=False to tk\.restore") as info:
+        plan_into(nn.Linear(3, 2), missing, **args, caller="restore")
+    assert "skip_mismatched" not in str(info.value)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="caller='api'"):
+        plan_into(nn.Linear(3, 2), big, **args, caller="api")

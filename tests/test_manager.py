@@ -357,3 +357,50 @@ def test_sigkill_loop(tmp_path: Path) -> None:
                 last_step = info.step
         print(f"{kills} kills, {progressed} with progress, last step {last_step}")
         assert progressed >= 5, f"only {progressed} of {kills} kills made progress"
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"mode": "maximum"}, "mode"),
+        ({"keep_best": 2}, "monitor"),
+        ({"keep_last": -1}, "keep_last"),
+        ({"keep_best": 1.5, "monitor": "acc"}, "keep_best"),
+        ({"keep_every": True}, "keep_every"),
+        ({"keep_within": "1 day"}, "keep_within"),
+        ({"keep_within": -5.0}, "keep_within"),
+    ],
+)
+def test_bad_manager_options_are_typed_value_errors(tmp_path: Path, kwargs: dict, argument: str) -> None:
+    with pytest.raises(tk.errors.InvalidArgumentError) as info:
+        tk.CheckpointManager(tmp_path, **kwargs)
+    err = info.value
+    assert isinstance(err, ValueError) and err.argument == argument and str(err).startswith(f"{argument}=")
+    assert not (tmp_path / ".lock").exists()  # refused before the run directory was touched
+
+
+def test_bad_save_and_restore_steps_are_typed_errors(tmp_path: Path) -> None:
+    with tk.CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(tk.errors.ArgumentTypeError, match="step must be an int") as info:
+            mgr.save({"w": torch.ones(1)}, step="3")  # type: ignore[arg-type]
+        assert isinstance(info.value, TypeError)
+        mgr.save({"w": torch.ones(1)}, step=0)
+        with pytest.raises(tk.errors.InvalidArgumentError, match="needs a monitored metric") as info:
+            mgr.restore({"w": torch.zeros(1)}, step="best")
+        assert isinstance(info.value, ValueError) and info.value.argument == "step"
+        with pytest.raises(tk.errors.InvalidArgumentError, match=r"step='newest': pass None or \"latest\""):
+            mgr.restore({"w": torch.zeros(1)}, step="newest")
+
+
+def test_a_closed_manager_raises_a_typed_runtime_error(tmp_path: Path) -> None:
+    mgr = tk.CheckpointManager(tmp_path)
+    mgr.close()
+    for call in (lambda: mgr.save({"w": torch.ones(1)}, step=0), lambda: mgr.prune()):
+        with pytest.raises(tk.errors.ManagerClosedError) as info:
+            call()
+        err = info.value
+        assert isinstance(err, RuntimeError) and isinstance(err, TorchkeepError)
+        assert err.directory == str(mgr.directory) and "closed" in str(err) and "tk.CheckpointManager(" in str(err)

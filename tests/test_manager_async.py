@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import torchkeep as tk
+import torchkeep.writer
 from torchkeep.errors import InsufficientSpaceError
 
 
@@ -27,13 +28,15 @@ def test_mutating_after_save_never_changes_the_checkpoint(tmp_path: Path, monkey
     model = state["model"]
     expected = [{k: v.clone() for k, v in model.state_dict().items()}]
     gate = threading.Event()
-    real = tk.api.save_flat
+    real = torchkeep.writer.write_checksummed  # what every checkpoint file is written by
+
+    held: list[bool] = []
 
     def slow(*args, **kwargs):  # the write starts only after the loop has moved on
-        gate.wait(5)
+        held.append(gate.wait(5))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tk.api, "save_flat", slow)
+    monkeypatch.setattr(torchkeep.writer, "write_checksummed", slow)
     with tk.CheckpointManager(tmp_path / "run", keep_last=2, async_save=True) as mgr:
         mgr.save(state, step=0)
         with torch.no_grad():
@@ -45,6 +48,7 @@ def test_mutating_after_save_never_changes_the_checkpoint(tmp_path: Path, monkey
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(7.0)
+    assert held and held[0]  # the first write really waited for the mutation
     with tk.CheckpointManager(tmp_path / "run") as mgr:
         infos = mgr.checkpoints()
         assert [i.step for i in infos] == [0, 1]

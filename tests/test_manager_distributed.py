@@ -214,3 +214,10 @@ def test_distributed_on_object_storage_is_refused_with_the_fix() -> None:
     pytest.importorskip("fsspec")
     with pytest.raises(ValueError, match=r"object storage.*shared file system"):
         tk.CheckpointManager("memory://tk-dist-run", distributed=True)
+
+
+def test_distributed_on_object_storage_is_a_typed_value_error() -> None:
+    pytest.importorskip("fsspec")
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"^distributed=True: memory://") as info:
+        tk.CheckpointManager("memory://tk-dist-run-typed", distributed=True)
+    assert isinstance(info.value, ValueError) and info.value.argument == "distributed"

@@ -121,3 +121,24 @@ def test_a_quantized_model_exports_to_torchscript(tmp_path: Path) -> None:
 def test_module_docs_name_the_deprecation_and_the_replacement() -> None:
     doc = importlib.import_module("torchkeep.export.quantize").__doc__
     assert "torch.ao.quantization.quantize_dynamic" in doc and "torchao" in doc and "deprecated" in doc
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+def test_bad_quantize_arguments_are_typed_errors() -> None:
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"dtype=torch\.int8: .*qint8 or torch\.float16") as info:
+        tk.quantize(_mlp(), dtype=torch.int8)
+    assert isinstance(info.value, ValueError) and info.value.argument == "dtype"
+    with pytest.raises(tk.errors.InvalidArgumentError, match="modules is empty") as info:
+        tk.quantize(_mlp(), modules=())
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(tk.errors.InvalidArgumentError, match="no submodule of type GRU") as info:
+        tk.quantize(_mlp(), modules=(nn.GRU,))
+    assert isinstance(info.value, ValueError) and info.value.argument == "modules"
+    with pytest.raises(tk.errors.ArgumentTypeError, match=r"modules must be a tuple of nn\.Module subclasses") as info:
+        tk.quantize(_mlp(), modules=(nn.Linear(2, 2),))
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(tk.errors.ArgumentTypeError, match=r"model must be an nn\.Module") as info:
+        tk.quantize({"w": torch.ones(2)})  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)

@@ -393,4 +393,61 @@ def test_inspect_a_model_directory_single_and_sharded(tmp_path: Path) -> None:
         assert "test-tiny-net" in result.output
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "empty")])
-    assert result.exit_code == 2 and "without model.safetensors" in result.output
+    assert result.exit_code == 2 and "holds no checkpoint" in result.output
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+def test_bad_register_model_arguments_are_typed_errors() -> None:
+    with pytest.raises(tk.errors.ArgumentTypeError, match="version must be a non-negative int") as info:
+        tk.register_model("test-typed-v", version="2")  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"version=-1: pass a non-negative int") as info:
+        tk.register_model("test-typed-v", version=-1)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(tk.errors.ArgumentTypeError, match="name must be a string") as info:
+        tk.register_model(3)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(tk.errors.ArgumentTypeError, match=r"must be an nn\.Module subclass") as info:
+        tk.register_model("test-typed-fn")(lambda: None)  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+
+    class Other(nn.Module):
+        pass
+
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"name='test-tiny-net': already registered to") as info:
+        tk.register_model("test-tiny-net")(Other)
+    assert isinstance(info.value, ValueError) and registry.registered_names().count("test-tiny-net") == 1
+
+
+def test_to_config_returning_a_non_dict_is_a_typed_error(tmp_path: Path) -> None:
+    class BadConfig(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(1, 1)
+
+        def to_config(self) -> list:
+            return [1]
+
+    tk.register_model("test-typed-bad-config")(BadConfig)
+    with pytest.raises(UnsupportedObjectError, match=r"to_config\(\) must return a dict with string keys") as info:
+        tk.save_model(BadConfig(), tmp_path / "b.safetensors")
+    assert isinstance(info.value, TypeError)
+
+
+def test_bad_load_model_dtype_and_malformed_config_are_typed(tmp_path: Path) -> None:
+    d = tk.save_model(_nested(), f"{tmp_path / 'm'}/")
+    with pytest.raises(tk.errors.ArgumentTypeError, match=r"dtype must be a torch\.dtype") as info:
+        tk.load_model(d, dtype="float16")  # type: ignore[arg-type]
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"dtype=torch\.int8: pass a floating-point") as info:
+        tk.load_model(d, dtype=torch.int8)
+    assert isinstance(info.value, ValueError)
+    cfg = Path(d) / registry.CONFIG_FILE
+    record = json.loads(cfg.read_text())
+    record["config_typed"] = {"d": {"sizes": {"T": "weights"}}}  # a config never refers to a tensor
+    cfg.write_text(json.dumps(record))
+    with pytest.raises(tk.errors.CorruptCheckpointError, match="malformed model config") as info:
+        tk.load_model(d)
+    assert isinstance(info.value, ValueError)

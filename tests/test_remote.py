@@ -26,13 +26,13 @@ from s3server import S3Server
 from typer.testing import CliRunner
 
 import torchkeep as tk
-from torchkeep.api import prepared
 from torchkeep.cli import app
 from torchkeep.errors import CheckpointLockedError
 from torchkeep.manager import manifest
 from torchkeep.manager.manager import CheckpointSkippedWarning
-from torchkeep.storage.runs import open_run
+from torchkeep.storage import open_run
 from torchkeep.tree import flatten
+from torchkeep.writer import Body, prepared
 
 fsspec = pytest.importorskip("fsspec")
 pytest.importorskip("s3fs")
@@ -104,7 +104,7 @@ def test_objects_no_manifest_names_are_never_visible(mem_run: str) -> None:
     orphan = "ckpt_000001.safetensors"
     info = manifest.CheckpointInfo(orphan, store.path_of(orphan), 1, {}, 0, time.time(), "")
     tensors, meta = prepared(flatten({"m": model_at(1)}), {manifest.META_KEY: manifest.record_of(info)})
-    store.put(orphan, tensors, meta, durable=True)
+    store.put(orphan, Body(tensors, meta), durable=True)
     # what a killed upload leaves on a store without atomic uploads: a cut-off object
     fs = fsspec.filesystem("memory")
     whole = fs.cat_file(f"{mem_run}/ckpt_000000.safetensors")

@@ -69,3 +69,11 @@ def test_policies_do_not_mutate() -> None:
     before = [(r.step, dict(r.metrics), r.created) for r in R]
     AnyOf(LatestN(2), BestN(2, "acc"), EveryN(2), Within(5, 150.0)).keep(R)
     assert [(r.step, dict(r.metrics), r.created) for r in R] == before
+
+
+def test_an_unknown_mode_is_a_typed_value_error() -> None:
+    import torchkeep as tk
+
+    with pytest.raises(tk.errors.InvalidArgumentError, match=r"mode='best': pass 'max'") as info:
+        best_index(R, "acc", "best")
+    assert isinstance(info.value, ValueError) and info.value.argument == "mode"

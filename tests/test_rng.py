@@ -159,3 +159,16 @@ def test_restore_with_tensors_mapped_to_cuda(tmp_path: Path) -> None:
     scramble()
     tk.restore(path, {"rng": tk.RNGState()}, map_location="cuda")
     assert_draws_equal(draw(), expected)
+
+
+# -- typed argument errors ---------------------------------------------------------------------
+
+
+def test_a_state_not_from_rngstate_is_a_typed_error() -> None:
+    with pytest.raises(tk.errors.KeyMismatchError, match=r"not written by RNGState\.state_dict") as info:
+        tk.RNGState().load_state_dict({"torch": torch.get_rng_state(), "step": 3})
+    err = info.value
+    assert isinstance(err, KeyError) and err.missing == ["numpy", "python"] and err.unexpected == ["step"]
+    with pytest.raises(tk.errors.ArgumentTypeError, match=r"state must be the dict RNGState\.state_dict") as info2:
+        tk.RNGState().load_state_dict([1, 2])  # type: ignore[arg-type]
+    assert isinstance(info2.value, TypeError)

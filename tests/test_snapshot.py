@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import torchkeep as tk
-from torchkeep.api import save_flat
 from torchkeep.snapshot import AsyncWriter
+from torchkeep.writer import save_flat
 
 
 def _model() -> torch.nn.Module:

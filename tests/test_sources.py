@@ -196,8 +196,10 @@ def test_sharded_index_inconsistent_with_shard(tmp_path: Path) -> None:
 
 
 def test_directory_without_index(tmp_path: Path) -> None:
-    with pytest.raises(CorruptCheckpointError):
+    # an empty directory is not a damaged checkpoint: a typed "nothing to load here" (still a ValueError)
+    with pytest.raises(tk.errors.UnsupportedSourceError, match="holds no checkpoint") as err:
         load_into(Small(), tmp_path)
+    assert isinstance(err.value, ValueError)
     src = Small(1)
     save_file(src.state_dict(), str(tmp_path / "model.safetensors"))
     model = Small(2)

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import torchkeep as tk
+from torchkeep.dtypes import DTYPE_TO_ST
 from torchkeep.errors import UnsupportedDtypeError, UnsupportedObjectError
-from torchkeep.format.dtypes import DTYPE_TO_ST
 from torchkeep.tree import SkeletonError, flatten, format_path, is_stateful, unflatten
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,93 +3,37 @@
 from __future__ import annotations
 
 import copy
-import gc
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep._version import __version__
-from torchkeep.dcp import is_dcp_dir, read_dcp
+from torchkeep import kinds
 from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    DeviceUnavailableError,
     KeyMismatchError,
+    TargetIsDirectoryError,
     TorchkeepError,
-    UnsupportedObjectError,
 )
-from torchkeep.format.dtypes import DTYPE_TO_ST
-from torchkeep.format.header import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, HASH_NAME, HeaderBuilder
-from torchkeep.hashing import Digests
-from torchkeep.legacy import is_legacy, load_legacy
 from torchkeep.loading import copy_plan, plan_into
 from torchkeep.mapped import MappedCheckpoint, adopt
-from torchkeep.reader import TREE_KEY, USER_KEY, Checkpoint
-from torchkeep.storage.local import AtomicFile, buffer_of, write_buffers
-from torchkeep.tree import Flat, SkeletonError, flatten, format_path, is_stateful, unflatten
+from torchkeep.placement import MapLocation, checked_placer
+from torchkeep.reader import Checkpoint
+from torchkeep.runtime import paused_gc
+from torchkeep.sources import read_tree
+from torchkeep.storage.paths import as_path
+from torchkeep.targets import restore_targets
+from torchkeep.tree import SkeletonError, format_path, unflatten
+from torchkeep.writer import save_tree
 
 __all__ = ["load", "restore", "save"]
 
 PathLike = str | os.PathLike[str]
-MapLocation = str | torch.device | Mapping[str, Any] | Callable[[torch.Tensor, str], torch.Tensor] | None
-
-
-def resolved(t: torch.Tensor) -> torch.Tensor:
-    """``t`` detached, with lazy conjugate / negative views materialised (what its bytes mean)."""
-    t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t
-
-
-def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor as contiguous CPU memory ready to write (a copy only when needed).
-
-    Accelerator tensors are copied into pinned host memory without blocking; the caller
-    synchronises once (:func:`host_copies`) before the bytes are read.
-    """
-    if t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
-        return t.detach() if t.requires_grad else t  # the common case, no copy
-    t = resolved(t)
-    if t.device.type != "cpu":
-        pinned = t.device.type == "cuda"
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
-        host.copy_(t, non_blocking=pinned)
-        return host
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t
-
-
-def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``_cpu_bytes`` of every tensor, with one synchronisation for all device-to-host copies."""
-    out = {k: _cpu_bytes(t) for k, t in tensors.items()}
-    if torch.cuda.is_available() and any(t.is_cuda for t in tensors.values()):
-        torch.cuda.synchronize()
-    return out
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a tree of 20,000 tensors allocates enough small
-    objects to trigger dozens of full collections, which cost more than the I/O."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def save(
@@ -126,102 +70,10 @@ def save(
         >>> tk.load(p)["epoch"]
         3
     """
-    with paused_gc():
-        return _save(obj, path, metadata=metadata, durable=durable)
-
-
-def _save(obj: Any, path: PathLike, *, metadata: Mapping[str, Any] | None, durable: bool) -> Path:
-    path = Path(os.fspath(path)).expanduser()
+    path = as_path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path}: is a directory; give a file name such as {path / 'ckpt.safetensors'}")
-    return save_flat(flatten(obj), path, metadata=metadata, durable=durable)
-
-
-def save_flat(flat: Flat, path: PathLike, *, metadata: Mapping[str, Any] | None = None, durable: bool = True) -> Path:
-    """Write an already flattened tree (:func:`torchkeep.tree.flatten`) atomically.
-
-    For callers that snapshot a tree first and write it later (asynchronous saves): the
-    tensors of ``flat`` may be host copies, the skeleton keeps the Stateful class names.
-    """
-    path = Path(os.fspath(path)).expanduser()
-    keep, meta = prepared(flat, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFile(path, durable=durable) as f:
-        write_checksummed(f.fd, keep, meta)
-        f.commit()
-    return path
-
-
-def prepared(flat: Flat, metadata: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The host tensors and header metadata a file of ``flat`` holds (what every writer writes)."""
-    meta = {
-        **provenance_metadata(),
-        TREE_KEY: json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
-    }
-    if metadata:
-        meta[USER_KEY] = _metadata_json(metadata)
-    return host_copies(flat.tensors), meta
-
-
-def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """A checksummed torchkeep/safetensors file of host ``tensors`` (see :func:`host_copies`) into ``fd``.
-
-    The data goes first, hashed beside the writes; the sealed header goes last, at offset 0.
-    """
-    builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
-    bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
-    with ThreadPoolExecutor(1) as pool:
-        hashes = Digests(bufs, pool)  # large tensors hash beside the writes (both drop the GIL)
-        write_buffers(fd, builder.header_size, bufs)
-        os.pwrite(fd, builder.seal(hashes.result()), 0)
-
-
-def stream_checksummed(
-    write: Callable[[memoryview], Any], tensors: Mapping[str, torch.Tensor], meta: dict[str, str]
-) -> bytes:
-    """The same file as :func:`write_checksummed`, front to back through ``write`` (an object-store upload).
-
-    A stream cannot seek back to the header, so the data is hashed first (one pass over
-    memory, ~40 ms/GiB) and the sealed header goes out before it. Returns the header bytes
-    (length prefix included).
-    """
-    builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
-    bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
-    with ThreadPoolExecutor(1) as pool:
-        head = builder.seal(Digests(bufs, pool).result())
-    write(memoryview(head))
-    for b in bufs:
-        if b.nbytes:
-            write(b)
-    return head
-
-
-def provenance_metadata() -> dict[str, str]:
-    """The header metadata every torchkeep file carries: format, hash, versions, creation time."""
-    return {
-        "format": "pt",
-        FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}",
-        "torchkeep.hash": HASH_NAME,
-        "torchkeep.library": __version__,
-        "torchkeep.torch": torch.__version__.split("+")[0],
-        "torchkeep.created": _created(),
-    }
-
-
-def _created() -> str:
-    """Creation time, UTC; ``SOURCE_DATE_EPOCH`` pins it for reproducible files."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
-    return when.isoformat(timespec="seconds")
-
-
-def _metadata_json(metadata: Mapping[str, Any]) -> str:
-    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
-        raise UnsupportedObjectError("metadata", metadata, "metadata must be a dict with string keys.")
-    try:
-        return json.dumps(dict(metadata), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UnsupportedObjectError("metadata", metadata, f"metadata must be JSON-serialisable ({e}).") from None
+        raise TargetIsDirectoryError(path, str(path / "ckpt.safetensors"))
+    return save_tree(obj, path, metadata=metadata, durable=durable)
 
 
 @contextmanager
@@ -234,35 +86,6 @@ def _still_there(path: Path) -> Iterator[None]:
         if isinstance(e, TorchkeepError) or (e.filename is not None and Path(e.filename) != path):
             raise
         raise CheckpointNotFoundError(path) from None
-
-
-def _placer(map_location: MapLocation) -> Callable[[torch.Tensor, str | None], torch.Tensor] | None:
-    """Turn a ``map_location`` into ``place(tensor, original_device)`` (None: leave on CPU)."""
-    if map_location is None:
-        return lambda t, dev: t if dev is None else t.to(dev)
-    if isinstance(map_location, (str, torch.device)):
-        target = torch.device(map_location)
-        return None if target.type == "cpu" else (lambda t, dev: t.to(target))
-    if isinstance(map_location, Mapping):
-        table = {str(k): v for k, v in map_location.items()}
-        return lambda t, dev: t.to(table.get(dev or "cpu", dev or "cpu"))
-    if callable(map_location):
-        return lambda t, dev: map_location(t, dev or "cpu")
-    raise TypeError(f"map_location must be a device, a string, a dict or a callable, not {type(map_location).__name__}")
-
-
-def _checked_placer(path: Path, map_location: MapLocation) -> Callable[[torch.Tensor, str | None], torch.Tensor] | None:
-    place = _placer(map_location)
-    if place is None:
-        return None
-
-    def run(t: torch.Tensor, dev: str | None) -> torch.Tensor:
-        try:
-            return place(t, dev)
-        except (RuntimeError, AssertionError) as e:
-            raise DeviceUnavailableError(path, dev or "cpu", map_location, str(e).splitlines()[0]) from None
-
-    return run
 
 
 def load(
@@ -297,40 +120,28 @@ def load(
         >>> tk.load(p)["cfg"]
         {'lr': 0.1}
     """
-    path = Path(os.fspath(path)).expanduser()
+    path = as_path(path)
     with _still_there(path):
         return _load(path, map_location=map_location, verify=verify, trust_pickle=trust_pickle)
 
 
 def _load(path: Path, *, map_location: MapLocation, verify: bool, trust_pickle: bool) -> Any:
-    if not path.exists():
-        raise CheckpointNotFoundError(path)
-    if path.is_file():
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-        if is_legacy(head):
-            return load_legacy(path, map_location=map_location, trust_pickle=trust_pickle)
-    elif is_dcp_dir(path):
-        place = _checked_placer(path, map_location)
-        flat = read_dcp(path)
-        return flat if place is None else {k: place(t, None) for k, t in flat.items()}
-    with paused_gc(), Checkpoint(path, verify=verify) as ck:
-        return ck.tree(place=_checked_placer(path, map_location))
-
-
-def _targets(targets: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any]]:
-    """``(path, target)`` for every Stateful / Generator leaf of a nested dict of targets."""
-    if is_stateful(targets) or isinstance(targets, torch.Generator):
-        return [(prefix, targets)]
-    if isinstance(targets, Mapping):
-        out: list[tuple[tuple[Any, ...], Any]] = []
-        for k, v in targets.items():
-            out.extend(_targets(v, (*prefix, k)))
-        return out
-    raise TypeError(
-        f"restore target {format_path(prefix) or '<root>'} is a {type(targets).__name__}; targets are objects with "
-        "load_state_dict() (modules, optimizers, schedulers, tk.RNGState()), torch.Generators, or dicts of them"
+    found = kinds.detect(path, operation="tk.load")
+    tree, _ = read_tree(
+        found, place=checked_placer(found.target, map_location), verify=verify, trust_pickle=trust_pickle
     )
+    return tree
+
+
+def _nested(plan: list[tuple[tuple[Any, ...], Any]]) -> dict[Any, Any]:
+    """The targets of ``plan`` as the nested dict they came from."""
+    out: dict[Any, Any] = {}
+    for tpath, target in plan:
+        node = out
+        for p in tpath[:-1]:
+            node = node.setdefault(p, {})
+        node[tpath[-1]] = target
+    return out
 
 
 def _lookup(tree: Any, path: tuple[Any, ...]) -> tuple[bool, Any]:
@@ -399,8 +210,8 @@ def restore(
         >>> torch.equal(fresh.weight, model.weight)
         True
     """
-    plan = _targets(targets)
-    path = Path(os.fspath(path)).expanduser()
+    plan = restore_targets(targets)
+    path = as_path(path)
     with _still_there(path):
         return _restore(path, plan, strict=strict, map_location=map_location, verify=verify, trust_pickle=trust_pickle)
 
@@ -414,18 +225,22 @@ def _restore(
     verify: bool,
     trust_pickle: bool,
 ) -> Any:
-    if not path.exists():
-        raise CheckpointNotFoundError(path)
-    if path.is_file():
-        with open(path, "rb") as fh:
-            legacy = is_legacy(fh.read(8))
-        if legacy:
-            tree = load_legacy(path, map_location="cpu", trust_pickle=trust_pickle)
-            found = _match_targets(path, tree, plan, strict)
-            for tpath, target, sub in found:
-                _assign(tree, tpath, _apply(target, sub, lambda t: t))
-            return tree
-    place = _checked_placer(path, map_location)
+    detected = kinds.detect(path, operation="tk.restore")
+    if detected.kind == kinds.TORCHKEEP_DCP:
+        # torch.distributed is imported only for this kind: DCP reads the shards into the targets
+        from torchkeep.distributed.resume import restore as restore_distributed
+
+        targets = plan[0][1] if len(plan) == 1 and plan[0][0] == () else _nested(plan)
+        return restore_distributed(detected.path, targets, strict=strict, verify=verify, trust_pickle=trust_pickle)
+    if detected.kind not in (kinds.TORCHKEEP, kinds.SAFETENSORS):
+        # read whole (legacy pickles, shard sets, DCP directories), then load into the targets
+        tree, _ = read_tree(detected, verify=verify, trust_pickle=trust_pickle)
+        found = _match_targets(path, tree, plan, strict)
+        for tpath, target, sub in found:
+            _assign(tree, tpath, _apply(target, sub, lambda t: t))
+        return tree
+    path = detected.target
+    place = checked_placer(path, map_location)
     with paused_gc(), Checkpoint(path, verify=verify) as ck:
         mapped = MappedCheckpoint(ck)
         if verify:
@@ -483,7 +298,9 @@ def _match_targets(
             if not isinstance(sub, Mapping):
                 raise KeyMismatchError(where, fix=f"the checkpoint holds a {type(sub).__name__} here, not a state dict")
             # load_into's planning: prefix repair ('module.', '_orig_mod.'), keys, shapes; nothing copied yet
-            sub = plan_into(target, sub, strict=strict, skip_mismatched=not strict, label=f"{path}", key=where)
+            sub = plan_into(
+                target, sub, strict=strict, skip_mismatched=not strict, label=f"{path}", key=where, caller="restore"
+            )
         elif isinstance(target, torch.optim.Optimizer):
             _check_optimizer(where, target, sub)
         elif isinstance(target, torch.Generator) and not isinstance(sub, torch.Generator):

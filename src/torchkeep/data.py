@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from torchkeep.errors import ArgumentTypeError, InvalidArgumentError
+
 __all__ = ["ResumableSampler"]
 
 
@@ -48,7 +50,11 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     """
 
     def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0) -> None:
+        if isinstance(data_source, bool) or not (isinstance(data_source, int) or hasattr(data_source, "__len__")):
+            raise ArgumentTypeError("data_source", data_source, "a dataset with len() or its length (an int)")
         self.n = data_source if isinstance(data_source, int) else len(data_source)
+        if self.n < 0:
+            raise InvalidArgumentError("data_source", data_source, "pass a dataset, or its length as an int >= 0")
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
@@ -79,9 +85,11 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["n"] != self.n:
-            raise ValueError(
+            raise InvalidArgumentError(
+                "state['n']",
+                state["n"],
                 f"the checkpoint's sampler covered {state['n']} samples, this dataset has {self.n}; "
-                "resume on the same dataset, or start a fresh epoch with a new sampler"
+                "resume on the same dataset, or start a fresh epoch with a new sampler",
             )
         self.shuffle = bool(state["shuffle"])
         self.seed = int(state["seed"])

@@ -244,7 +244,7 @@ def read_dcp(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from torchkeep.distributed.manifest import is_torchkeep_dcp, verify_all
+    from torchkeep.storage.dcp_manifest import is_torchkeep_dcp, verify_all
 
     root = Path(os.fspath(path))
     ours = is_torchkeep_dcp(root)

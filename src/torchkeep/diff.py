@@ -19,11 +19,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from torchkeep.convert import INDEX_SUFFIX, _read_index
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
-from torchkeep.format.dtypes import ST_TO_DTYPE
-from torchkeep.legacy import is_legacy
-from torchkeep.reader import TREE_KEY, Checkpoint
+from torchkeep import kinds
+from torchkeep.dtypes import ST_TO_DTYPE
+from torchkeep.errors import ArgumentTypeError, CorruptCheckpointError, InvalidArgumentError
+from torchkeep.format.meta import TREE_KEY
+from torchkeep.reader import Checkpoint
+from torchkeep.sources import read_tree
+from torchkeep.storage.paths import as_path
 from torchkeep.tree import SkeletonError, flatten, unflatten
 
 __all__ = ["DiffReport", "DtypeChange", "LeafChange", "ShapeChange", "ValueChange", "diff"]
@@ -253,30 +255,27 @@ class _Source:
         self.tensors: dict[str, _Tensor] = {}
         self.leaves: dict[str, Any] = {}
         self._fetch: Callable[[list[str]], dict[str, torch.Tensor]]
-        if not path.exists():
-            raise CheckpointNotFoundError(path)
-        if path.name.endswith(INDEX_SUFFIX):
-            self._open_index(stack)
+        found = kinds.detect(path, operation="diff")
+        if found.kind == kinds.SHARDED and not any(kinds.is_legacy_kind(k) for k in found.shard_kinds.values()):
+            self._open_index(found, stack)
             return
-        if path.is_file():
-            with open(path, "rb") as fh:
-                legacy = is_legacy(fh.read(8))
-            if legacy:
-                self._open_legacy()
-                return
-        ck = stack.enter_context(Checkpoint(path))
+        if found.kind not in (kinds.TORCHKEEP, kinds.SAFETENSORS):  # torch.save files, DCP directories
+            self._open_whole(found)
+            return
+        ck = stack.enter_context(Checkpoint(found.target))
         self._specs = {k: (ck.spec(k), i) for i, k in enumerate(ck.keys())}
         self._fetch = ck.read
         self._index(ck.skeleton if ck.has_tree else None)
 
-    def _open_index(self, stack: ExitStack) -> None:
-        index = _read_index(self.path)
+    def _open_index(self, found: kinds.Detected, stack: ExitStack) -> None:
+        assert found.index is not None and found.file is not None  # set by detect() for sharded
+        index = found.index
         shards: dict[str, Checkpoint] = {}
         owner: dict[str, Checkpoint] = {}
         self._specs = {}
-        for name, file in index["weight_map"].items():
+        for name, file in index.weight_map.items():
             if file not in shards:
-                shards[file] = stack.enter_context(Checkpoint(self.path.parent / file))
+                shards[file] = stack.enter_context(Checkpoint(found.file.parent / file))
             owner[name] = shards[file]
             self._specs[name] = (shards[file].spec(name), len(self._specs))
 
@@ -287,13 +286,11 @@ class _Source:
             return out
 
         self._fetch = fetch
-        meta = index.get("metadata") or {}
-        self._index(meta.get(TREE_KEY) if isinstance(meta, dict) else None)
+        self._index(index.metadata.get(TREE_KEY))
 
-    def _open_legacy(self) -> None:
-        from torchkeep.api import load  # loads whole; weights_only=True
-
-        flat = flatten(load(self.path, map_location="cpu"))
+    def _open_whole(self, found: kinds.Detected) -> None:
+        tree, _ = read_tree(found)  # torch.save files: weights_only=True, after the pickle scan
+        flat = flatten(tree)
         stored = flat.tensors
         self._specs = {k: (_FakeSpec(k, t), i) for i, (k, t) in enumerate(stored.items())}
         self._fetch = lambda keys: {k: stored[k] for k in keys}
@@ -422,8 +419,17 @@ def diff(
         >>> r.identical, [(v.name, v.max_abs) for v in r.value_changed], r.leaf_changed[0].value_b
         (False, [('w', 0.5)], 2)
     """
-    pa = Path(os.fspath(a)).expanduser()
-    pb = Path(os.fspath(b)).expanduser()
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        try:
+            if isinstance(tol, (bool, str, bytes)):
+                raise TypeError
+            value = float(tol)
+        except (TypeError, ValueError):
+            raise ArgumentTypeError(name, tol, f"a number, e.g. {name}=1e-5 (0 reports any difference)") from None
+        if not value >= 0:  # NaN too
+            raise InvalidArgumentError(name, tol, f"pass a number >= 0, e.g. {name}=1e-5 (0 reports any difference)")
+    pa = as_path(a, "a")
+    pb = as_path(b, "b")
     report = DiffReport(str(a), str(b), rtol=float(rtol), atol=float(atol))
     with ExitStack() as stack:
         sa = _Source(pa, stack)

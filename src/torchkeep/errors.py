@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "AmbiguousCheckpointError",
+    "ArgumentTypeError",
     "CheckpointExistsError",
     "CheckpointLockedError",
     "CheckpointNotFoundError",
@@ -38,15 +39,20 @@ __all__ = [
     "FileChecksumError",
     "FilenameTemplateError",
     "InsufficientSpaceError",
+    "InvalidArgumentError",
     "KeyMismatchError",
+    "ManagerClosedError",
     "MissingFilenameFieldError",
     "MissingShardError",
     "ModelVersionError",
+    "TargetExistsError",
+    "TargetIsDirectoryError",
     "TorchkeepError",
     "UnknownModelError",
     "UnsafeCheckpointError",
     "UnsupportedDtypeError",
     "UnsupportedObjectError",
+    "UnsupportedSourceError",
     "UnverifiedCheckpointError",
     "format_names",
 ]
@@ -263,6 +269,88 @@ class DtypeMismatchError(TorchkeepError, TypeError):
             'Nothing was loaded. Pass dtype_policy="cast" to convert them to the model\'s dtypes, '
             "or convert the model first (e.g. model.half())."
         )
+
+
+class InvalidArgumentError(TorchkeepError, ValueError):
+    """An argument has a value the call cannot use; the message names the argument and what to pass.
+
+    Attributes:
+        argument: the keyword (or positional name) at fault.
+        value: what was passed.
+    """
+
+    def __init__(self, argument: str, value: Any, fix: str) -> None:
+        self.argument = argument
+        self.value = value
+        super().__init__(f"{argument}={_short(value)}: {fix}")
+
+
+class ArgumentTypeError(TorchkeepError, TypeError):
+    """An argument has a type the call cannot use; the message names the argument and the accepted types."""
+
+    def __init__(self, argument: str, value: Any, expected: str) -> None:
+        self.argument = argument
+        self.value = value
+        super().__init__(f"{argument} must be {expected}, not {type(value).__name__}")
+
+
+class UnsupportedSourceError(TorchkeepError, ValueError):
+    """A healthy checkpoint of a kind this operation cannot serve (never "corrupt" for it).
+
+    Attributes:
+        path: the file or directory.
+        kind: the kind detected from its content (``"torchkeep"``, ``"safetensors"``,
+            ``"sharded"``, ``"torch.save (zip)"``, ``"torch.distributed.checkpoint"``, ...).
+        operation: what was asked (``"load_model"``, ``"export"``, ...).
+    """
+
+    def __init__(self, path: str | Path, kind: str, operation: str, fix: str) -> None:
+        self.path = str(path)
+        self.kind = kind
+        self.operation = operation
+        super().__init__(f"{self.path}: a {kind} checkpoint, which {operation} cannot use: {fix}")
+
+
+class TargetIsDirectoryError(TorchkeepError, IsADirectoryError):
+    """A file was to be written where a directory is."""
+
+    def __init__(self, path: str | Path, suggestion: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: is a directory; give a file name such as {suggestion}")
+
+
+class TargetExistsError(TorchkeepError, FileExistsError):
+    """Something that a save must not replace is where it would write (a file where a checkpoint
+    directory goes, a directory that is not a checkpoint).
+
+    Attributes:
+        path: the target.
+    """
+
+    def __init__(self, path: str | Path, what: str, fix: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {what}. {fix}")
+
+
+class ManagerClosedError(TorchkeepError, RuntimeError):
+    """A :class:`~torchkeep.CheckpointManager` was used after ``close()`` (or after its ``with`` block).
+
+    Attributes:
+        directory: the run directory.
+    """
+
+    def __init__(self, directory: str | Path, action: str = "") -> None:
+        self.directory = str(directory)
+        what = f"cannot {action}: " if action else ""
+        super().__init__(
+            f"{self.directory}: {what}this CheckpointManager is closed. Open a new one on the same directory, "
+            f"e.g. tk.CheckpointManager({self.directory!r}), or call it inside the `with` block."
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class ConversionError(TorchkeepError, ValueError):

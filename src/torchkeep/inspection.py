@@ -18,23 +18,25 @@ import os
 import re
 import zipfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from torchkeep.api import paused_gc
-from torchkeep.distributed.manifest import TREE_FILE, is_torchkeep_dcp, read_manifest, verify_all
-from torchkeep.errors import CheckpointNotFoundError, ChecksumMismatchError, CorruptCheckpointError
-from torchkeep.format.dtypes import ST_TO_DTYPE, dtype_name
+from torchkeep import kinds
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, MissingShardError
+from torchkeep.format.dtypes import ST_TO_NAME
 from torchkeep.format.header import FORMAT_KEY, TensorSpec
-from torchkeep.legacy import is_legacy
-from torchkeep.reader import Checkpoint
+from torchkeep.format.meta import MODEL_KEY, TREE_KEY, USER_KEY
+from torchkeep.headers import HeaderFile
+from torchkeep.runtime import paused_gc
+from torchkeep.storage.dcp_manifest import TREE_FILE, read_manifest, verify_all
+from torchkeep.storage.paths import as_path
+from torchkeep.summary import summarise
 
 __all__ = ["inspect", "verify"]
 
-LEGACY_ZIP = "torch.save (zip)"
-LEGACY_PICKLE = "torch.save (raw pickle, torch < 1.6)"
 _STORAGE_ENTRY = re.compile(r"^[^/]+/data/\d+$")
-_DTYPE_NAMES = {st: dtype_name(dt) for st, dt in ST_TO_DTYPE.items()}
+_DTYPE_NAMES = ST_TO_NAME
 
 
 def _convert_hint(path: Path) -> str:
@@ -42,47 +44,15 @@ def _convert_hint(path: Path) -> str:
     return f"Convert it once, if you trust its source: tk.save(tk.load({str(path)!r}), {target!r})"
 
 
-def _file_of(path: Path) -> Path:
-    """For a model directory (``save_model(model, "dir/")`` or a hub download), the file to
-    summarise: ``model.safetensors``, the only ``*.safetensors``, or the first shard named by
-    the index (each shard of a ``save_model`` directory carries the model record)."""
-    if not path.is_dir():
-        return path
-    if (path / "model.safetensors").is_file():
-        return path / "model.safetensors"
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) == 1:
-        return files[0]
-    for index in sorted(path.glob("*.safetensors.index.json")):
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise CorruptCheckpointError(index, "not a shard index (no weight_map)") from None
-        if shards:
-            return path / shards[0]
-    raise CorruptCheckpointError(path, "a directory without model.safetensors, a single .safetensors or a shard index")
-
-
-def _sniff(path: Path) -> bytes:
-    """The first 8 bytes, raising the typed errors for a missing path or a directory."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(8)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(path) from None
-    except IsADirectoryError:
-        raise CorruptCheckpointError(path, "it is a directory, not a file") from None
-
-
-def _legacy_summary(path: Path, head: bytes) -> dict[str, Any]:
+def _legacy_summary(path: Path, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "path": str(path),
         "file_size": path.stat().st_size,
-        "format": LEGACY_ZIP if head.startswith(b"PK") else LEGACY_PICKLE,
+        "format": kind,
         "legacy": True,
         "hint": "a legacy pickle-based file, inspected without unpickling it. " + _convert_hint(path),
     }
-    if head.startswith(b"PK"):
+    if kind == kinds.LEGACY_ZIP:
         # The zip directory lists one entry per tensor storage; reading it runs no pickle code.
         try:
             with zipfile.ZipFile(path) as z:
@@ -92,196 +62,6 @@ def _legacy_summary(path: Path, head: bytes) -> dict[str, Any]:
         out["storages"] = len(storages)
         out["storage_bytes"] = sum(i.file_size for i in storages)
     return out
-
-
-# -- tree summary -----------------------------------------------------------------------------
-
-
-def _stateful_kind(cls: str, value: Any) -> str:
-    if _is_module_sd(value):
-        return "module"
-    if "lr_scheduler" in cls or cls.endswith("SWALR"):
-        return "scheduler"
-    if cls.startswith("torch.optim.") or (
-        isinstance(value, dict) and isinstance(value.get("d"), dict) and {"state", "param_groups"} <= set(value["d"])
-    ):
-        return "optimizer"
-    if cls.endswith("GradScaler"):
-        return "grad_scaler"
-    if cls == "torchkeep.rng.RNGState":
-        return "rng_state"
-    return "stateful"
-
-
-def _is_module_sd(n: Any) -> bool:
-    # module.state_dict() is an OrderedDict carrying ``_metadata``; flatten() keeps it as "m".
-    return isinstance(n, dict) and "o" in n and "m" in n
-
-
-def _key_label(k: Any) -> str:
-    """A display name for a dict key node (ints, tuples, ... as Python would print them)."""
-    if isinstance(k, str):
-        return k
-    if k is None or isinstance(k, (bool, int, float)):
-        return repr(k)
-    if isinstance(k, dict) and "t" in k:
-        inner = [_key_label(v) if not isinstance(v, str) else repr(v) for v in k["t"]]
-        return "(" + ", ".join(inner) + ("," if len(inner) == 1 else "") + ")"
-    if isinstance(k, dict) and "f" in k:
-        return str(k["f"])
-    return json.dumps(k)
-
-
-class _Trie:
-    __slots__ = ("children", "leaf")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _Trie] = {}
-        self.leaf: tuple[Any] | None = None
-
-
-class _Summariser:
-    """Turns skeleton nodes into summary nodes; counts each stored tensor once per subtree."""
-
-    def __init__(self, specs: dict[str, TensorSpec], depth: int | None) -> None:
-        self.specs = specs
-        self.elements = {k: math.prod(s.shape) for k, s in specs.items()}
-        self.depth = depth
-        self.seen: set[str] = set()
-        self.module_keys: set[str] | None = None  # stored tensors inside module state dicts
-
-    def stats(self, node: dict[str, Any], keys: set[str]) -> dict[str, Any]:
-        node["tensors"] = len(keys)
-        node["elements"] = sum(self.elements[k] for k in keys)
-        node["bytes"] = sum(self.specs[k].nbytes for k in keys)
-        return node
-
-    def finish(
-        self, node: dict[str, Any], children: list[tuple[dict[str, Any], set[str]]], level: int
-    ) -> tuple[dict[str, Any], set[str]]:
-        keys: set[str] = set().union(*(k for _, k in children))
-        if len(keys) == sum(len(k) for _, k in children):  # disjoint (the usual case): add up
-            node["tensors"] = len(keys)
-            node["elements"] = sum(c["elements"] for c, _ in children)
-            node["bytes"] = sum(c["bytes"] for c, _ in children)
-        else:  # tied weights: count each stored tensor once
-            self.stats(node, keys)
-        if self.depth is not None and level >= self.depth:
-            node["children_omitted"] = len(children)
-        else:
-            node["children"] = [c for c, _ in children]
-        return node, keys
-
-    def container(self, node: dict[str, Any], items: list[tuple[str, Any]], level: int):
-        return self.finish(node, [self.node(name, child, level + 1) for name, child in items], level)
-
-    def dotted(self, node: dict[str, Any], items: list[tuple[str, Any]], level: int):
-        """Group dotted names (``encoder.layers.0.weight``) into nested nodes, one per prefix."""
-        root = _Trie()
-        for full, child in items:
-            cur = root
-            for part in full.split("."):
-                cur = cur.children.setdefault(part, _Trie())
-            cur.leaf = (child,)
-        if node["kind"] != "module":
-            return self._branch(node, root, "group", level)
-        node, keys = self._branch(node, root, "submodule", level)
-        self.module_keys = (self.module_keys or set()) | keys
-        return node, keys
-
-    def _branch(self, node: dict[str, Any], trie: _Trie, sub_kind: str, level: int):
-        children = []
-        if trie.leaf is not None:  # a name that is also a prefix of other names (only in foreign files)
-            children.append(self.node("(self)", trie.leaf[0], level + 1))
-        for part, sub in trie.children.items():
-            if not sub.children:
-                children.append(self.node(part, sub.leaf[0] if sub.leaf else None, level + 1))
-            else:
-                children.append(self._branch({"name": part, "kind": sub_kind}, sub, sub_kind, level + 1))
-        return self.finish(node, children, level)
-
-    def tensor(self, name: str, n: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
-        key = n.get("T")
-        spec = self.specs.get(key) if isinstance(key, str) else None
-        node: dict[str, Any] = {"name": name, "kind": "ndarray" if n.get("np") else "tensor", "key": key}
-        if spec is None:
-            node["missing"] = True  # the skeleton names a tensor the header lacks (damaged file)
-            return self.stats(node, set()), set()
-        view = n.get("v")
-        shape = list(view[1]) if isinstance(view, list) and len(view) == 3 else list(spec.shape)
-        node["dtype"] = _DTYPE_NAMES[spec.dtype]
-        node["shape"] = shape
-        if view is not None or key in self.seen:
-            node["tied"] = True  # shares storage with another leaf (tied weights, a view): stored once
-        self.seen.add(key)
-        if "dev" in n:
-            node["device"] = n["dev"]
-        node["tensors"] = 1
-        node["elements"] = self.elements[key]
-        node["bytes"] = spec.nbytes
-        return node, {key}
-
-    def node(self, name: str, n: Any, level: int) -> tuple[dict[str, Any], set[str]]:
-        if n is None or isinstance(n, (bool, int, float, str)):
-            kind = "none" if n is None else type(n).__name__
-            return {"name": name, "kind": kind, "value": n, "tensors": 0, "elements": 0, "bytes": 0}, set()
-        if not isinstance(n, dict):
-            return {"name": name, "kind": "unknown", "tensors": 0, "elements": 0, "bytes": 0}, set()
-        if "T" in n:
-            return self.tensor(name, n)
-        if "S" in n:
-            cls, v = str(n["S"]), n.get("v")
-            kind = _stateful_kind(cls, v)
-            if kind == "module":
-                return self.dotted({"name": name, "kind": kind, "class": cls}, [(str(k), c) for k, c in v["o"]], level)
-            inner, keys = self.node(name, v, level)
-            node = {"name": name, "kind": kind, "class": cls}
-            node.update((k, x) for k, x in inner.items() if k not in node)
-            return node, keys
-        if _is_module_sd(n):
-            return self.dotted({"name": name, "kind": "module"}, [(_key_label(k), c) for k, c in n["o"]], level)
-        if "d" in n and isinstance(n["d"], dict):
-            return self.container({"name": name, "kind": "dict"}, list(n["d"].items()), level)
-        if "D" in n or "o" in n:
-            pairs = n.get("D", n.get("o")) or []
-            return self.container({"name": name, "kind": "dict"}, [(_key_label(k), c) for k, c in pairs], level)
-        if "l" in n or "t" in n:
-            kind = "list" if "l" in n else "tuple"
-            items = [(str(i), c) for i, c in enumerate(n[kind[0]])]
-            return self.container({"name": name, "kind": kind}, items, level)
-        if "G" in n:
-            s = n.get("s")
-            keys = {s["T"]} if isinstance(s, dict) and s.get("T") in self.specs else set()
-            node = {"name": name, "kind": "generator", "device": n["G"]}
-            return self.stats(node, keys), keys
-        if "f" in n:
-            kind, value = "float", n["f"]  # nan / inf / -inf, as text (JSON has no nan)
-        elif "dt" in n:
-            kind, value = "dtype", f"torch.{n['dt']}"
-        elif "sz" in n:
-            kind, value = "size", n["sz"]
-        elif "dev" in n:
-            kind, value = "device", n["dev"]
-        elif "ns" in n:
-            kind, value = f"numpy.{n['ns']}", n.get("v")
-        else:
-            kind, value = "unknown", None
-        leaf = {"name": name, "kind": kind, "value": value, "tensors": 0, "elements": 0, "bytes": 0}
-        return leaf, set()
-
-
-def _tree(skeleton: Any, specs: dict[str, TensorSpec], depth: int | None) -> tuple[list[dict[str, Any]], int | None]:
-    """Top-level summary nodes, and the element count held in module state dicts (None: no module)."""
-    s = _Summariser(specs, depth)
-    if skeleton is None:  # plain safetensors: group the flat names by their dots, as module names are
-        root, _ = s.dotted({"name": "", "kind": "group"}, [(k, {"T": k}) for k in specs], 0)
-    elif isinstance(skeleton, dict) and isinstance(skeleton.get("d"), dict):
-        root, _ = s.container({"name": "", "kind": "dict"}, list(skeleton["d"].items()), 0)
-    else:
-        node, _ = s.node("(root)", skeleton, 1)
-        root = {"children": [node]}
-    params = None if s.module_keys is None else sum(s.elements[k] for k in s.module_keys)
-    return root.get("children", []), params
 
 
 def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[str, Any]:
@@ -327,22 +107,42 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
         >>> [(n["name"], n["kind"], n["elements"]) for n in info["tree"]]
         [('model', 'module', 10), ('epoch', 'int', 0)]
     """
-    path = Path(os.fspath(path)).expanduser()
-    if is_torchkeep_dcp(path):
-        return _distributed_summary(path, depth)
-    path = _file_of(path)
-    head = _sniff(path)
-    if is_legacy(head):
-        return _legacy_summary(path, head)
-    with paused_gc(), Checkpoint(path, verify=False) as ck:
-        header = ck.header
-        meta = header.metadata
-        specs = header.tensors
+    found = kinds.detect(path, operation="inspect")
+    if found.kind == kinds.TORCHKEEP_DCP:
+        return _distributed_summary(found.path, depth)
+    if found.kind == kinds.DCP:
+        return _dcp_summary(found.path)
+    if found.legacy:
+        assert found.file is not None
+        return _legacy_summary(found.file, found.kind)
+    files = found.shards
+    if any(kinds.is_legacy_kind(k) for k in found.shard_kinds.values()):
+        return _legacy_shards_summary(found)
+    with paused_gc(), ExitStack() as stack:
+        opened = [stack.enter_context(HeaderFile(f, verify=False)) for f in files]
+        specs: dict[str, TensorSpec] = {}
+        for hf in opened:
+            specs.update(hf.header.tensors)
+        first = opened[0]
+        meta = dict(first.header.metadata)
+        if found.index is not None:  # the shard set's tree, user metadata and model record live in the index
+            imeta = found.index.metadata
+            skeleton = imeta.get(TREE_KEY)
+            user = imeta[USER_KEY] if isinstance(imeta.get(USER_KEY), dict) else {}
+            meta.update((k, v if isinstance(v, str) else json.dumps(v)) for k, v in imeta.items() if k == MODEL_KEY)
+            specs = {n: specs[n] for n in found.index.weight_map if n in specs}
+        else:
+            skeleton = first.skeleton
+            user = first.metadata
+        where = found.target
         try:
-            tree, params = _tree(ck.skeleton, specs, depth)
+            tree, params = summarise(skeleton, specs, depth)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
-            raise CorruptCheckpointError(path, f"the state tree in the header is malformed ({e!r})") from None
-        user = ck.metadata
+            raise CorruptCheckpointError(where, f"the state tree in the header is malformed ({e!r})") from None
+        file_size = sum(hf.header.file_size for hf in opened)
+        header_size = sum(hf.header.size for hf in opened)
+        data = sum(hf.header.file_size - hf.header.size for hf in opened)
+        checksums = all(hf.header.checksums is not None for hf in opened)
     dtypes: dict[str, dict[str, int]] = {}
     for s in specs.values():
         d = dtypes.setdefault(_DTYPE_NAMES[s.dtype], {"tensors": 0, "elements": 0, "bytes": 0})
@@ -350,23 +150,95 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
         d["elements"] += math.prod(s.shape)
         d["bytes"] += s.nbytes
     elements = sum(d["elements"] for d in dtypes.values())
-    return {
-        "path": str(path),
-        "file_size": header.file_size,
-        "header_size": header.size,
+    out = {
+        "path": str(where),
+        "file_size": file_size,
+        "header_size": header_size,
         "format": meta.get(FORMAT_KEY) or "safetensors",
         "torchkeep_version": meta.get("torchkeep.library"),
         "torch_version": meta.get("torchkeep.torch"),
         "created": meta.get("torchkeep.created"),
-        "checksums": header.checksums is not None,
+        "checksums": checksums,
         "metadata": user,
         "tensors": len(specs),
         "elements": elements,
         "parameters": elements if params is None else params,
-        "bytes": header.file_size - header.size,
+        "bytes": data,
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
         "tree": tree,
         **_model_record(meta),
+    }
+    if found.index is not None:
+        out["shards"] = len(files)
+        out["files"] = [f.name for f in files]
+    return out
+
+
+def _legacy_shards_summary(found: kinds.Detected) -> dict[str, Any]:
+    """:func:`inspect` of shards written by ``torch.save`` (``pytorch_model.bin.index.json``): the index and the zip directories."""
+    assert found.index is not None
+    shards = [_legacy_summary(f, found.shard_kinds[f.name]) for f in found.shards]
+    return {
+        "path": str(found.target),
+        "file_size": sum(s["file_size"] for s in shards),
+        "format": f"sharded {found.shard_kinds[found.index.shards[0]]}",
+        "legacy": True,
+        "shards": len(shards),
+        "files": [f.name for f in found.shards],
+        "tensors": len(found.index.weight_map),
+        "storage_bytes": sum(s.get("storage_bytes", 0) for s in shards),
+        "metadata": {k: v for k, v in found.index.metadata.items() if k != "total_size"},
+        "hint": "legacy pickle-based shards, inspected without unpickling them. Convert them once, if you trust "
+        f"their source: torchkeep convert {found.target} model.safetensors",
+    }
+
+
+def _dcp_summary(path: Path) -> dict[str, Any]:
+    """:func:`inspect` of a plain ``torch.distributed.checkpoint`` directory, from its metadata (allowlist unpickler)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from torchkeep.dcp import read_metadata
+
+    md = read_metadata(path)
+    dtypes: dict[str, dict[str, int]] = {}
+    nodes = []
+    for key, m in md.state_dict_metadata.items():
+        if not isinstance(m, TensorStorageMetadata):
+            nodes.append({"name": key, "kind": "object", "tensors": 0, "elements": 0, "bytes": 0})
+            continue
+        n = math.prod(m.size)
+        name = str(m.properties.dtype).removeprefix("torch.")
+        nbytes = n * m.properties.dtype.itemsize
+        d = dtypes.setdefault(name, {"tensors": 0, "elements": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["elements"] += n
+        d["bytes"] += nbytes
+        nodes.append(
+            {
+                "name": key,
+                "kind": "tensor",
+                "dtype": name,
+                "shape": list(m.size),
+                "tensors": 1,
+                "elements": n,
+                "bytes": nbytes,
+            }
+        )
+    elements = sum(d["elements"] for d in dtypes.values())
+    return {
+        "path": str(path),
+        "file_size": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "format": kinds.DCP,
+        "checksums": False,
+        "metadata": {},
+        "tensors": sum(d["tensors"] for d in dtypes.values()),
+        "elements": elements,
+        "parameters": elements,
+        "bytes": sum(d["bytes"] for d in dtypes.values()),
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
+        "tree": nodes,
+        "hint": "a plain torch.distributed.checkpoint directory: no checksums, and its .metadata is a pickle "
+        "(read here by an allowlist unpickler). torchkeep.distributed.save writes one with a manifest.",
     }
 
 
@@ -384,7 +256,7 @@ def _distributed_summary(path: Path, depth: int | None) -> dict[str, Any]:
     for key, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
             n = math.prod(m.size)
-            sizes[key] = (dtype_name(m.properties.dtype), n, n * m.properties.dtype.itemsize)
+            sizes[key] = (str(m.properties.dtype).removeprefix("torch."), n, n * m.properties.dtype.itemsize)
     dtypes: dict[str, dict[str, int]] = {}
     for name, n, nbytes in sizes.values():
         d = dtypes.setdefault(name, {"tensors": 0, "elements": 0, "bytes": 0})
@@ -476,7 +348,7 @@ def verify(path: str | os.PathLike[str], *, progress: Callable[[int], None] | No
         >>> r["ok"], r["key"]
         (False, 'w')
     """
-    path = Path(os.fspath(path)).expanduser()
+    path = as_path(path)
     result: dict[str, Any] = {
         "path": str(path),
         "format": None,
@@ -487,9 +359,18 @@ def verify(path: str | os.PathLike[str], *, progress: Callable[[int], None] | No
         "error": None,
         "key": None,
     }
-    if is_torchkeep_dcp(path):
+    try:
+        found = kinds.detect(path, operation="verify")
+    except ChecksumMismatchError as e:  # a damaged header: reported, like damaged data
+        result.update(error=str(e), key=e.key)
+        return result
+    except (CorruptCheckpointError, MissingShardError) as e:  # unreadable, or a shard set missing a shard
+        result["error"] = str(e)
+        return result
+    result["path"] = str(found.target)
+    if found.kind == kinds.TORCHKEEP_DCP:
         try:
-            manifest, checked = verify_all(path, progress=progress)
+            manifest, checked = verify_all(found.path, progress=progress)
         except ChecksumMismatchError as e:
             result.update(format="torchkeep-dcp/1", checksums=True, error=str(e), key=e.key)
             return result
@@ -500,24 +381,55 @@ def verify(path: str | os.PathLike[str], *, progress: Callable[[int], None] | No
         result["tensors"] = len(manifest.get("tensors", []))
         result["files"] = len(manifest["files"])
         return result
-    head = _sniff(path)
-    if is_legacy(head):
-        result["format"] = LEGACY_ZIP if head.startswith(b"PK") else LEGACY_PICKLE
-        result["error"] = f"{path}: a legacy torch.save file has no checksums to verify. {_convert_hint(path)}"
+    if found.kind == kinds.DCP:
+        result["format"] = kinds.DCP
+        result["error"] = (
+            f"{found.path}: a plain torch.distributed.checkpoint directory has no checksums to verify; "
+            "torchkeep.distributed.save writes one with a manifest that can be verified"
+        )
         return result
-    try:
-        with Checkpoint(path, verify=True) as ck:
-            result["format"] = ck.header.metadata.get(FORMAT_KEY) or "safetensors"
-            result["checksums"] = ck.header.checksums is not None
-            result["tensors"] = len(ck.header.tensors)
-            result["bytes_checked"] = ck.verify_all(progress=progress)
-    except ChecksumMismatchError as e:
-        result.update(error=str(e), key=e.key)
+    if found.legacy:
+        result["format"] = found.kind
+        result["error"] = (
+            f"{found.target}: a legacy torch.save file has no checksums to verify. {_convert_hint(found.target)}"
+        )
         return result
-    except CheckpointNotFoundError:
-        raise
-    except CorruptCheckpointError as e:
-        result["error"] = str(e)
-        return result
+    if found.index is not None:
+        result["shards"] = len(found.shards)
+        legacy = [f for f, k in found.shard_kinds.items() if kinds.is_legacy_kind(k)]
+        if legacy:
+            result["format"] = f"sharded {found.shard_kinds[legacy[0]]}"
+            result["error"] = (
+                f"{found.target}: shards written by torch.save have no checksums to verify. "
+                f"Convert them once, if you trust their source: torchkeep convert {found.target} model.safetensors"
+            )
+            return result
+    sums = []
+    for f in found.shards:
+        try:
+            with HeaderFile(f, verify=True) as ck:
+                if result["format"] is None:
+                    result["format"] = ck.header.metadata.get(FORMAT_KEY) or "safetensors"
+                sums.append(ck.header.checksums is not None)
+                if found.index is not None:
+                    lacking = sorted(set(found.index.names_in(f.name)) - set(ck.keys()))
+                    if lacking:
+                        raise CorruptCheckpointError(
+                            f,
+                            f"the index {found.target.name} places {len(lacking)} tensor(s) here that it lacks: {lacking[:5]}",
+                        )
+                result["tensors"] += len(ck.header.tensors)
+                result["bytes_checked"] += ck.verify_all(progress=progress)
+        except ChecksumMismatchError as e:
+            result.update(error=str(e), key=e.key, checksums=True)
+            if found.index is not None:
+                result["shard"] = f.name
+            return result
+        except CorruptCheckpointError as e:
+            result["error"] = str(e)
+            if found.index is not None:
+                result["shard"] = f.name
+            return result
+    result["checksums"] = all(sums)
     result["ok"] = True
     return result

@@ -6,121 +6,22 @@ import copy
 import os
 import pickle
 import re
-import struct
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchkeep.errors import CorruptCheckpointError, DeviceUnavailableError, UnsafeCheckpointError, format_names
-from torchkeep.format.header import MAX_HEADER_SIZE
+from torchkeep.errors import (
+    ArgumentTypeError,
+    CorruptCheckpointError,
+    DeviceUnavailableError,
+    UnsafeCheckpointError,
+    format_names,
+)
+from torchkeep.scan import scan
 
-__all__ = ["MAX_ZIP_ENTRIES", "check_zip", "is_legacy", "load_legacy"]
-
-_ZIP_MAGIC = b"PK\x03\x04"
-
-#: More entries than this is not a checkpoint (torch.save writes about two per tensor).
-MAX_ZIP_ENTRIES = 1_000_000
-#: Stored (uncompressed) entries cannot hold more bytes than the file has; this covers rounding only.
-_ZIP_SLACK = 4096
-#: The smallest central directory record: 46 bytes plus the name.
-_CENTRAL_RECORD = 46
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
-
-
-def is_legacy(head: bytes) -> bool:
-    """True when the first 8 bytes are a ``torch.save`` zip archive or a raw pickle (torch < 1.6).
-
-    A safetensors file also may start with ``0x80``: its first 8 bytes are the header length,
-    and 1 in 256 lengths has ``0x80`` as low byte. So a raw pickle (``0x80``, protocol 2-5) only
-    counts when those 8 bytes, read as a header length, exceed any header a reader accepts;
-    a pickle's next opcodes make that number huge (torch's own magic number gives ~5e18).
-    """
-    if head.startswith(_ZIP_MAGIC):
-        return True
-    return (
-        len(head) >= 8
-        and head[0] == 0x80
-        and 2 <= head[1] <= 5
-        and int.from_bytes(head[:8], "little") > MAX_HEADER_SIZE
-    )
-
-
-def check_zip(path: str | os.PathLike[str]) -> None:
-    """Refuse a zip archive that could make a reader allocate more than the file holds.
-
-    Reads the central directory and each entry's 30-byte local header only; nothing is
-    decompressed. ``torch.save`` writes stored (uncompressed) entries, so every entry must be
-    stored, lie inside the file, and all entries together cannot claim more bytes than the file
-    has (overlapping entries, the classic zip bomb). Called before any ``torch.load`` of a zip.
-
-    Raises:
-        CorruptCheckpointError: naming the file and the first problem found.
-
-    Example:
-        >>> import torch, tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "w.pt"); torch.save({"w": torch.ones(2)}, p)
-        >>> check_zip(p)  # a real torch.save file passes
-    """
-    path = Path(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        try:
-            end = zipfile._EndRecData(fh)  # type: ignore[attr-defined]  # reads only the file's tail
-        except (OSError, struct.error, ValueError):
-            end = None
-        if not end:
-            raise CorruptCheckpointError(path, "not a zip archive (no end-of-central-directory record)")
-        count, cd_size = int(end[4]), int(end[5])
-        if count > MAX_ZIP_ENTRIES or count * _CENTRAL_RECORD > size or cd_size > size:
-            raise CorruptCheckpointError(
-                path,
-                f"the zip directory claims {count:,} entries in {cd_size:,} bytes, more than a {size:,}-byte file holds",
-            )
-        try:
-            with zipfile.ZipFile(fh) as zf:
-                infos = zf.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, struct.error) as e:
-            raise CorruptCheckpointError(path, f"not a readable zip archive ({_first_line(e)})") from None
-        if len(infos) > MAX_ZIP_ENTRIES:
-            raise CorruptCheckpointError(path, f"{len(infos):,} zip entries, more than {MAX_ZIP_ENTRIES:,}")
-        seen: set[str] = set()
-        total = 0
-        for info in infos:
-            name = info.filename
-            if name in seen:
-                raise CorruptCheckpointError(path, f"zip entry {name!r} appears twice")
-            seen.add(name)
-            if info.flag_bits & 0x1:
-                raise CorruptCheckpointError(path, f"zip entry {name!r} is encrypted")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CorruptCheckpointError(
-                    path,
-                    f"zip entry {name!r} is compressed (method {info.compress_type}); torch.save stores entries uncompressed",
-                )
-            if info.compress_size != info.file_size:
-                raise CorruptCheckpointError(
-                    path, f"zip entry {name!r} is stored but claims {info.file_size:,} bytes in {info.compress_size:,}"
-                )
-            fh.seek(info.header_offset)
-            local = fh.read(_LOCAL_HEADER.size)
-            if len(local) < _LOCAL_HEADER.size or local[:4] != _ZIP_MAGIC:
-                raise CorruptCheckpointError(
-                    path, f"zip entry {name!r} has no local header at offset {info.header_offset:,}"
-                )
-            name_len, extra_len = _LOCAL_HEADER.unpack(local)[-2:]
-            end_of_data = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len + info.file_size
-            if end_of_data > size:
-                raise CorruptCheckpointError(
-                    path, f"zip entry {name!r} claims {info.file_size:,} bytes, past the end of the {size:,}-byte file"
-                )
-            total += info.file_size
-            if total > size + _ZIP_SLACK:
-                raise CorruptCheckpointError(
-                    path, f"the zip entries claim more bytes than the {size:,}-byte file holds (overlapping entries)"
-                )
+__all__ = ["load_legacy"]
 
 
 def load_legacy(path: str | os.PathLike[str], *, map_location: Any = "cpu", trust_pickle: bool = False) -> Any:
@@ -143,8 +44,14 @@ def load_legacy(path: str | os.PathLike[str], *, map_location: Any = "cpu", trus
         DeviceUnavailableError: a storage was saved on a device this machine lacks and
             ``map_location`` keeps it there (e.g. ``None`` for a CUDA file without CUDA).
     """
-    from torchkeep.scan import scan  # scan imports check_zip from here
-
+    if not (
+        map_location is None or isinstance(map_location, (str, bytes, torch.device, Mapping)) or callable(map_location)
+    ):
+        raise ArgumentTypeError(
+            "map_location",
+            map_location,
+            "a device, a string such as 'cpu', a dict such as {'cuda:1': 'cuda:0'} or a callable fn(tensor, saved_device)",
+        )
     path = Path(path)
     report = scan(path)
     if report.dangerous and trust_pickle:
@@ -181,11 +88,54 @@ def load_legacy(path: str | os.PathLike[str], *, map_location: Any = "cpu", trus
     except (RuntimeError, EOFError, ValueError) as e:
         device = _missing_device(e)
         if device is not None:
+            # torch's error names the device it was placing the storage ON (after map_location, and
+            # without its index), not the one it was saved from: find that one
+            if fn is None:
+                device = _saved_device(path, requested, trust_pickle)
             raise DeviceUnavailableError(path, device, requested, _first_line(e)) from None
         raise CorruptCheckpointError(path, f"torch.load could not read it ({_first_line(e)})") from None
     if fn is not None:
         tree = _apply(tree, lambda t: fn(t, saved.get(t.untyped_storage().data_ptr(), "cpu")))
     return tree
+
+
+class _Found(Exception):
+    """The saved location of the first storage that cannot be placed (ends the probe)."""
+
+
+def _target(map_location: Any, location: str) -> str:
+    """Where ``torch.load`` puts a storage saved at ``location`` for a None/str/device/dict ``map_location``."""
+    if map_location is None:
+        return location
+    if isinstance(map_location, Mapping):
+        return str(map_location.get(location, location))
+    if isinstance(map_location, bytes):
+        return map_location.decode()
+    return str(map_location)
+
+
+def _saved_device(path: Path, map_location: Any, trust_pickle: bool) -> str:
+    """The saved device of the first storage that ``map_location`` sends to a device this machine lacks.
+
+    Only called after ``torch.load`` failed so: the file is read again up to that storage, each one
+    kept on the CPU, and each target tried with torch's own placement.
+    """
+
+    def probe(storage: Any, location: str) -> Any:
+        try:
+            torch.serialization.default_restore_location(storage, _target(map_location, location))
+        except Exception:
+            raise _Found(location) from None
+        return storage
+
+    try:
+        with open(path, "rb") as fh:
+            torch.load(fh, map_location=probe, weights_only=not trust_pickle)
+    except _Found as found:
+        return str(found.args[0])
+    except Exception:  # the probe never got that far: say what is known
+        pass
+    return "an unknown device"
 
 
 def _needs(unsafe: list[str], torch_reason: str) -> str:  # torch's own reason only when the scan named nothing

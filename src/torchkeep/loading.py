@@ -20,8 +20,17 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import AmbiguousCheckpointError, DtypeMismatchError, KeyMismatchError, format_names
-from torchkeep.sources import LazyTensor, candidates, iter_tensors, lookup, open_source, shape_dtype
+from torchkeep.errors import (
+    AmbiguousCheckpointError,
+    ArgumentTypeError,
+    DeviceUnavailableError,
+    DtypeMismatchError,
+    InvalidArgumentError,
+    KeyMismatchError,
+    format_names,
+)
+from torchkeep.placement import placer
+from torchkeep.sources import WRAPPER_KEYS, LazyTensor, candidates, iter_tensors, lookup, open_source, shape_dtype
 
 __all__ = ["LoadReport", "load_into"]
 
@@ -140,7 +149,15 @@ def _compile_remap(remap: Remap) -> Callable[[str], str | None] | None:
     if remap is None:
         return None
     if isinstance(remap, Mapping):
-        rules = [(re.compile(p), r) for p, r in remap.items()]
+        try:
+            rules = [(re.compile(p), r) for p, r in remap.items()]
+        except (re.error, TypeError) as e:
+            raise InvalidArgumentError(
+                "remap",
+                remap,
+                f"a key is not a valid regular expression ({e}); escape literal dots and brackets, "
+                "e.g. {'^encoder[.]': ''} or re.escape(prefix)",
+            ) from None
 
         def by_regex(k: str) -> str:
             for pat, rep in rules:
@@ -150,7 +167,11 @@ def _compile_remap(remap: Remap) -> Callable[[str], str | None] | None:
         return by_regex
     if callable(remap):
         return remap
-    raise TypeError(f"remap must be a dict of regex -> replacement or a callable, not {type(remap).__name__}")
+    raise ArgumentTypeError(
+        "remap",
+        remap,
+        "a dict of regex -> replacement (e.g. {'^encoder[.]': ''}) or a callable fn(key) -> new key | None",
+    )
 
 
 def _remap_rules(remap: Remap, keys: list[str]) -> list[tuple[str, str, int]]:
@@ -247,6 +268,7 @@ def _plan(
     skip_mismatched: bool,
     dtype_policy: str,
     report: LoadReport,
+    caller: str = "load_into",
 ) -> _Plan:
     expected = model.state_dict(keep_vars=True)
     targets = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor)}
@@ -284,16 +306,22 @@ def _plan(
         hint = _prefix_hint(report.unexpected, report.missing)
         if hint:
             fixes.append(f"{hint} (the names differ by a prefix)")
-        opts = []
-        if blocking:
-            opts.append("strict=False")
-        if mismatched and not skip_mismatched:
-            opts.append("skip_mismatched=True")
-        if opts:
-            also = "or " if hint else ""
+        also = "or " if hint else ""
+        if caller == "restore":  # restore has no skip_mismatched: strict=False skips shape mismatches too
             fixes.append(
-                f"{also}pass {', '.join(opts)} to load the {len(copies)} tensors that match and report the rest"
+                f"{also}pass strict=False to tk.restore to load the {len(copies)} tensors that match "
+                "and warn about the rest"
             )
+        else:
+            opts = []
+            if blocking:
+                opts.append("strict=False")
+            if mismatched and not skip_mismatched:
+                opts.append("skip_mismatched=True")
+            if opts:
+                fixes.append(
+                    f"{also}pass {', '.join(opts)} to load the {len(copies)} tensors that match and report the rest"
+                )
         raise KeyMismatchError(where, report.missing, report.unexpected, report.mismatched, fix=" ".join(fixes))
     if cast and dtype_policy == "error":
         raise DtypeMismatchError(where, report.cast)
@@ -330,7 +358,6 @@ def _choose(tree: Any, model: torch.nn.Module, key: str | None, label: str) -> t
     best = [k for k, s in scores.items() if s == top]
     if top == 0:
         # nothing fits: fall back on the usual places, so the error names what differs
-        from torchkeep.sources import WRAPPER_KEYS
 
         usual = [k for k in found if k == "" or k in WRAPPER_KEYS]
         best = usual if len(usual) == 1 else list(found)
@@ -345,17 +372,15 @@ def _choose(tree: Any, model: torch.nn.Module, key: str | None, label: str) -> t
 def _placement(map_location: Any) -> Callable[[torch.Tensor, str | None], torch.Tensor] | None:
     if map_location is None:
         return None
-    from torchkeep.api import _placer  # the same semantics as tk.load's map_location
-
-    return _placer(map_location)
+    return placer(map_location)  # the same semantics as tk.load's map_location
 
 
-def _check_devices(place: Callable[[torch.Tensor, str | None], torch.Tensor] | None, plan: _Plan, label: str) -> None:
+def _check_devices(
+    place: Callable[[torch.Tensor, str | None], torch.Tensor] | None, plan: _Plan, label: str, map_location: Any
+) -> None:
     """Fail before copying when map_location sends tensors to a device this machine lacks."""
     if place is None:
         return
-    from torchkeep.errors import DeviceUnavailableError
-
     seen: set[str | None] = set()
     for _, _, src in plan.copies:
         dev = src.device if isinstance(src, LazyTensor) else str(src.device)
@@ -363,9 +388,16 @@ def _check_devices(place: Callable[[torch.Tensor, str | None], torch.Tensor] | N
             continue
         seen.add(dev)
         try:
-            place(torch.empty(0), dev)
+            placed = place(torch.empty(0), dev)
         except (RuntimeError, AssertionError) as e:
-            raise DeviceUnavailableError(label, dev or "cpu", "map_location", str(e).splitlines()[0]) from None
+            raise DeviceUnavailableError(label, dev or "cpu", map_location, str(e).splitlines()[0]) from None
+        if isinstance(placed, torch.Tensor) and placed.device.type == "meta":
+            raise InvalidArgumentError(
+                "map_location",
+                map_location,
+                "load_into copies values into the model, and a meta tensor holds none; pass None (each "
+                "parameter's own device), 'cpu' or a real device",
+            )
 
 
 def load_into(
@@ -418,6 +450,8 @@ def load_into(
         KeyMismatchError: keys or shapes differ (message: the names and the option that fixes it).
         AmbiguousCheckpointError: several state dicts fit equally well; pass ``key=``.
         DtypeMismatchError: dtypes differ and ``dtype_policy="error"``.
+        InvalidArgumentError: a bad ``dtype_policy``, ``remap`` regex or ``map_location="meta"`` (a ``ValueError``).
+        ArgumentTypeError: ``model`` is not a module, or ``remap`` is neither a dict nor a callable (a ``TypeError``).
         MissingShardError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError.
 
     Example:
@@ -433,9 +467,15 @@ def load_into(
         True
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"load_into loads into an nn.Module, not {type(model).__name__}")
+        raise ArgumentTypeError(
+            "model", model, "an nn.Module (load_into copies into its parameters; for other objects use tk.restore)"
+        )
     if dtype_policy not in ("cast", "error"):
-        raise ValueError(f'dtype_policy must be "cast" or "error", not {dtype_policy!r}')
+        raise InvalidArgumentError(
+            "dtype_policy",
+            dtype_policy,
+            'pass "cast" (the default: convert to the model\'s dtypes) or "error" (raise on a dtype difference)',
+        )
     place = _placement(map_location)
     with open_source(source, verify=verify) as src:
         label = src.label if isinstance(source, (str, os.PathLike)) else "<memory>"
@@ -450,7 +490,7 @@ def load_into(
             dtype_policy=dtype_policy,
             report=report,
         )
-        _check_devices(place, plan, label)
+        _check_devices(place, plan, label, map_location)
         # checksums of every tensor to be copied, before the first copy, one batch per file
         batches: dict[int, tuple[Callable[[list[str]], None], list[str]]] = {}
         for _, _, s in plan.copies:
@@ -463,16 +503,36 @@ def load_into(
 
 
 def plan_into(
-    model: torch.nn.Module, sd: Mapping[str, Any], *, strict: bool, skip_mismatched: bool, label: str, key: str
+    model: torch.nn.Module,
+    sd: Mapping[str, Any],
+    *,
+    strict: bool,
+    skip_mismatched: bool,
+    label: str,
+    key: str,
+    caller: str = "load_into",
 ) -> tuple[_Plan, LoadReport]:
     """Validate ``sd`` against ``model`` (prefix repair, shapes, dtypes) without copying anything.
 
     :func:`torchkeep.restore` plans every module target first and copies only when all of them
     pass; raises :class:`~torchkeep.errors.KeyMismatchError` as :func:`load_into` does.
+
+    ``caller``: whose options the error's fix names: ``"load_into"`` (``strict=False``,
+    ``skip_mismatched=True``) or ``"restore"`` (only ``strict=False``, which restore also uses
+    to skip shape mismatches).
     """
+    if caller not in ("load_into", "restore"):
+        raise InvalidArgumentError("caller", caller, 'pass "load_into" (the default) or "restore"')
     report = LoadReport(source=label, key=key)
     plan = _plan(
-        model, sd, remap=None, strict=strict, skip_mismatched=skip_mismatched, dtype_policy="cast", report=report
+        model,
+        sd,
+        remap=None,
+        strict=strict,
+        skip_mismatched=skip_mismatched,
+        dtype_policy="cast",
+        report=report,
+        caller=caller,
     )
     return plan, report
 

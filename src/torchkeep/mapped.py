@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from torchkeep.format.dtypes import ST_TO_DTYPE
+from torchkeep.dtypes import ST_TO_DTYPE
 from torchkeep.reader import Checkpoint, check_digests
 
 __all__ = ["MappedCheckpoint", "adopt"]

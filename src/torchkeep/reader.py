@@ -8,28 +8,23 @@ is read, so ``verify=True`` costs little.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
 
-from torchkeep.errors import CheckpointNotFoundError, ChecksumMismatchError, CorruptCheckpointError, KeyMismatchError
-from torchkeep.format.dtypes import ST_TO_DTYPE
-from torchkeep.format.header import HashState, Header, TensorSpec, parse_header
+from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchkeep.format.header import TensorSpec
 from torchkeep.hashing import Digests
-from torchkeep.storage.local import buffer_of, read_into
+from torchkeep.headers import HeaderFile
+from torchkeep.storage.local import read_into
 from torchkeep.tree import SkeletonError, unflatten
 
 __all__ = ["Checkpoint", "open_checkpoint"]
-
-TREE_KEY = "torchkeep.tree"
-USER_KEY = "torchkeep.user"
-_BATCH = 64 << 20  # bytes read per preadv batch before its checksums are handed to the hash thread
 
 
 _THREADS = 2
@@ -73,8 +68,8 @@ def check_digests(
             raise ChecksumMismatchError(path, s.name, sums[s.name], h)
 
 
-class Checkpoint:
-    """A read-only handle on a checkpoint file; reads only the tensors asked for.
+class Checkpoint(HeaderFile):
+    """A read-only handle on a checkpoint file (a :class:`HeaderFile`); reads only the tensors asked for.
 
     Example:
         >>> import torch, torchkeep as tk, tempfile, os
@@ -83,61 +78,6 @@ class Checkpoint:
         ...     sorted(ck.keys()), ck.get("w").sum().item()
         (['b', 'w'], 3.0)
     """
-
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
-        self.path = Path(path)
-        self.verify = verify
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(self.path) from None
-        except IsADirectoryError:
-            raise CorruptCheckpointError(self.path, "it is a directory, not a file") from None
-        try:
-            size = os.fstat(self._fd).st_size
-            self.header: Header = parse_header(lambda off, n: os.pread(self._fd, n, off), size, str(self.path))
-        except BaseException:
-            self.close()
-            raise
-
-    # -- metadata ---------------------------------------------------------------------------
-    @property
-    def is_torchkeep(self) -> bool:
-        """True for files written by torchkeep (False for plain safetensors files)."""
-        return self.header.is_torchkeep
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """User metadata passed to ``save(..., metadata=...)`` ({} when none)."""
-        raw = self.header.metadata.get(USER_KEY)
-        return self._json(raw, USER_KEY) if raw else {}
-
-    @property
-    def has_tree(self) -> bool:
-        """True when the file records a state tree (torchkeep files; not plain safetensors)."""
-        return TREE_KEY in self.header.metadata
-
-    @property
-    def skeleton(self) -> Any:
-        """The typed JSON skeleton of the state tree (``None`` for plain safetensors files)."""
-        raw = self.header.metadata.get(TREE_KEY)
-        return self._json(raw, TREE_KEY) if raw is not None else None
-
-    def _json(self, raw: str, key: str) -> Any:
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):
-            raise CorruptCheckpointError(self.path, f"metadata {key} is not valid JSON") from None
-
-    def keys(self) -> list[str]:
-        """Stored tensor names (tree paths joined with ``/``), in file order."""
-        return list(self.header.tensors)
-
-    def spec(self, key: str) -> TensorSpec:
-        try:
-            return self.header.tensors[key]
-        except KeyError:
-            raise KeyMismatchError(str(self.path), missing=[key], fix="pick a name from ck.keys()") from None
 
     # -- tensors ----------------------------------------------------------------------------
     def get(self, key: str) -> torch.Tensor:
@@ -169,31 +109,6 @@ class Checkpoint:
                 check_digests(self.path, specs, bufs, sums, pool)
         return out
 
-    def verify_all(self, progress: Any = None) -> int:
-        """Check every checksum without keeping the data; returns bytes checked.
-
-        ``progress(nbytes)`` is called after each chunk (for progress bars).
-        """
-        if self.header.checksums is None:
-            return 0
-        checked = 0
-        for s in self.header.tensors.values():
-            h = HashState()
-            pos = s.start
-            while pos < s.end:
-                n = min(_BATCH, s.end - pos)
-                chunk = os.pread(self._fd, n, self.header.size + pos)
-                if not chunk:
-                    raise CorruptCheckpointError(self.path, f"the file ended inside tensor {s.name!r} (truncated)")
-                h.update(chunk)
-                pos += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-            checked += s.nbytes
-            if h.hexdigest() != self.header.checksums[s.name]:
-                raise ChecksumMismatchError(self.path, s.name, self.header.checksums[s.name], h.hexdigest())
-        return checked
-
     def tree(self, *, place: Any = None) -> Any:
         """The whole state tree (Stateful leaves as their state dicts)."""
         tensors = self.read()
@@ -204,32 +119,6 @@ class Checkpoint:
             return unflatten(skeleton, tensors.__getitem__, place)
         except SkeletonError as e:
             raise CorruptCheckpointError(self.path, str(e)) from None
-
-    # -- lifecycle --------------------------------------------------------------------------
-    def fileno(self) -> int:
-        """The open file descriptor (valid until :meth:`close`)."""
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            self.close()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, tensors={len(self.header.tensors)})"
 
 
 def open_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> Checkpoint:

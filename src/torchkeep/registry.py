@@ -48,16 +48,34 @@ import inspect
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from torchkeep import kinds
 from torchkeep._version import __version__
-from torchkeep.errors import ModelVersionError, UnknownModelError, UnsupportedObjectError
-from torchkeep.tree import format_path, unflatten
+from torchkeep.construct import build
+from torchkeep.errors import (
+    ArgumentTypeError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    ModelVersionError,
+    UnknownModelError,
+    UnsupportedObjectError,
+    UnsupportedSourceError,
+)
+from torchkeep.format.meta import MODEL_KEY, TREE_KEY, USER_KEY, tree_json, user_json
+from torchkeep.format.shards import parse_size, split_shards
+from torchkeep.headers import HeaderFile
+from torchkeep.loading import load_into
+from torchkeep.runtime import paused_gc
+from torchkeep.sources import open_source
+from torchkeep.storage.local import AtomicFile
+from torchkeep.storage.paths import as_path
+from torchkeep.tree import flatten, format_path, unflatten
+from torchkeep.writer import provenance_metadata, sharded_paths, tensor_sizes, write_file, write_sharded
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -69,7 +87,6 @@ __all__ = [
     "save_model",
 ]
 
-MODEL_KEY = "torchkeep.model"
 ENTRY_POINT_GROUP = "torchkeep.models"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -163,17 +180,28 @@ def register_model(name: str | type | None = None, *, version: int = 1) -> Any:
     """
     if isinstance(name, type):  # used bare: @register_model
         return register_model(None, version=version)(name)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise TypeError(f"version must be a non-negative int, not {version!r}")
+    if name is not None and not isinstance(name, str):
+        raise ArgumentTypeError("name", name, 'a string such as "my-net", or None for the class\'s module.QualName')
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArgumentTypeError("version", version, "a non-negative int, e.g. version=2")
+    if version < 0:
+        raise InvalidArgumentError("version", version, "pass a non-negative int, e.g. version=1 (the default)")
 
     def decorate(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            raise TypeError(f"register_model decorates nn.Module subclasses, not {cls!r}")
+            raise ArgumentTypeError(
+                "the class decorated by register_model",
+                cls,
+                "an nn.Module subclass (decorate the class, not an instance)",
+            )
         key = name or f"{cls.__module__}.{cls.__qualname__}"
         old = _REGISTRY.get(key)
         if old is not None and old.cls is not cls and old.cls.__qualname__ != cls.__qualname__:
-            raise ValueError(
-                f"model name {key!r} is already registered to {_path(old.cls)}; choose another name for {_path(cls)}"
+            raise InvalidArgumentError(
+                "name",
+                key,
+                f"already registered to {_path(old.cls)}; choose another name for {_path(cls)}, "
+                f'e.g. @register_model("{key}-{cls.__name__.lower()}")',
             )
         _wrap_init(cls)
         cls._torchkeep_name = key  # type: ignore[attr-defined]
@@ -232,8 +260,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _encode(config: dict[str, Any]) -> tuple[Any, Any]:
     """``(plain JSON view, typed skeleton)`` of a validated config."""
-    from torchkeep.tree import flatten
-
     typed = flatten(config).skeleton
 
     def plain(v: Any) -> Any:
@@ -280,8 +306,11 @@ def model_record(model: torch.nn.Module) -> dict[str, Any]:
     if callable(to_config):
         config = to_config()
         if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
-            raise TypeError(
-                f"{_path(cls)}.to_config() must return a dict with string keys, not {type(config).__name__}"
+            raise UnsupportedObjectError(
+                "config",
+                config,
+                f"{_path(cls)}.to_config() must return a dict with string keys (its constructor arguments by name), "
+                "such as {'width': 4}; from_config(cls, config) gets that dict back.",
             )
     else:
         init = model.__dict__.get(_ATTR)
@@ -350,22 +379,17 @@ def save_model(
         >>> sorted(p.name for p in d.iterdir())
         ['config.json', 'model.safetensors']
     """
-    from torchkeep.api import _metadata_json, paused_gc, provenance_metadata
-    from torchkeep.convert import parse_size, shard_names, split_shards, write_file, write_sharded
-    from torchkeep.reader import TREE_KEY, USER_KEY
-    from torchkeep.tree import flatten
-
     record = model_record(model)
     model = _unwrap(model)
     meta = provenance_metadata()
     meta[MODEL_KEY] = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     if metadata:
-        meta[USER_KEY] = _metadata_json(metadata)
+        meta[USER_KEY] = user_json(metadata)
     with paused_gc():
         if not _is_dir_target(path):
             path = Path(os.fspath(path)).expanduser()
             flat = flatten({"model": model})
-            meta[TREE_KEY] = json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            meta[TREE_KEY] = tree_json(flat.skeleton)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_file(path, flat.tensors, meta, checksums=True)
             return path
@@ -373,16 +397,16 @@ def save_model(
         directory.mkdir(parents=True, exist_ok=True)
         flat = flatten(dict(model.state_dict()))
         limit = parse_size(max_shard_size)
-        groups = split_shards(flat.tensors, limit) if limit is not None else [list(flat.tensors)]
+        groups = split_shards(tensor_sizes(flat.tensors), limit) if limit is not None else [list(flat.tensors)]
         single = directory / WEIGHTS_FILE
         old_shards = sorted(directory.glob("model-*-of-*.safetensors"))
         if len(groups) > 1:
-            index_meta = {"torchkeep.model": record}
-            written = write_sharded(single, single, flat.tensors, groups, meta, index_meta, checksums=True)
-            keep = {p.name for p in shard_names(single, len(groups))[0]}
+            index_meta = {MODEL_KEY: record}
+            written = write_sharded(single, flat.tensors, groups, meta, index_meta, checksums=True)
+            keep = {p.name for p in sharded_paths(single, len(groups))[0]}
             stale = [single, *(p for p in old_shards if p.name not in keep)]
         else:
-            meta[TREE_KEY] = json.dumps(flat.skeleton, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            meta[TREE_KEY] = tree_json(flat.skeleton)
             write_file(single, flat.tensors, meta, checksums=True)
             written = single
             stale = [directory / f"{WEIGHTS_FILE}.index.json", *old_shards]
@@ -390,8 +414,6 @@ def save_model(
             if p != written:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-        from torchkeep.storage.local import AtomicFile
-
         with AtomicFile(directory / CONFIG_FILE) as f:
             os.write(f.fd, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode())
             f.commit()
@@ -401,30 +423,42 @@ def save_model(
 # -- loading ---------------------------------------------------------------------------------
 
 
-def _read_record(path: Path) -> dict[str, Any]:
-    from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
-    from torchkeep.reader import Checkpoint
-
-    if not path.exists():
-        raise CheckpointNotFoundError(path)
+def _read_record(path: Path) -> tuple[dict[str, Any], kinds.Detected]:
+    """The model record of a ``save_model`` file or directory, and what the path is."""
+    found = kinds.detect(path, operation="load_model")
+    raw: Any = None
+    where: Path = found.target
+    if found.path.is_dir() and (found.path / CONFIG_FILE).is_file():
+        where = found.path / CONFIG_FILE
+        raw = where.read_text(encoding="utf-8")
+    elif found.kind == kinds.TORCHKEEP and found.file is not None:
+        with HeaderFile(found.file, verify=False) as hf:
+            raw = hf.header.metadata.get(MODEL_KEY)
+    elif found.kind == kinds.SHARDED and found.index is not None:
+        raw = found.index.metadata.get(MODEL_KEY)
+        raw = json.dumps(raw) if isinstance(raw, dict) else raw
+    if raw is None:
+        raise UnsupportedSourceError(found.target, found.kind, "load_model", _NO_RECORD.get(found.kind, _NO_RECORD[""]))
     try:
-        if path.is_dir():
-            raw = (path / CONFIG_FILE).read_text(encoding="utf-8")
-        else:
-            with Checkpoint(path, verify=False) as ck:
-                raw = ck.header.metadata.get(MODEL_KEY)
-            if raw is None:
-                raise CorruptCheckpointError(
-                    path, "it holds no model record (not written by save_model); use tk.load_into(model, path)"
-                )
         record = json.loads(raw)
         if not isinstance(record, dict) or not isinstance(record.get("name"), str):
             raise ValueError("the record has no 'name'")
-    except FileNotFoundError:
-        raise CorruptCheckpointError(path, f"a directory without {CONFIG_FILE}; save it with save_model") from None
     except ValueError as e:
-        raise CorruptCheckpointError(path, f"malformed model record ({e})") from None
-    return record
+        raise CorruptCheckpointError(where, f"malformed model record ({e})") from None
+    return record, found
+
+
+_NO_RECORD = {
+    kinds.TORCHKEEP: "it holds a state tree written by tk.save, not a model written by tk.save_model. Build the "
+    "model in code and call tk.load_into(model, path) or tk.restore(path, {'model': model}); "
+    "or write a rebuildable file with tk.save_model(model, path)",
+    kinds.LEGACY_ZIP: "a torch.save file records no model class to rebuild. Build the model in code and call "
+    "tk.load_into(model, path) (read with weights_only=True); then tk.save_model(model, 'model.safetensors') "
+    "gives a file load_model can rebuild",
+    "": "it records no model class to rebuild (only weights). Build the model in code and call "
+    "tk.load_into(model, path); then tk.save_model(model, 'model.safetensors') gives a file load_model can rebuild",
+}
+_NO_RECORD[kinds.LEGACY_PICKLE] = _NO_RECORD[kinds.LEGACY_ZIP]
 
 
 def _resolve_import(class_path: str) -> Any:
@@ -463,94 +497,6 @@ def _find_class(name: str, class_path: str | None, allow_import: bool) -> tuple[
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             return obj, getattr(obj, "_torchkeep_version", None)
     raise UnknownModelError(name, sorted(_REGISTRY), class_path=class_path, tried_import=allow_import)
-
-
-def _call(cls: type, config: dict[str, Any]) -> torch.nn.Module:
-    from_config = getattr(cls, "from_config", None)
-    if callable(from_config):
-        return from_config(config)
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    rest = dict(config)
-    for p in params:
-        if p.name not in rest:
-            continue
-        v = rest.pop(p.name)
-        if p.kind is p.POSITIONAL_ONLY:
-            args.append(v)
-        elif p.kind is p.VAR_POSITIONAL:
-            args.extend(v)
-        elif p.kind is p.VAR_KEYWORD:
-            kwargs.update(v)
-        else:
-            kwargs[p.name] = v
-    kwargs.update(rest)  # unknown names: let the constructor say so
-    return cls(*args, **kwargs)
-
-
-def _meta_safe(model: torch.nn.Module) -> bool:
-    """True when every tensor of a meta-built model will be filled by allocation + a strict load."""
-    for m in model.modules():
-        if getattr(m, "_non_persistent_buffers_set", None):
-            return False  # allocation would leave them uninitialised and the file does not hold them
-        for v in m.__dict__.values():
-            if isinstance(v, torch.Tensor) and v.is_meta:
-                return False  # a plain tensor attribute computed in __init__
-    return True
-
-
-#: Shape-preserving in-place ops that weight initialisers call. On a meta tensor they compute
-#: nothing, yet the first one dispatched in a process imports torch._dynamo (~1 s): skip them.
-_INIT_OPS = frozenset(
-    [
-        "normal_",
-        "uniform_",
-        "fill_",
-        "zero_",
-        "random_",
-        "exponential_",
-        "log_normal_",
-        "cauchy_",
-        "geometric_",
-        "bernoulli_",
-        "erfinv_",
-        "mul_",
-        "add_",
-        "sub_",
-        "div_",
-        "clamp_",
-        "copy_",
-    ]
-)
-
-
-class _SkipMetaInit(torch.overrides.TorchFunctionMode):
-    """Thread-local: initialisers' in-place ops on meta tensors return the tensor untouched."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in _INIT_OPS:
-            # torch.nn.init functions come with their arguments as keywords (tensor=...)
-            t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
-            if isinstance(t, torch.Tensor) and t.is_meta:
-                return t
-        return func(*args, **kwargs)
-
-
-def _build(cls: type, config: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, bool]:
-    """The model, and whether it was built on the meta device (weights never initialised)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.device("meta"), _SkipMetaInit():
-                model = _call(cls, config)
-        if isinstance(model, torch.nn.Module) and _meta_safe(model):
-            # what to_empty does, without the symbolic-shape machinery empty_like pulls in on meta
-            return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device)), True
-    except Exception:
-        pass  # the class cannot be built on meta: build it for real below
-    return _call(cls, config).to(device), False
 
 
 def load_model(
@@ -594,31 +540,44 @@ def load_model(
         >>> m.training, m.fc.weight.dtype, torch.equal(m.fc.weight.float(), net.fc.weight)
         (False, torch.float64, True)
     """
-    from torchkeep.loading import load_into
 
-    path = Path(os.fspath(path)).expanduser()
-    record = _read_record(path)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ArgumentTypeError("dtype", dtype, "a torch.dtype such as torch.float16, or None to keep the saved dtypes")
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        raise InvalidArgumentError(
+            "dtype",
+            dtype,
+            "pass a floating-point dtype such as torch.float16 or torch.bfloat16 (it casts the floating-point "
+            "parameters and buffers), or None",
+        )
+    path = as_path(path)
+    record, found = _read_record(path)
+    whole = found.path.is_dir() or found.kind == kinds.SHARDED  # the directory layout: a flat state dict
     name = record["name"]
     cls, registered = _find_class(name, record.get("class"), allow_import)
     saved = record.get("version", 1)
-    config = _decode(record)
-    device = torch.device(map_location)
+    try:
+        config = _decode(record)
+    except (ValueError, TypeError, KeyError) as e:  # SkeletonError included: a damaged or foreign record
+        raise CorruptCheckpointError(path, f"malformed model config ({e})") from None
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError("map_location", map_location, "pass a device such as 'cpu' or 'cuda:0'") from None
     if registered is not None and saved > registered:
         raise ModelVersionError(name, saved, registered, str(path))
     upgrade = getattr(cls, "upgrade", None)
     if registered is not None and saved < registered and callable(upgrade):
-        from torchkeep.sources import open_source
-
         with open_source(path, verify=verify) as src:
             tree = src.tree
-            sd = tree["model"] if isinstance(tree, Mapping) and "model" in tree and not path.is_dir() else tree
+            sd = tree["model"] if isinstance(tree, Mapping) and "model" in tree and not whole else tree
             sd = {k: (v.load() if hasattr(v, "load") and not isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
         config, sd = upgrade(config, sd, saved)
-        model, _ = _build(cls, config, device)
+        model, _ = build(cls, config, device)
         load_into(model, sd, strict=True)
     else:
-        model, _ = _build(cls, config, device)
-        load_into(model, path, strict=True, verify=verify, key=None if path.is_dir() else "model")
+        model, _ = build(cls, config, device)
+        load_into(model, path, strict=True, verify=verify, key=None if whole else "model")
     if dtype is not None:
         model = model.to(dtype)
     model.train(bool(record.get("training", False)))

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+
+from torchkeep.errors import ArgumentTypeError, KeyMismatchError
 
 __all__ = ["RNGState"]
 
@@ -46,6 +49,21 @@ class RNGState:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise ArgumentTypeError(
+                "state",
+                state,
+                "the dict RNGState.state_dict() returns (restore an RNGState from the entry that saved one)",
+            )
+        missing = [k for k in ("python", "numpy", "torch") if k not in state]
+        if missing:
+            raise KeyMismatchError(
+                "RNGState",
+                missing=missing,
+                unexpected=[str(k) for k in state if k not in ("python", "numpy", "torch", "cuda")],
+                fix="this state was not written by RNGState.state_dict(); restore the RNGState from the entry "
+                "of the checkpoint that saved one",
+            )
         py = state["python"]
         random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
         n = state["numpy"]

@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
-from torchkeep.legacy import check_zip, is_legacy
+from torchkeep import kinds
+from torchkeep.container import check_zip, is_legacy
+from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedSourceError
+from torchkeep.scan_policy import dangerous_reason, reached_through, safe_globals
+from torchkeep.storage.paths import as_path
 
 __all__ = ["ScanReport", "dangerous_reason", "safe_globals", "scan"]
 
@@ -39,183 +42,6 @@ _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE"
 _BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER: the pre-1.6 (non-zip) format
 _UNRESOLVED = "<unresolvable STACK_GLOBAL>"
-
-# --------------------------------------------------------------------------------------------- the dangerous set
-
-_SHELL = "runs shell commands or touches the process"
-_EVAL = "evaluates or compiles Python code"
-_IMPORT = "imports arbitrary modules"
-_ATTR = "reaches arbitrary attributes (a getattr chain)"
-_CALL = "builds a deferred call to anything"
-_NESTED = "nested deserializer: unpickles or loads more, unchecked, data"
-_FILES = "reads, writes or deletes files"
-_NET = "opens network connections"
-_NATIVE = "loads or calls native code"
-_JIT = "compiles or runs TorchScript / generated code"
-
-#: Whole modules (and their submodules) nothing in a checkpoint needs.
-_DANGEROUS_MODULES: dict[str, str] = {
-    **dict.fromkeys(["os", "posix", "nt", "subprocess", "_posixsubprocess", "pty", "sys", "signal"], _SHELL),
-    **dict.fromkeys(["multiprocessing", "_thread", "threading", "asyncio"], _SHELL),
-    **dict.fromkeys(["importlib", "pkgutil", "pydoc", "zipimport"], _IMPORT),
-    **dict.fromkeys(["runpy", "code", "codeop", "timeit", "cProfile", "profile", "pdb", "bdb", "trace"], _EVAL),
-    **dict.fromkeys(["doctest", "idlelib", "venv", "ensurepip", "pip", "setuptools", "distutils"], _EVAL),
-    **dict.fromkeys(["pickle", "_pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"], _NESTED),
-    **dict.fromkeys(["shutil", "tempfile", "glob"], _FILES),
-    **dict.fromkeys(["socket", "_socket", "ssl", "http", "urllib", "urllib2", "requests", "webbrowser"], _NET),
-    **dict.fromkeys(["ftplib", "smtplib", "telnetlib", "xmlrpc", "aiohttp", "httplib"], _NET),
-    **dict.fromkeys(["ctypes", "_ctypes", "cffi"], _NATIVE),
-    "torch.hub": "downloads and runs code",
-    "torch.jit": _JIT,
-    "torch._dynamo": _JIT,
-    "torch._inductor": _JIT,
-    "torch.package": _JIT,
-    "torch.utils.cpp_extension": _NATIVE,
-    "numpy.testing": _EVAL,  # numpy.testing._private.utils.runstring is exec()
-    "numpy.f2py": _NATIVE,
-    "numpy.distutils": _NATIVE,
-}
-
-#: Single names inside otherwise ordinary modules.
-_DANGEROUS_NAMES: dict[str, str] = {
-    **dict.fromkeys([f"builtins.{n}" for n in ("eval", "exec", "compile", "breakpoint", "input")], _EVAL),
-    "builtins.__import__": _IMPORT,
-    **dict.fromkeys([f"builtins.{n}" for n in ("getattr", "setattr", "delattr", "globals", "locals", "vars")], _ATTR),
-    **dict.fromkeys(["builtins.open", "io.open", "_io.open", "io.FileIO", "_io.FileIO", "codecs.open"], _FILES),
-    **dict.fromkeys(["builtins.exit", "builtins.quit"], _SHELL),
-    **dict.fromkeys(["operator.attrgetter", "operator.itemgetter", "operator.methodcaller"], _ATTR),
-    "operator.call": _CALL,
-    "functools.partial": _CALL,
-    "functools.reduce": _CALL,
-    **dict.fromkeys(
-        [f"types.{n}" for n in ("FunctionType", "LambdaType", "CodeType", "MethodType", "ModuleType")], _EVAL
-    ),
-    "torch.load": _NESTED,
-    "torch.serialization.load": _NESTED,
-    "torch.serialization._load": _NESTED,
-    "torch.storage._load_from_bytes": _NESTED,
-    "torch._C._import_ir_module": _JIT,
-    "torch._C._import_ir_module_from_package": _JIT,
-    "numpy.load": _NESTED,
-    "numpy.loads": _NESTED,
-    "numpy.lib.npyio.load": _NESTED,
-    "numpy.lib._npyio_impl.load": _NESTED,
-    "numpy.core.numeric.load": _NESTED,
-}
-
-
-def dangerous_reason(full_name: str) -> str | None:
-    """Why ``"module.name"`` is dangerous in a checkpoint, or ``None`` when it is not on the explicit list.
-
-    Example:
-        >>> dangerous_reason("posix.system")
-        'runs shell commands or touches the process'
-        >>> dangerous_reason("collections.OrderedDict") is None
-        True
-    """
-    if full_name in _DANGEROUS_NAMES:
-        return _DANGEROUS_NAMES[full_name]
-    parts = full_name.split(".")
-    for i in range(len(parts) - 1, 0, -1):  # longest module prefix first: torch.jit before torch
-        reason = _DANGEROUS_MODULES.get(".".join(parts[:i]))
-        if reason is not None:
-            return reason
-    return None
-
-
-#: A bare module object reached as an attribute (``GLOBAL pathlib os``) is a foothold for BUILD/getattr.
-_MODULE_OBJECTS = frozenset(
-    {"os", "posix", "nt", "sys", "subprocess", "builtins", "__builtins__", "importlib", "ctypes", "pickle"}
-    | {"marshal", "shutil", "socket", "runpy"}
-)
-
-
-def _reached_through(qualname: str) -> str | None:
-    """Dangerous things reached by attribute traversal inside the name: ``GLOBAL pathlib os.system``.
-
-    Protocol 4 resolves dotted names attribute by attribute, so ``pathlib`` + ``os.system`` is
-    ``os.system`` although the module is harmless. Every tail of a dotted name is checked.
-    """
-    parts = qualname.split(".")
-    if len(parts) == 1:
-        return f"the {qualname} module object itself" if qualname in _MODULE_OBJECTS else None
-    for i in range(len(parts)):
-        tail = ".".join(parts[i:])
-        reason = dangerous_reason(tail) or (_DANGEROUS_MODULES.get(tail) if "." not in tail else None)
-        if reason is None and parts[i] in _MODULE_OBJECTS:
-            reason = f"reaches the {parts[i]} module through attribute access"
-        if reason is None and parts[i].startswith("__") and parts[i] not in ("__init__", "__new__"):
-            reason = f"reaches {parts[i]} through attribute access"
-        if reason is not None:
-            return reason
-    return None
-
-
-# --------------------------------------------------------------------------------------------- the allowlist
-
-#: Used only when torch's own weights-only tables cannot be read (a torch without them).
-_FALLBACK_ALLOWED = frozenset(
-    {
-        "collections.OrderedDict",
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_parameter",
-        "torch._utils._rebuild_parameter_with_state",
-        "torch.Size",
-        "torch.device",
-        "torch.Tensor",
-        "torch.nn.parameter.Parameter",
-        "_codecs.encode",
-        "builtins.set",
-        "torch.storage.UntypedStorage",
-        "torch.storage.TypedStorage",
-    }
-)
-
-
-def safe_globals() -> frozenset[str]:
-    """The ``"module.name"`` globals ``torch.load(weights_only=True)`` accepts right now.
-
-    Read from torch at call time (its built-in table plus anything registered with
-    ``torch.serialization.add_safe_globals``), so the scan and torch agree; a small fixed set
-    (plain containers, tensor rebuild functions, storages, dtypes) stands in on a torch too old
-    to have those tables.
-
-    Example:
-        >>> "torch._utils._rebuild_tensor_v2" in safe_globals(), "posix.system" in safe_globals()
-        (True, False)
-    """
-    names: set[str] = set()
-    try:
-        from torch import _weights_only_unpickler as wou
-
-        names.update(wou._get_allowed_globals())
-        names.update(wou._get_user_allowed_globals())
-    except Exception:  # older or newer torch without these private helpers
-        names.update(_FALLBACK_ALLOWED)
-        try:
-            import torch
-
-            for attr in dir(torch):
-                value = getattr(torch, attr, None)
-                if isinstance(value, torch.dtype):
-                    names.add(str(value))
-                elif isinstance(value, type) and attr.endswith(("Storage", "Tensor")):
-                    names.add(f"torch.{attr}")
-        except Exception:
-            pass
-    try:
-        import torch
-
-        for entry in torch.serialization.get_safe_globals():
-            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
-                names.add(entry[1])
-            else:
-                names.add(f"{getattr(entry, '__module__', '')}.{getattr(entry, '__qualname__', '')}")
-    except Exception:
-        pass
-    return frozenset(names)
-
 
 # --------------------------------------------------------------------------------------------- the report
 
@@ -363,7 +189,7 @@ class _Acc:
             module = IMPORT_MAPPING[module]
         full = f"{module}.{name}"
         self.globals.add(full)
-        reason = dangerous_reason(full) or _reached_through(name)
+        reason = dangerous_reason(full) or reached_through(name)
         if reason is not None:
             self.dangerous[full] = reason
         return full
@@ -487,13 +313,16 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
 def scan(path: str | os.PathLike[str]) -> ScanReport:
     """Statically scan a ``torch.save`` file (zip or pre-1.6) or a raw pickle; never executes it.
 
-    Zip files first pass :func:`torchkeep.legacy.check_zip`; then every ``*.pkl`` entry is
+    Zip files first pass :func:`torchkeep.container.check_zip`; then every ``*.pkl`` entry is
     walked. A pre-1.6 ``torch.save`` file is five pickles followed by raw storage bytes: the five
     are walked. A raw pickle is walked, and bytes after its STOP are reported. A safetensors
     file holds no pickle and is clean.
 
+    A directory is scanned as what it holds (:func:`torchkeep.kinds.detect`): its one checkpoint
+    file, or every shard of a shard set (``pytorch_model.bin.index.json`` shards are pickles).
+
     Args:
-        path: the file.
+        path: the file or directory.
 
     Returns:
         A :class:`ScanReport`; ``report.ok`` is True when ``torch.load(weights_only=True)``
@@ -513,9 +342,54 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         >>> r.ok, r.dangerous
         (False, {'posix.system': 'runs shell commands or touches the process'})
     """
-    path = Path(os.fspath(path))
-    if not path.is_file():
+    path = as_path(path)
+    if not path.exists():
         raise CheckpointNotFoundError(path)
+    if path.is_dir() or _starts_with_brace(path):
+        return _scan_detected(path)
+    return _scan_file(path)
+
+
+def _starts_with_brace(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(64).lstrip()[:1] == b"{"
+
+
+def _scan_detected(path: Path) -> ScanReport:
+    """A directory or shard index is what :func:`torchkeep.kinds.detect` finds: one file, or every shard."""
+    found = kinds.detect(path, operation="scan")
+    if found.kind in (kinds.DCP, kinds.TORCHKEEP_DCP):
+        raise UnsupportedSourceError(
+            path,
+            found.kind,
+            "scan",
+            "scan reads single files. A DCP directory's .metadata is read by torchkeep's allowlist unpickler, "
+            f"never by pickle; `torchkeep scan {path / '.metadata'}` lists what it imports",
+        )
+    if found.index is None:
+        assert found.file is not None  # detect() names the one file of a non-sharded directory
+        return _scan_file(found.file)
+    parts = [_scan_file(f) for f in found.shards]
+    calls: dict[str, int] = {}
+    for r in parts:
+        for k, n in r.calls.items():
+            calls[k] = calls.get(k, 0) + n
+    formats = sorted({r.format for r in parts})
+    return ScanReport(
+        path=str(found.target),
+        format="sharded " + "/".join(formats),
+        globals=sorted({g for r in parts for g in r.globals}),
+        unsafe=sorted({g for r in parts for g in r.unsafe}),
+        dangerous=dict(sorted({k: v for r in parts for k, v in r.dangerous.items()}.items())),
+        issues=[f"{Path(r.path).name}: {i}" for r in parts for i in r.issues],
+        calls={k: calls[k] for k in CALL_OPCODES if calls.get(k)},
+        called=sorted({g for r in parts for g in r.called}),
+        pickles=[f"{Path(r.path).name}:{p}" for r in parts for p in r.pickles],
+        complete=all(r.complete for r in parts),
+    )
+
+
+def _scan_file(path: Path) -> ScanReport:
     size = path.stat().st_size
     acc = _Acc()
     pickles: list[str] = []
@@ -558,7 +432,7 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
                 acc.issues.append(f"pickle@0: {size - end:,} bytes after the STOP opcode")
         else:
             raise CorruptCheckpointError(path, "not a pickle, a torch.save file or a safetensors file")
-    allowed = safe_globals()
+    allowed = safe_globals() if acc.globals else frozenset()  # torch's allowlist only when there is a global to judge
     unsafe = {g for g in acc.globals if g not in allowed} | set(acc.dangerous)
     return ScanReport(
         path=str(path),

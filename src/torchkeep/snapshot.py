@@ -1,7 +1,7 @@
 """Asynchronous saves: take a consistent snapshot now, write it in a background thread.
 
 :class:`AsyncWriter` is what ``CheckpointManager(async_save=True)`` uses; it also works on
-its own with :func:`torchkeep.api.save_flat`. ``submit`` returns once every tensor of the
+its own with :func:`torchkeep.writer.save_flat`. ``submit`` returns once every tensor of the
 tree has been copied into host buffers (pinned when CUDA is present), which are reused
 from one save to the next; the training loop may then change its parameters freely. At most
 one write is in flight: ``submit`` first waits for the previous one (whose buffers it
@@ -10,7 +10,7 @@ reuses). An exception in the background is raised, as itself, by the next ``subm
 
 Example:
     >>> import torch, tempfile, os
-    >>> from torchkeep.api import save_flat
+    >>> from torchkeep.writer import save_flat
     >>> model = torch.nn.Linear(2, 2)
     >>> path = os.path.join(tempfile.mkdtemp(), "c.safetensors")
     >>> with AsyncWriter() as writer:
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from torchkeep.api import resolved
 from torchkeep.tree import Flat, flatten
+from torchkeep.writer import resolved
 
 __all__ = ["AsyncWriter", "Snapshotter"]
 

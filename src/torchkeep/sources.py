@@ -6,12 +6,15 @@ their shape and dtype and read their bytes only when asked (torchkeep and safete
 files, through a verified memory map). :func:`candidates` lists the state dicts inside
 that tree; :mod:`torchkeep.loading` picks the one that fits the model.
 
-Formats, detected by content, not by extension:
+What a path is comes from :func:`torchkeep.kinds.detect` (by content, never by suffix);
+this module reads it:
 
 * torchkeep files (state trees) and plain safetensors files (a flat ``{name: tensor}``);
-* legacy ``torch.save`` files, read through :func:`torchkeep.load` (``weights_only=True``);
-* a directory holding ``*.safetensors.index.json`` (or ``pytorch_model.bin.index.json``),
-  the index file itself, or a directory with exactly one ``*.safetensors`` file.
+* sharded checkpoints (a shard index, ours or Hugging Face's, or the directory holding it);
+* legacy ``torch.save`` files, through ``torch.load(weights_only=True)`` after the pickle scan;
+* ``torch.distributed.checkpoint`` directories (plain or torchkeep's), as a flat ``{fqn: tensor}``.
+
+:func:`read_tree` reads a whole checkpoint of any kind into memory (what ``tk.load`` returns).
 
 Example:
     >>> import torch, torchkeep as tk, tempfile, os
@@ -23,9 +26,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +36,19 @@ from typing import Any
 
 import torch
 
-from torchkeep.dcp import is_dcp_dir, read_dcp
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, KeyMismatchError, MissingShardError
-from torchkeep.format.dtypes import ST_TO_DTYPE
-from torchkeep.legacy import is_legacy
+from torchkeep import kinds
+from torchkeep.dcp import read_dcp
+from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
+from torchkeep.errors import ArgumentTypeError, CorruptCheckpointError, KeyMismatchError
+from torchkeep.format.meta import TREE_KEY, USER_KEY
+from torchkeep.legacy import load_legacy
 from torchkeep.mapped import MappedCheckpoint
+from torchkeep.placement import Placer
 from torchkeep.reader import Checkpoint, check_digests
-from torchkeep.storage.local import buffer_of
+from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
 
-__all__ = ["WRAPPER_KEYS", "LazyTensor", "Source", "candidates", "lookup", "open_source", "shape_dtype"]
+__all__ = ["WRAPPER_KEYS", "LazyTensor", "Source", "candidates", "lookup", "open_source", "read_tree", "shape_dtype"]
 
 # keys under which training scripts and frameworks keep a model's state dict, most common first
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "network", "ema", "state_dict_ema")
@@ -90,9 +95,12 @@ class Source:
     Use as a context manager, or call :meth:`close`; lazy tensors are valid until then.
     """
 
-    def __init__(self, tree: Any, label: str, closers: list[Callable[[], None]] | None = None) -> None:
+    def __init__(
+        self, tree: Any, label: str, closers: list[Callable[[], None]] | None = None, kind: str = "memory"
+    ) -> None:
         self.tree = tree
         self.label = label
+        self.kind = kind
         self._closers = closers or []
 
     def close(self) -> None:
@@ -121,18 +129,15 @@ def open_source(source: Any, *, verify: bool = True) -> Source:
     if isinstance(source, Mapping) or is_stateful(source):
         return Source(_states(source), "<memory>")
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            f"source must be a path, a module or a state dict, not {type(source).__name__}; "
-            "for a file object, save it to disk first"
+        raise ArgumentTypeError(
+            "source", source, "a path, a module or a state dict (for a file object, save it to disk first)"
         )
-    path = Path(os.fspath(source)).expanduser()
-    if not path.exists():
-        raise CheckpointNotFoundError(path)
-    if path.is_dir():
-        return _open_dir(path, verify)
-    if path.name.endswith(".index.json"):
-        return _open_index(path, verify)
-    return _open_file(path, verify)
+    found = kinds.detect(source, operation="load_into")
+    if found.kind in (kinds.DCP, kinds.TORCHKEEP_DCP):
+        return Source(read_dcp(found.path), str(found.path), kind=found.kind)
+    if found.kind == kinds.SHARDED:
+        return _open_index(found, verify)
+    return _open_file(found.target, verify, found.kind)
 
 
 def _states(tree: Any, depth: int = 0) -> Any:
@@ -146,27 +151,23 @@ def _states(tree: Any, depth: int = 0) -> Any:
     return tree
 
 
-def _open_file(path: Path, verify: bool) -> Source:
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if is_legacy(head):
-        from torchkeep.api import load  # api imports this package's siblings; import late
-
+def _open_file(path: Path, verify: bool, kind: str) -> Source:
+    if kinds.is_legacy_kind(kind):
         saved: dict[int, str] = {}
 
         def remember(t: torch.Tensor, device: str) -> torch.Tensor:
             saved[id(t)] = device  # read onto the CPU; load_into places each tensor itself
             return t
 
-        tree = load(path, map_location=remember)
-        return Source(_wrap_loaded(tree, saved), str(path))
+        tree = load_legacy(path, map_location=remember)
+        return Source(_wrap_loaded(tree, saved), str(path), kind=kind)
     ck = Checkpoint(path, verify=verify)
     try:
         tree = _lazy_tree(ck, verify)
     except BaseException:
         ck.close()
         raise
-    return Source(tree, str(path), [ck.close])
+    return Source(tree, str(path), [ck.close], kind=kind)
 
 
 def _wrap_loaded(tree: Any, saved: dict[int, str]) -> Any:
@@ -215,27 +216,36 @@ def _mapper(ck: Checkpoint, verify: bool) -> tuple[Callable[[str], torch.Tensor]
 def _lazy_tree(ck: Checkpoint, verify: bool) -> Any:
     view, check = _mapper(ck, verify)
     specs = ck.header.tensors
+    stored: dict[str, LazyTensor] = {}
+    for key, spec in specs.items():
+        stored[key] = LazyTensor(
+            tuple(spec.shape), ST_TO_DTYPE[spec.dtype], None, lambda key=key: view(key), key, check
+        )
+    return _decode(ck.path, ck.skeleton if ck.has_tree else None, stored)
+
+
+def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
+    """The tree of ``skeleton`` whose tensor leaves are (views of) the ``stored`` lazy tensors; flat without one."""
+    if skeleton is None:
+        return dict(stored)
 
     def lazy(key: str, dev: str | None = None, v: Any = None) -> LazyTensor:
-        spec = specs.get(key) if isinstance(key, str) else None
-        if spec is None:
-            raise CorruptCheckpointError(ck.path, f"the tree refers to tensor {key!r}, which the file lacks")
+        base = stored.get(key) if isinstance(key, str) else None
+        if base is None:
+            raise CorruptCheckpointError(where, f"the tree refers to tensor {key!r}, which the file lacks")
         if v is None:
-            return LazyTensor(tuple(spec.shape), ST_TO_DTYPE[spec.dtype], dev, lambda: view(key), key, check)
+            return LazyTensor(base.shape, base.dtype, dev, base.fetch, key, base.verify)
         try:
             off, shape, stride = v
             shape, stride = tuple(int(s) for s in shape), tuple(int(s) for s in stride)
         except (TypeError, ValueError):
-            raise CorruptCheckpointError(ck.path, f"bad view {v!r} of tensor {key!r}") from None
+            raise CorruptCheckpointError(where, f"bad view {v!r} of tensor {key!r}") from None
 
         def fetch() -> torch.Tensor:
-            base = view(key)
-            return base.as_strided(shape, stride, base.storage_offset() + int(off))
+            t = base.fetch()
+            return t.as_strided(shape, stride, t.storage_offset() + int(off))
 
-        return LazyTensor(shape, ST_TO_DTYPE[spec.dtype], dev, fetch, key, check)
-
-    if not ck.has_tree:
-        return {k: lazy(k) for k in specs}
+        return LazyTensor(shape, base.dtype, dev, fetch, key, base.verify)
 
     def no_tensor(key: str) -> torch.Tensor:
         raise SkeletonError(f"unexpected tensor reference {key!r}")
@@ -263,72 +273,149 @@ def _lazy_tree(ck: Checkpoint, verify: bool) -> Any:
         return unflatten(n, no_tensor)
 
     try:
-        return dec(ck.skeleton)
+        return dec(skeleton)
     except (SkeletonError, TypeError, ValueError, KeyError, AttributeError) as e:
-        raise CorruptCheckpointError(ck.path, f"malformed tree: {e}") from None
+        raise CorruptCheckpointError(where, f"malformed tree: {e}") from None
 
 
-def _open_dir(path: Path, verify: bool) -> Source:
-    if is_dcp_dir(path):
-        return Source(read_dcp(path), str(path))
-    indexes = sorted(path.glob("*.index.json"))
-    preferred = [p for p in indexes if p.name == "model.safetensors.index.json"]
-    if preferred or len(indexes) == 1:
-        return _open_index((preferred or indexes)[0], verify)
-    if len(indexes) > 1:
-        raise CorruptCheckpointError(
-            path, f"several index files ({', '.join(p.name for p in indexes)}); pass the one to load as the source"
-        )
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) == 1:
-        return _open_file(files[0], verify)
-    what = f"{len(files)} .safetensors files and no index" if files else "no *.safetensors.index.json or .safetensors"
-    raise CorruptCheckpointError(path, f"a directory with {what}; pass a file path (or the index) instead")
-
-
-def _open_index(index: Path, verify: bool) -> Source:
-    """A sharded checkpoint: ``{"metadata": ..., "weight_map": {name: shard file}}`` (Hugging Face)."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(index, f"not a shard index ({e})") from None
-    by_file: dict[str, list[str]] = {}
-    for name, fname in weight_map.items():
-        by_file.setdefault(fname, []).append(name)
-    root = index.parent.resolve()
-    for fname in by_file:  # an index must not point outside its directory
-        if os.path.isabs(fname) or not (root / fname).resolve().is_relative_to(root):
-            raise CorruptCheckpointError(index, f"shard {fname!r} lies outside the index's directory")
-    absent = [f for f in by_file if not (root / f).is_file()]
-    if absent:
-        raise MissingShardError(index, absent)
+def _open_index(found: kinds.Detected, verify: bool) -> Source:
+    """A sharded checkpoint: every shard opened lazily, tensors by the index's ``weight_map``."""
+    assert found.index is not None and found.file is not None  # detect() sets both for SHARDED
+    index, root = found.index, found.file.parent
     tree: dict[str, Any] = {}
     closers: list[Callable[[], None]] = []
     try:
-        for fname, names in by_file.items():
-            shard = _open_file(root / fname, verify)
+        for fname in index.shards:
+            shard = _open_file(root / fname, verify, found.shard_kinds[fname])
             closers.append(shard.close)
             flat = shard.tree
+            names = index.names_in(fname)
             lacking = [n for n in names if not isinstance(flat, Mapping) or not is_tensorish(flat.get(n))]
             if lacking:
                 raise KeyMismatchError(
                     f"{root / fname}",
                     missing=lacking,
-                    fix=f"the index {index.name} lists these tensors in this shard, which lacks them: "
+                    fix=f"the index {found.file.name} lists these tensors in this shard, which lacks them: "
                     "the shards do not belong to this index; download them again",
                 )
             for n in names:
                 tree[n] = flat[n]
+        skeleton = index.metadata.get(TREE_KEY)  # torchkeep shard sets keep their state tree in the index
+        if skeleton is not None:
+            tree = _decode(found.file, skeleton, tree)
     except BaseException:
         for c in reversed(closers):
             c()
         raise
-    return Source(tree, str(index), closers)
+    return Source(tree, str(found.file), closers, kind=kinds.SHARDED)
+
+
+def read_tree(
+    found: kinds.Detected,
+    *,
+    place: Placer | None = None,
+    verify: bool = True,
+    trust_pickle: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """``(state tree, user metadata)`` of a detected checkpoint, read whole into memory, checksums verified.
+
+    Stateful leaves come back as their state dicts; plain safetensors files, shard sets of
+    plain shards and DCP directories as flat ``{name: tensor}`` dicts. ``place(tensor, saved_device)``
+    moves each tensor (``None``: leave it on the CPU). ``progress(nbytes)`` is called as input is read.
+    """
+    if found.kind in (kinds.DCP, kinds.TORCHKEEP_DCP):
+        flat = read_dcp(found.path)
+        if progress is not None:
+            progress(sum(t.numel() * t.element_size() for t in flat.values()))
+        return (flat if place is None else {k: place(t, None) for k, t in flat.items()}), {}
+    if found.legacy:
+        assert found.file is not None
+        tree = load_legacy(found.file, map_location=place if place is not None else "cpu", trust_pickle=trust_pickle)
+        if progress is not None:
+            progress(found.file.stat().st_size)
+        return tree, {}
+    if found.kind == kinds.SHARDED:
+        return _read_sharded(found, place, verify, progress, trust_pickle)
+    assert found.file is not None
+    with paused_gc(), Checkpoint(found.file, verify=verify) as ck:
+        tensors = _read_all(ck, progress)
+        return _build(found.file, ck.skeleton, tensors, place, tree=ck.has_tree), ck.metadata
+
+
+_BATCH = 64 << 20  # bytes read per batch (one progress step)
+
+
+def _read_all(ck: Checkpoint, progress: Callable[[int], None] | None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``ck`` (checksums verified), in ~64 MiB batches when progress is reported."""
+    if progress is None:
+        return ck.read()
+    out: dict[str, torch.Tensor] = {}
+    batch: list[str] = []
+    size = 0
+    specs = list(ck.header.tensors.values())
+    for i, spec in enumerate(specs):
+        batch.append(spec.name)
+        size += spec.nbytes
+        if size >= _BATCH or i == len(specs) - 1:
+            out.update(ck.read(batch))
+            progress(size)
+            batch, size = [], 0
+    return out
+
+
+def _build(
+    path: Path, skeleton: Any, tensors: dict[str, torch.Tensor], place: Placer | None, *, tree: bool = True
+) -> Any:
+    """The tree of ``skeleton`` over ``tensors``; a flat dict without a tree (``tree=False``, or no skeleton)."""
+    if not tree or (skeleton is None and tensors):
+        return tensors if place is None else {k: place(t, None) for k, t in tensors.items()}
+    try:
+        return unflatten(skeleton, tensors.__getitem__, place)
+    except (SkeletonError, KeyError) as e:
+        raise CorruptCheckpointError(path, f"the state tree does not match the tensors ({e})") from None
+
+
+def _check_shard(found: kinds.Detected, fname: str, names: Iterable[str]) -> None:
+    assert found.index is not None and found.file is not None
+    lacking = sorted(set(found.index.names_in(fname)) - set(names))
+    if lacking:
+        raise KeyMismatchError(
+            str(found.file.parent / fname),
+            missing=lacking,
+            fix=f"the index {found.file.name} lists these tensors in this shard, which lacks them: "
+            "the shards do not belong to this index; download them again",
+        )
+
+
+def _read_sharded(
+    found: kinds.Detected,
+    place: Placer | None,
+    verify: bool,
+    progress: Callable[[int], None] | None,
+    trust_pickle: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    assert found.index is not None and found.file is not None
+    index, root = found.index, found.file.parent
+    tensors: dict[str, torch.Tensor] = {}
+    with paused_gc():
+        for fname in index.shards:
+            wanted = index.names_in(fname)
+            if kinds.is_legacy_kind(found.shard_kinds[fname]):  # pytorch_model-0000N-of-0000M.bin shards
+                got = load_legacy(root / fname, map_location="cpu", trust_pickle=trust_pickle)
+                if progress is not None:
+                    progress((root / fname).stat().st_size)
+                _check_shard(found, fname, got.keys() if isinstance(got, Mapping) else ())
+                tensors.update((n, got[n]) for n in wanted)
+                continue
+            with Checkpoint(root / fname, verify=verify) as ck:
+                _check_shard(found, fname, ck.keys())
+                got = _read_all(ck, progress)
+                tensors.update((n, got[n]) for n in wanted)
+    meta = index.metadata
+    raw_user = meta.get(USER_KEY)
+    user = raw_user if isinstance(raw_user, dict) else {}
+    return _build(found.file, meta.get(TREE_KEY), tensors, place), user
 
 
 def is_state_dict(node: Any) -> bool:

@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep.dtypes import DTYPE_TO_ST, dtype_from_name, dtype_name
 from torchkeep.errors import TorchkeepError, UnsupportedDtypeError, UnsupportedObjectError
-from torchkeep.format.dtypes import DTYPE_TO_ST, dtype_from_name, dtype_name
 
 __all__ = ["Flat", "SkeletonError", "flatten", "format_path", "is_stateful", "tensor_nodes", "unflatten"]
 

@@ -16,7 +16,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.verify import PROGRESS_MIN_BYTES
-from torchkeep.convert import FORMATS, INDEX_SUFFIX, convert, input_size
+from torchkeep.format.meta import OUTPUT_FORMATS
+from torchkeep.format.shards import is_index_name
 
 __all__ = ["byte_progress", "convert_command"]
 
@@ -46,7 +47,7 @@ def byte_progress(
 
 def _written(path: Path) -> tuple[int, int]:
     """``(files, bytes)`` written: the index plus its shards, or one file."""
-    if path.name.endswith(INDEX_SUFFIX):
+    if is_index_name(path.name):
         shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
         return len(shards) + 1, sum((path.parent / s).stat().st_size for s in shards) + path.stat().st_size
     return 1, path.stat().st_size
@@ -59,7 +60,7 @@ def convert_command(
         None,
         "--to",
         metavar="FORMAT",
-        help=f"Output format, one of {', '.join(FORMATS)}. Default: from DST's name "
+        help=f"Output format, one of {', '.join(OUTPUT_FORMATS)}. Default: from DST's name "
         "(.safetensors -> torchkeep, .pt/.pth/.bin/.ckpt -> torch).",
         show_default=False,
     ),
@@ -106,6 +107,8 @@ def convert_command(
       # gather a distributed checkpoint into one file, 512 MiB of tensors at a time
       torchkeep convert runs/exp1/step-001000 model.safetensors --max-memory 512MiB
     """
+    from torchkeep.convert import convert, input_size  # torch: only when a conversion runs
+
     started = time.perf_counter()
     with byte_progress("converting", input_size(src) if src.exists() else 0, json_out=json_out) as progress:
         out = convert(

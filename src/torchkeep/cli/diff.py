@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from torchkeep.cli.convert import byte_progress
-from torchkeep.diff import diff, report_json
 
 __all__ = ["diff_command"]
 
@@ -47,6 +46,8 @@ def diff_command(
       torchkeep diff a.safetensors b.safetensors --atol 1e-6 && echo same
       torchkeep diff old.pt converted.safetensors --json | jq .value_changed
     """
+    from torchkeep.diff import diff, report_json  # torch: only when a comparison runs
+
     with byte_progress("comparing", _size(a) + _size(b), json_out=json_out) as progress:
         report = diff(a, b, rtol=rtol, atol=atol, progress=progress)
     code = 0 if report.identical else 1

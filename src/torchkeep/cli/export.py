@@ -6,9 +6,8 @@ import json
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -17,6 +16,9 @@ from rich.table import Table
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import ExportVerificationError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["check_runs", "example_inputs", "export_command", "fail", "parse_shape", "spinner"]
 
@@ -39,6 +41,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _dtype(name: str) -> torch.dtype:
+    import torch  # the CLI starts without torch; only commands that build models load it
+
     dtype = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
         raise typer.BadParameter(f"{name!r} is not a torch dtype (float32, float16, bfloat16, int64, ...)")
@@ -47,6 +51,8 @@ def _dtype(name: str) -> torch.dtype:
 
 def example_inputs(shapes: list[str], dtype: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """One random tensor per ``--input-shape`` (normal floats; integers 0/1 for integer dtypes)."""
+    import torch
+
     dt = _dtype(dtype)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -91,7 +97,8 @@ def spinner(label: str, *, json_out: bool) -> AbstractContextManager[Any]:
     return err.status(label, spinner="dots")
 
 
-def _load(checkpoint: Path, allow_import: bool) -> torch.nn.Module:
+def load_checkpoint_model(checkpoint: Path, allow_import: bool) -> torch.nn.Module:
+    """The model of a ``save_model`` file (``--allow-import`` allows importing its recorded class)."""
     from torchkeep.registry import load_model
 
     return load_model(checkpoint, allow_import=allow_import)
@@ -185,7 +192,7 @@ def export_command(
     if method not in ("trace", "script"):
         raise typer.BadParameter(f"{method!r}: use trace or script", param_hint="--method")
     inputs = example_inputs(input_shape, dtype)
-    model = _load(checkpoint, allow_import)
+    model = load_checkpoint_model(checkpoint, allow_import)
     dt = _dtype(dtype)
     if dt.is_floating_point and any(p.is_floating_point() and p.dtype != dt for p in model.state_dict().values()):
         model = model.to(dt)  # inputs and weights in the same dtype: the model as it would be deployed

@@ -116,6 +116,8 @@ def render(info: dict[str, Any], console: Console) -> None:
         grid.add_row("size", human_bytes(info["file_size"]))
         if "storages" in info:
             grid.add_row("storages", f"{info['storages']:,} ({human_bytes(info['storage_bytes'])})")
+        if "shards" in info:
+            grid.add_row("sharded", f"{info['shards']} shards, {info['tensors']:,} tensors in the index")
         console.print(grid)
         console.print(f"[yellow]{escape(info['hint'])}[/]")
         return
@@ -128,12 +130,15 @@ def render(info: dict[str, Any], console: Console) -> None:
         if info.get("torch_version"):
             parts.append(f"torch {info['torch_version']}")
         grid.add_row("created", escape(" · ".join(parts)))
-    grid.add_row(
-        "size",
-        f"{human_bytes(info['file_size'])} (header {human_bytes(info['header_size'])}, "
-        f"tensor data {human_bytes(info['bytes'])})",
-    )
+    head = f"header {human_bytes(info['header_size'])}, " if "header_size" in info else ""
+    grid.add_row("size", f"{human_bytes(info['file_size'])} ({head}tensor data {human_bytes(info['bytes'])})")
     grid.add_row("tensors", f"{info['tensors']:,} · {info['elements']:,} elements")
+    if "shards" in info:
+        grid.add_row(
+            "sharded",
+            f"{info['shards']} shards, every one read: {escape(', '.join(info['files'][:4]))}"
+            + (f", ... ({len(info['files']) - 4} more)" if len(info["files"]) > 4 else ""),
+        )
     if "world_size" in info:
         grid.add_row(
             "sharded", f"saved on {info['world_size']} rank(s) · {info['files']} files, restores on any number"
@@ -159,6 +164,8 @@ def render(info: dict[str, Any], console: Console) -> None:
         console.print()
         console.print(table)
 
+    if info.get("hint"):
+        console.print(f"[yellow]{escape(info['hint'])}[/]")
     console.print()
     tree = Tree(Text("state tree", style="bold"), guide_style="dim")
     _add(tree, info["tree"])

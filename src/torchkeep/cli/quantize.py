@@ -10,15 +10,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from torch import nn
 
-from torchkeep.cli.export import _load, check_runs, example_inputs, fail, print_report, spinner
+from torchkeep.cli.export import check_runs, example_inputs, fail, load_checkpoint_model, print_report, spinner
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import ExportVerificationError
 
 __all__ = ["quantize_command"]
 
-_MODULES = {"linear": nn.Linear, "lstm": nn.LSTM, "gru": nn.GRU}
+_MODULES = ("linear", "lstm", "gru")  # torch.nn.Linear / LSTM / GRU
 
 
 def quantize_command(
@@ -71,7 +70,7 @@ def quantize_command(
     for name in (m.strip().lower() for m in modules.split(",") if m.strip()):
         if name not in _MODULES:
             raise typer.BadParameter(f"unknown module type {name!r}; use {', '.join(_MODULES)}", param_hint="--modules")
-        kinds.append(_MODULES[name])
+        kinds.append({"linear": torch.nn.Linear, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[name])
     if dtype not in ("qint8", "float16"):
         raise typer.BadParameter("use qint8 or float16", param_hint="--dtype")
     if output is not None and not input_shape:
@@ -81,7 +80,7 @@ def quantize_command(
             "a dynamically quantized model exports to TorchScript only: name it .pt or .ts", param_hint="-o"
         )
     inputs = example_inputs(input_shape, input_dtype) if input_shape else None
-    model = _load(checkpoint, allow_import)
+    model = load_checkpoint_model(checkpoint, allow_import)
     if inputs is not None:
         check_runs(model, inputs, input_shape, input_dtype)
     try:

@@ -13,9 +13,11 @@ from rich.table import Table
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
-from torchkeep.manager import CheckpointManager, manifest, naming, retention
-from torchkeep.reader import Checkpoint
-from torchkeep.storage.runs import RunStore, is_url, open_run
+from torchkeep.headers import HeaderFile
+from torchkeep.manager import manifest, naming, retention
+from torchkeep.storage import open_run
+from torchkeep.storage.paths import is_url
+from torchkeep.storage.runs import RunStore
 
 __all__ = ["ls_command", "plot_command", "prune_command"]
 
@@ -47,12 +49,12 @@ def _age(seconds: float) -> str:
 def _verify(store: RunStore, name: str) -> str:
     try:
         if name.endswith(naming.DIR_SUFFIX):  # a sharded checkpoint directory of a distributed run
-            from torchkeep.distributed.manifest import verify_all
+            from torchkeep.storage.dcp_manifest import verify_all
 
             with store.local(name) as path:
                 verify_all(path)
             return "ok"
-        with store.local(name) as path, Checkpoint(path) as ck:
+        with store.local(name) as path, HeaderFile(path) as ck:
             ck.verify_all()
         return "ok"
     except TorchkeepError as e:
@@ -124,6 +126,8 @@ def prune_command(
         raise typer.BadParameter("give at least one of --keep-last, --keep-best, --keep-every")
     if not is_url(run) and not Path(run).is_dir():
         raise CheckpointNotFoundError(run)
+    from torchkeep.manager.manager import CheckpointManager  # torch: prune only
+
     with CheckpointManager(
         run, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every
     ) as mgr:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.errors import TorchkeepError
 from torchkeep.inspection import verify
+from torchkeep.kinds import detect
 
 __all__ = ["PROGRESS_MIN_BYTES", "verify_command"]
 
@@ -28,6 +29,15 @@ def _exit_code(result: dict) -> int:
     return 1 if result["key"] else 2
 
 
+def _input_bytes(path: Path) -> int:
+    """Bytes verify will read (every shard of a shard set), for the progress bar; 0 when unknown."""
+    try:
+        found = detect(path, operation="verify")
+        return sum(f.stat().st_size for f in found.shards)
+    except (TorchkeepError, OSError):
+        return 0  # verify itself reports the problem
+
+
 def verify_command(
     file: Path = typer.Argument(..., metavar="FILE", help="The checkpoint to check.", show_default=False),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -39,7 +49,7 @@ def verify_command(
     Example: torchkeep verify ckpt.safetensors && echo intact
     """
     err = Console(stderr=True, highlight=False)
-    size = os.stat(file).st_size if file.is_file() else 0
+    size = _input_bytes(file)
     started = time.perf_counter()
     if json_out or size < PROGRESS_MIN_BYTES or not err.is_terminal:
         result = verify(file)
@@ -61,19 +71,24 @@ def verify_command(
         raise typer.Exit(code)
     out = Console(highlight=False, soft_wrap=True)
     name = escape(str(file))
+    shards = f" in {result['shards']} shards" if result.get("shards") else ""
+    heads = "their headers" if shards else "the header"
     if code == 0 and result["checksums"]:
         out.print(
-            f"[bold green]ok[/] {name}: all {result['tensors']:,} tensor checksums and the header match "
+            f"[bold green]ok[/] {name}: all {result['tensors']:,} tensor checksums{shards} and {heads} match "
             f"({human_bytes(result['bytes_checked'])} in {elapsed:.2f} s)"
         )
     elif code == 0:
         out.print(
-            f"[bold yellow]ok, unchecked[/] {name}: a plain {escape(result['format'])} file has no checksums; "
+            f"[bold yellow]ok, unchecked[/] {name}: a plain {escape(result['format'])} "
+            f"{'shard set' + shards.replace(' in', ' of') if shards else 'file'} has no checksums; "
             f"its layout ({result['tensors']:,} tensors) is consistent, but bit flips cannot be detected"
         )
     elif code == 1:
         key = result["key"]
         what = "the header" if key == "<header>" else f"tensor {key!r}"
+        if result.get("shard"):
+            what += f" of shard {result['shard']}"
         out.print(f"[bold red]DAMAGED[/] {name}: {escape(what)} does not match its checksum")
         out.print(f"[red]{escape(result['error'])}[/]")
     else:

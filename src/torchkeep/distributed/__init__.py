@@ -20,15 +20,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from torchkeep.distributed.manifest import is_torchkeep_dcp
-
 __all__ = ["AsyncSave", "RankStateWarning", "is_torchkeep_dcp", "load_tree", "restore", "save", "wait"]
 
 _LAZY = {
-    "AsyncSave": "checkpoint",
-    "RankStateWarning": "checkpoint",
+    "AsyncSave": "common",
+    "RankStateWarning": "common",
+    "is_torchkeep_dcp": "remote",
     "save": "checkpoint",
-    "wait": "checkpoint",
+    "wait": "common",
     "restore": "resume",
     "load_tree": "resume",
 }

@@ -10,144 +10,47 @@ manifest last, after every rank has finished, and renames the directory into pla
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 import shutil
-import threading
-import warnings
-import weakref
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-)
 
-from torchkeep import api
-from torchkeep.dcp import first_failure
-from torchkeep.distributed import _comm
-from torchkeep.distributed._tap import TappedWriter
-from torchkeep.distributed.manifest import (
-    TREE_FILE,
-    hash_file,
-    is_torchkeep_dcp,
-    is_url,
-    rank_file,
-    write_manifest,
+from torchkeep.distributed import comm
+from torchkeep.distributed.common import (
+    AsyncSave,
+    PathLike,
+    RankStateWarning,
+    Split,
+    as_save_error,
+    async_group,
+    in_background,
+    quiet,
+    snapshot,
+    wait,
 )
+from torchkeep.distributed.tap import TappedWriter
 from torchkeep.errors import (
     DistributedSaveError,
     InsufficientSpaceError,
-    UnsupportedObjectError,
+    TargetExistsError,
 )
-from torchkeep.rng import RNGState
-from torchkeep.tree import format_path, is_stateful
+from torchkeep.storage.dcp_manifest import (
+    TREE_FILE,
+    hash_file,
+    is_torchkeep_dcp,
+    rank_file,
+    write_manifest,
+)
+from torchkeep.storage.paths import is_url
+from torchkeep.writer import save_tree
 
 __all__ = ["AsyncSave", "RankStateWarning", "save", "wait"]
-
-PathLike = str | os.PathLike[str]
-Path_ = tuple[Any, ...]
-_POLICIES = ("skip", "reuse", "error")
-
-
-class RankStateWarning(UserWarning):
-    """Per-rank entries (RNG states) could not be restored one-to-one: the world size changed.
-
-    Example:
-        >>> import warnings
-        >>> warnings.simplefilter("error", RankStateWarning)  # make a changed world size an error
-        >>> warnings.resetwarnings()
-    """
-
-
-# -- splitting a tree ---------------------------------------------------------------------------
-
-
-def _walk_modules(node: Any, out: list[torch.nn.Module]) -> None:
-    if isinstance(node, torch.nn.Module):
-        out.append(node)
-    elif isinstance(node, Mapping):
-        for v in node.values():
-            _walk_modules(v, out)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _walk_modules(v, out)
-
-
-def _owner(opt: torch.optim.Optimizer, modules: list[torch.nn.Module], where: str) -> torch.nn.Module:
-    """The module whose parameters ``opt`` optimises (``get_optimizer_state_dict`` needs it for FQNs)."""
-    wanted = {id(p) for g in opt.param_groups for p in g["params"]}
-    for m in modules:
-        if wanted <= {id(p) for p in m.parameters()}:
-            return m
-    raise UnsupportedObjectError(
-        where,
-        opt,
-        "A distributed checkpoint stores optimizer state by parameter name, so the model it optimises must be "
-        "in the same tree (save) or in the same targets (restore), e.g. {'model': model, 'optimizer': opt}.",
-    )
-
-
-def _key(path: Path_) -> str:
-    for p in path:
-        if not isinstance(p, (str, int)) or isinstance(p, bool):
-            raise UnsupportedObjectError(
-                format_path(path), p, "tensors in a distributed checkpoint live under str or int keys only."
-            )
-    return "/".join(map(str, path))
-
-
-class _Split:
-    """A state tree taken apart: DCP tensors, the plain rest, per-rank entries."""
-
-    def __init__(self, per_rank: tuple[str, ...]) -> None:
-        self.per_rank = per_rank
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.placeholders: list[list[Any]] = []  # [[path components], dcp key]
-        self.rank_paths: list[list[Any]] = []
-        self.rank_values: list[Any] = []
-        self.modules: list[torch.nn.Module] = []
-        self.module_paths: list[list[Any]] = []  # where modules were: their tensors are the parameters
-
-    def run(self, state: Any) -> Any:
-        _walk_modules(state, self.modules)
-        return self.node(state, ())
-
-    def node(self, obj: Any, path: Path_) -> Any:
-        if isinstance(obj, (RNGState, torch.Generator)) or (len(path) == 1 and path[0] in self.per_rank):
-            self.rank_paths.append(list(path))
-            self.rank_values.append(obj)
-            return None
-        if isinstance(obj, torch.nn.Module):
-            self.module_paths.append(list(path))
-            return self.node(get_model_state_dict(obj), path)
-        if isinstance(obj, torch.optim.Optimizer):
-            owner = _owner(obj, self.modules, format_path(path))
-            return self.node(get_optimizer_state_dict(owner, obj), path)
-        if isinstance(obj, torch.Tensor):
-            key = _key(path)
-            if key in self.tensors:
-                raise UnsupportedObjectError(format_path(path), obj, f"another tensor already has the name {key!r}.")
-            self.tensors[key] = obj.detach()
-            self.placeholders.append([list(path), key])
-            return None
-        if is_stateful(obj):
-            return self.node(obj.state_dict(), path)
-        if isinstance(obj, Mapping):
-            return {k: self.node(v, (*path, k)) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = [self.node(v, (*path, i)) for i, v in enumerate(obj)]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj  # scalars; anything unsavable is refused by the tree file's save, naming its path
 
 
 # -- committing ---------------------------------------------------------------------------------
@@ -190,15 +93,21 @@ def _replaceable(final: Path) -> None:
     if not final.exists():
         return
     if not final.is_dir():
-        raise IsADirectoryError(f"{final}: is a file; a distributed checkpoint is a directory, give another path")
+        raise TargetExistsError(
+            final,
+            "is a file, and a distributed checkpoint is a directory; a save never replaces a file with one",
+            f"Give another path, e.g. {final.with_suffix('.dcp').name!r} beside it, or move that file away first.",
+        )
     if is_torchkeep_dcp(final):
         return
     held = sorted(p.name for p in final.iterdir())
     if held:
         shown = ", ".join(held[:10]) + (f", ... ({len(held)} entries)" if len(held) > 10 else "")
-        raise FileExistsError(
-            f"{final}: exists and is not a torchkeep checkpoint (it holds {shown}); a save replaces only a "
-            "checkpoint, never other data. Give another path, or move that directory away first."
+        raise TargetExistsError(
+            final,
+            f"exists and is not a torchkeep checkpoint (it holds {shown}); a save replaces only a checkpoint, "
+            "never other data",
+            "Give another path, or move that directory away first.",
         )
 
 
@@ -226,8 +135,8 @@ def _commit(
         report["files"] = {name: known.get(name) or hash_file(tmp / name) for name in own}
     except Exception as e:  # reported to rank 0, which then commits nothing
         report["error"] = f"{type(e).__name__}: {e}"
-    reports = _comm.all_gather_json(report, group)
-    me = _comm.rank(group)
+    reports = comm.all_gather_json(report, group)
+    me = comm.rank(group)
     failure: BaseException | None = None
     status: dict[str, Any] | None = None
     if me == 0:
@@ -247,7 +156,7 @@ def _commit(
             failure = e
             status = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             shutil.rmtree(tmp, ignore_errors=True)
-    outcome = _comm.all_gather_json(status, group)[0]
+    outcome = comm.all_gather_json(status, group)[0]
     if failure is not None:
         raise failure
     if not outcome["ok"]:
@@ -302,75 +211,6 @@ def _visible(tmp: Path, final: Path, rank: int, name: str, size: int) -> None:
         )
 
 
-class AsyncSave:
-    """A save running in the background: ``result()`` waits and returns the path or raises its error.
-
-    Example:
-        >>> import torch, tempfile, os, torchkeep.distributed as tkd
-        >>> job = tkd.save({"w": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "ck"), async_save=True)
-        >>> job.result().name
-        'ck'
-    """
-
-    def __init__(self, path: Path, future: Future[Path]) -> None:
-        self.path = path
-        self._future = future
-
-    def done(self) -> bool:
-        """True once the checkpoint is committed or has failed."""
-        return self._future.done()
-
-    def result(self, timeout: float | None = None) -> Path:
-        """Wait for the commit; returns the path, or raises the error that stopped the save.
-
-        Once this returns or raises, :func:`wait` and the next ``save`` no longer report this save.
-        """
-        global _pending
-        try:
-            return self._future.result(timeout)
-        finally:
-            if _pending is self and self._future.done():
-                _pending = None
-
-    def __repr__(self) -> str:
-        return f"AsyncSave({str(self.path)!r}, done={self.done()})"
-
-
-_pending: AsyncSave | None = None
-# weak: once destroy_process_group() drops a group, no reference here keeps its C++ object (and its
-# threads) alive until interpreter teardown
-_async_groups: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-
-
-def wait() -> Path | None:
-    """Wait for this process's background save, if any; returns its path or raises its error.
-
-    Example:
-        >>> import torchkeep.distributed as tkd
-        >>> print(tkd.wait())  # no save in flight
-        None
-    """
-    global _pending
-    job, _pending = _pending, None
-    return None if job is None else job.result()
-
-
-def _set_pending(job: AsyncSave) -> None:
-    global _pending
-    _pending = job
-
-
-def _async_group(group: Any) -> Any:
-    """A gloo group for the background thread's collectives, so they never interleave with training's."""
-    if group is not None or not _comm.is_distributed():
-        return group
-    default = dist.distributed_c10d._get_default_group()
-    bg = _async_groups.get(id(default))
-    if bg is None:
-        bg = _async_groups[id(default)] = dist.new_group(backend="gloo")
-    return bg
-
-
 # -- save ---------------------------------------------------------------------------------------
 
 
@@ -378,45 +218,7 @@ def _failed(final: Path, tmp: Path, me: int, e: BaseException) -> BaseException:
     """DCP's ``CheckpointException`` (a BaseException naming the failed ranks) as a typed error; rank 0 cleans up."""
     if me == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _as_save_error(final, e)
-
-
-def _as_save_error(final: Any, e: BaseException) -> BaseException:
-    """DCP's ``CheckpointException`` as a :class:`DistributedSaveError` naming the first failed rank."""
-    failed = None if isinstance(e, KeyboardInterrupt) else first_failure(e)
-    if failed is None:
-        return e
-    rank, cause = failed
-    return DistributedSaveError(final, rank, f"{type(cause).__name__}: {cause}")
-
-
-def _snapshot(value: Any) -> Any:
-    """A copy of a per-rank entry as it is now (an async save writes it later): tensors cloned,
-    containers copied, a Stateful's state dict, a generator's state in a new generator."""
-    if isinstance(value, torch.Generator):
-        g = torch.Generator(device=value.device)
-        g.set_state(value.get_state())
-        return g
-    if is_stateful(value):
-        value = value.state_dict()
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if type(value) is dict:
-        return {k: _snapshot(v) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        return type(value)(_snapshot(v) for v in value)
-    return copy.deepcopy(value)
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Without a process group DCP warns that it assumes a single process: that is the intent here."""
-    if _comm.is_distributed():
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
-        yield
+    return as_save_error(final, e)
 
 
 def save(
@@ -474,8 +276,9 @@ def save(
             model is not in the tree.
         DistributedSaveError: another rank failed; nothing was committed.
         CheckpointExistsError: a URL prefix that already holds a committed checkpoint.
-        FileExistsError: a directory at ``path`` that is not a torchkeep checkpoint (raised as
-            itself on rank 0, as a ``DistributedSaveError`` on the other ranks).
+        TargetExistsError: a file, or a directory that is not a torchkeep checkpoint, at ``path``
+            (a ``FileExistsError``; raised as itself on rank 0, as a ``DistributedSaveError`` on the
+            other ranks).
 
     Example:
         >>> import torch, tempfile, os, torchkeep.distributed as tkd
@@ -500,15 +303,15 @@ def save(
             thread_count=thread_count,
         )
     final = Path(os.fspath(path)).expanduser().absolute()
-    split = _Split(tuple(per_rank))
+    split = Split(tuple(per_rank))
     tree = split.run(state)
     group = process_group
-    me, world = _comm.rank(group), _comm.world_size(group)
+    me, world = comm.rank(group), comm.world_size(group)
     # per-rank entries are snapshotted now (an async save returns before they are written)
-    rank_values = [_snapshot(v) for v in split.rank_values]
+    rank_values = [snapshot(v) for v in split.rank_values]
     start: dict[str, Any] = {}
     token = secrets.token_hex(6)
-    sizes = _comm.all_gather_json(_bytes_to_write(split.tensors, me), group)
+    sizes = comm.all_gather_json(_bytes_to_write(split.tensors, me), group)
     if me == 0:
         try:
             _replaceable(final)
@@ -516,13 +319,13 @@ def save(
             _check_space(final.parent, sum(sizes), len(split.tensors))
             (final.parent / f".{final.name}.tmp-{token}").mkdir()
             start["token"] = token
-            api.save(tree, final.parent / f".{final.name}.tmp-{token}" / TREE_FILE, metadata=metadata, durable=durable)
+            save_tree(tree, final.parent / f".{final.name}.tmp-{token}" / TREE_FILE, metadata=metadata, durable=durable)
         except Exception as e:  # tell the other ranks before they start writing, then raise here
             failure: Exception | None = e
             start = {"error": f"{type(e).__name__}: {e}"}
         else:
             failure = None
-    start = _comm.all_gather_json(start, group)[0]
+    start = comm.all_gather_json(start, group)[0]
     if me == 0 and failure is not None:
         shutil.rmtree(final.parent / f".{final.name}.tmp-{token}", ignore_errors=True)
         raise failure
@@ -534,12 +337,12 @@ def save(
     def write_rank_file() -> list[str]:
         if not split.rank_paths:
             return []
-        api.save(rank_values, tmp / rank_file(me), durable=durable)
+        save_tree(rank_values, tmp / rank_file(me), durable=durable)
         return [rank_file(me)]
 
     extra = {"tensors": split.placeholders, "per_rank": split.rank_paths, "modules": split.module_paths}
     writer = _Writer(tmp, sync_files=durable, thread_count=thread_count)
-    dist_kw: dict[str, Any] = {"no_dist": not _comm.is_distributed()}
+    dist_kw: dict[str, Any] = {"no_dist": not comm.is_distributed()}
 
     def commit(grp: Any) -> Path:
         files = [*own, *sorted(writer.written)]
@@ -557,36 +360,11 @@ def save(
 
     if not async_save:
         try:
-            with _quiet():
+            with quiet():
                 dcp.save(split.tensors, storage_writer=writer, process_group=group, **dist_kw)
         except BaseException as e:
             raise _failed(final, tmp, me, e) from e
         return commit(group)
-    bg = _async_group(group)
+    bg = async_group(group)
     response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
     return in_background(response, lambda e: _failed(final, tmp, me, e), lambda: commit(bg), final)
-
-
-def in_background(
-    response: Any, failed: Callable[[BaseException], BaseException], commit: Callable[[], Any], where: Any
-) -> AsyncSave:
-    """Finish an ``async_save``: wait for DCP's upload, then ``commit()``, in a thread; the pending save."""
-    upload = getattr(response, "upload_completion", response)
-    future: Future[Any] = Future()
-
-    def finish() -> None:
-        try:
-            try:
-                upload.result()
-            except BaseException as e:
-                raise failed(e) from e
-            done = commit()
-        except BaseException as e:
-            future.set_exception(e)
-        else:
-            future.set_result(done)
-
-    threading.Thread(target=finish, name="torchkeep-distributed-save", daemon=True).start()
-    job = AsyncSave(where, future)
-    _set_pending(job)
-    return job

@@ -27,17 +27,19 @@ from typing import Any
 
 import torch
 
-from torchkeep.api import host_copies
+from torchkeep import kinds
+from torchkeep.dcp import check_complete, dcp_errors, read_metadata, safe_reader
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
 from torchkeep.reader import Checkpoint
+from torchkeep.sources import read_tree
+from torchkeep.storage.dcp_manifest import TREE_FILE, check_files, raise_for, rank_file, read_manifest
+from torchkeep.writer import host_copies
 
 __all__ = ["Gathered", "tensor_bytes"]
 
 
 def tensor_bytes(src: Path) -> int:
     """Bytes of every tensor DCP's metadata lists (0 when it cannot be read: convert then reports why)."""
-    from torchkeep.dcp import read_metadata
-
     try:
         md = read_metadata(src)
     except (TorchkeepError, OSError):
@@ -97,7 +99,8 @@ class Gathered:
     """
 
     def __init__(self, src: Path, max_memory: int, progress: Callable[[int], None] | None) -> None:
-        from torchkeep.distributed.resume import _Local
+        # torch.distributed.checkpoint (resume's import) is paid only when a distributed checkpoint is converted
+        from torchkeep.distributed.resume import Local
 
         # half for the batch, half for what DCP holds while copying it in: each stored chunk is
         # read into a temporary tensor first, and those of one batch add up to the batch at most
@@ -106,7 +109,7 @@ class Gathered:
         self.standins: dict[int, tuple[str, torch.Tensor]] = {}  # id(stand-in) -> (DCP key, stand-in)
         self.gathered = 0
         self._arena: torch.Tensor | None = None  # reused memory the batches are read into
-        self.src = _Local(src.absolute())
+        self.src = Local(src.absolute())
         self.src.pin()  # a save that swaps another checkpoint in meanwhile makes this fail, not mix the two
         try:
             self._open()
@@ -116,12 +119,8 @@ class Gathered:
             raise
 
     def _open(self) -> None:
-
-        from torchkeep.api import load
-        from torchkeep.dcp import check_complete, read_metadata
-        from torchkeep.distributed.checkpoint import wait
-        from torchkeep.distributed.manifest import TREE_FILE, check_files, raise_for, rank_file, read_manifest
-        from torchkeep.distributed.resume import _set
+        from torchkeep.distributed.common import wait  # torch.distributed: only when a distributed checkpoint is read
+        from torchkeep.distributed.resume import set_at
 
         wait()  # this process's own background save of it, if any
         root, label = self.src.root, self.src.label
@@ -131,16 +130,16 @@ class Gathered:
         self.md = read_metadata(root)
         check_complete(root, self.md)
         self.tensor_bytes = _metadata_bytes(self.md)
-        tree = load(root / TREE_FILE)
+        tree = read_tree(kinds.detect(root / TREE_FILE))[0]
         with Checkpoint(root / TREE_FILE) as ck:
             self.user = ck.metadata
         self.placeholders = {tuple(p): k for p, k in manifest.get("tensors", [])}
         tree = self._fill(tree, ())
         rank_paths = [tuple(p) for p in manifest.get("per_rank", [])]
         if rank_paths:  # rank 0's entries, as load_tree takes them
-            values = load(root / rank_file(0))
+            values = read_tree(kinds.detect(root / rank_file(0)))[0]
             for rp, value in zip(rank_paths, values, strict=True):
-                tree = _set(tree, rp, value)
+                tree = set_at(tree, rp, value)
         self.tree = tree
 
     def _fill(self, node: Any, path: tuple[Any, ...]) -> Any:
@@ -164,8 +163,7 @@ class Gathered:
         """Contiguous CPU tensors for ``tensors``: stand-ins read through DCP, real tensors as host copies."""
         import torch.distributed.checkpoint as dcp
 
-        from torchkeep.dcp import dcp_errors, safe_reader
-        from torchkeep.distributed.checkpoint import _quiet
+        from torchkeep.distributed.common import quiet  # torch.distributed.checkpoint: only when gathering
 
         wanted: dict[str, torch.Tensor] = {}  # DCP key -> stand-in
         real: dict[str, torch.Tensor] = {}
@@ -179,7 +177,7 @@ class Gathered:
         out = {name: want[self.standins[id(t)][0]] for name, t in tensors.items() if name not in real}
         if want:
             try:
-                with _quiet(), dcp_errors(self.src.label):
+                with quiet(), dcp_errors(self.src.label):
                     dcp.load(want, storage_reader=safe_reader(self.src.root, self.md), no_dist=True)
             except BaseException as e:
                 self.src.named(e)  # the real path in the message, not the pinned one

@@ -45,11 +45,18 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from torchkeep import api
 from torchkeep.dcp import check_ranges, metadata_from_bytes
-from torchkeep.distributed import _comm
-from torchkeep.distributed._tap import TappedWriter
-from torchkeep.distributed.manifest import (
+from torchkeep.distributed import comm, common
+from torchkeep.distributed.tap import TappedWriter
+from torchkeep.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    DistributedSaveError,
+    FileChecksumError,
+)
+from torchkeep.format.header import digest
+from torchkeep.storage import dcp_manifest
+from torchkeep.storage.dcp_manifest import (
     MANIFEST,
     TREE_FILE,
     hash_file,
@@ -58,21 +65,28 @@ from torchkeep.distributed.manifest import (
     parse_manifest,
     rank_file,
 )
-from torchkeep.errors import (
-    CheckpointExistsError,
-    CorruptCheckpointError,
-    DistributedSaveError,
-    FileChecksumError,
-)
-from torchkeep.format.header import digest
+from torchkeep.storage.paths import is_url, local_path
+from torchkeep.writer import save_tree
 
-__all__ = ["DATA_PREFIX", "RemoteSource", "Store", "save"]
+__all__ = ["DATA_PREFIX", "RemoteSource", "Store", "is_torchkeep_dcp", "save"]
 
 _CHUNK = 16 << 20
 #: the name of a save's own sub-prefix is this plus 16 random hex digits
 DATA_PREFIX = ".data-"
 _CHILD = re.compile(r"[A-Za-z0-9_.-]+")
 _RACE = "another save committed here while this one ran"
+
+
+def is_torchkeep_dcp(path: Any, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True for a directory (or an fsspec URL prefix, ``s3://...``) holding a torchkeep manifest (valid or not).
+
+    Example:
+        >>> is_torchkeep_dcp("memory://nothing-here")
+        False
+    """
+    if is_url(path):
+        return Store(str(path), storage_options or {}).exists(MANIFEST)
+    return dcp_manifest.is_torchkeep_dcp(local_path(path))
 
 
 class Store:
@@ -253,10 +267,10 @@ def _commit(
         report["files"] = files
     except Exception as e:  # reported to rank 0, which then commits nothing
         report["error"] = _error(e)
-    reports = _comm.all_gather_json(report, group)
+    reports = comm.all_gather_json(report, group)
     failure: BaseException | None = None
     status: dict[str, Any] | None = None
-    if _comm.rank(group) == 0:
+    if comm.rank(group) == 0:
         try:
             bad = [(r, x["error"]) for r, x in enumerate(reports) if x["error"]]
             if bad:
@@ -273,7 +287,7 @@ def _commit(
             status = {"ok": False, "error": _error(e), "exists": isinstance(e, CheckpointExistsError)}
             if not isinstance(e, _Uncertain):
                 data.remove_all()  # this save's own objects: no manifest names them
-    outcome = _comm.all_gather_json(status, group)[0]
+    outcome = comm.all_gather_json(status, group)[0]
     if failure is not None:
         raise failure
     if not outcome["ok"]:
@@ -295,14 +309,12 @@ def save(
     thread_count: int,
 ) -> Any:
     """:func:`torchkeep.distributed.save` to an fsspec URL (see the module docstring)."""
-    from torchkeep.distributed import checkpoint as ck
-
     store = Store(url, storage_options)
-    split = ck._Split(tuple(per_rank))
+    split = common.Split(tuple(per_rank))
     tree = split.run(state)
     group = process_group
-    me, world = _comm.rank(group), _comm.world_size(group)
-    rank_values = [ck._snapshot(v) for v in split.rank_values]
+    me, world = comm.rank(group), comm.world_size(group)
+    rank_values = [common.snapshot(v) for v in split.rank_values]
     start: dict[str, Any] = {}
     failure: Exception | None = None
     if me == 0:
@@ -310,14 +322,14 @@ def save(
         try:
             if _committed(store):
                 raise CheckpointExistsError(store.url)
-            tree_entry = _upload(data, TREE_FILE, lambda p: api.save(tree, p, metadata=metadata, durable=False))
+            tree_entry = _upload(data, TREE_FILE, lambda p: save_tree(tree, p, metadata=metadata, durable=False))
             start = {"data": data.root.rsplit("/", 1)[-1], "tree": tree_entry}
         except Exception as e:  # tell the other ranks before they start writing, then raise here
             failure = e
             start = {"error": _error(e), "exists": isinstance(e, CheckpointExistsError)}
             if not isinstance(e, CheckpointExistsError):
                 data.remove_all()  # a partly uploaded tree file
-    start = _comm.all_gather_json(start, group)[0]
+    start = comm.all_gather_json(start, group)[0]
     if failure is not None:
         raise failure
     if "error" in start:
@@ -332,31 +344,31 @@ def save(
         if not split.rank_paths:
             return {}
         name = rank_file(me)
-        return {name: _upload(data, name, lambda p: api.save(rank_values, p, durable=False))}
+        return {name: _upload(data, name, lambda p: save_tree(rank_values, p, durable=False))}
 
     extra = {"tensors": split.placeholders, "per_rank": split.rank_paths, "modules": split.module_paths, "data": sub}
     writer = _Writer(data, thread_count)
-    dist_kw: dict[str, Any] = {"no_dist": not _comm.is_distributed()}
+    dist_kw: dict[str, Any] = {"no_dist": not comm.is_distributed()}
 
     def failed(e: BaseException) -> BaseException:
         if me == 0:
             data.remove_all()  # this save's own sub-prefix, never named by a manifest
-        return ck._as_save_error(store.url, e)
+        return common.as_save_error(store.url, e)
 
     def commit(grp: Any) -> str:
         return _commit(store, data, writer, own, write_rank_file, grp, world=world, extra=extra)
 
     if not async_save:
         try:
-            with ck._quiet():
+            with common.quiet():
                 dcp.save(split.tensors, storage_writer=writer, process_group=group, **dist_kw)
         except BaseException as e:
             raise failed(e) from e
         return commit(group)
-    bg = ck._async_group(group)
-    with ck._quiet():
+    bg = common.async_group(group)
+    with common.quiet():
         response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
-    return ck.in_background(response, failed, lambda: commit(bg), store.url)
+    return common.in_background(response, failed, lambda: commit(bg), store.url)
 
 
 # -- restore ------------------------------------------------------------------------------------

@@ -19,27 +19,30 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from torchkeep import api
+from torchkeep import kinds
 from torchkeep.dcp import check_complete, dcp_errors, is_dcp_dir, read_metadata, safe_reader
-from torchkeep.distributed import _comm
-from torchkeep.distributed.checkpoint import Path_, PathLike, RankStateWarning, _key, _owner, _quiet, wait
-from torchkeep.distributed.manifest import (
+from torchkeep.distributed import comm
+from torchkeep.distributed.common import Path_, PathLike, RankStateWarning, owner_of, quiet, tensor_key, wait
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    KeyMismatchError,
+    UnverifiedCheckpointError,
+)
+from torchkeep.sources import read_tree
+from torchkeep.storage.dcp_manifest import (
     MANIFEST,
     TREE_FILE,
     check_files,
     is_torchkeep_dcp,
-    is_url,
     raise_for,
     rank_file,
     read_manifest,
     share,
 )
-from torchkeep.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    KeyMismatchError,
-    UnverifiedCheckpointError,
-)
+from torchkeep.storage.paths import is_url
+from torchkeep.targets import restore_targets
 from torchkeep.tree import format_path
 
 __all__ = ["load_tree", "restore"]
@@ -50,7 +53,7 @@ _POLICIES = ("skip", "reuse", "error")
 # -- restore ------------------------------------------------------------------------------------
 
 
-class _Local:
+class Local:
     """What :func:`restore` reads from a local checkpoint directory.
 
     :meth:`pin` makes every later read go through a descriptor of the directory as it is then
@@ -132,17 +135,17 @@ def _source(path: PathLike, storage_options: Mapping[str, Any] | None) -> Any:
         from torchkeep.distributed.remote import RemoteSource
 
         return RemoteSource(str(path), storage_options or {})
-    return _Local(Path(os.fspath(path)).expanduser().absolute())
+    return Local(Path(os.fspath(path)).expanduser().absolute())
 
 
 def _verify(src: Any, manifest: dict[str, Any], group: Any, verify: bool) -> None:
     """Every file checked by exactly one rank (split by size); every rank raises the same error."""
-    mine = share(manifest, _comm.rank(group), _comm.world_size(group))
+    mine = share(manifest, comm.rank(group), comm.world_size(group))
     try:
         found = src.check(manifest, mine, verify)
     except Exception as e:  # reported, not raised here: the other ranks would wait in the gather forever
         found = [{"file": ", ".join(mine) or "?", "kind": "error", "detail": f"{type(e).__name__}: {e}"}]
-    problems = [p for ps in _comm.all_gather_json(found, group) for p in ps]
+    problems = [p for ps in comm.all_gather_json(found, group) for p in ps]
     raise_for(src.label, problems)
 
 
@@ -157,15 +160,15 @@ def _get(tree: Any, path: Path_) -> tuple[bool, Any]:
     return True, node
 
 
-def _set(tree: Any, path: Path_, value: Any) -> Any:
+def set_at(tree: Any, path: Path_, value: Any) -> Any:
     if not path:
         return value
     head, rest = path[0], path[1:]
     if isinstance(tree, tuple):
         items = list(tree)
-        items[head] = _set(items[head], rest, value)
+        items[head] = set_at(items[head], rest, value)
         return tuple(items)
-    tree[head] = _set(tree[head], rest, value)
+    tree[head] = set_at(tree[head], rest, value)
     return tree
 
 
@@ -210,7 +213,7 @@ def _check_module(where: str, key_prefix: Path_, template: Mapping[str, Any], sa
     mismatched = []
     for k in sorted(set(template) & set(saved)):
         t = template[k]
-        meta = md.state_dict_metadata.get(_key((*key_prefix, k)))
+        meta = md.state_dict_metadata.get(tensor_key((*key_prefix, k)))
         if isinstance(t, torch.Tensor) and meta is not None and tuple(t.shape) != tuple(meta.size):
             mismatched.append((k, tuple(meta.size), tuple(t.shape)))
     if (missing or unexpected or mismatched) and strict:
@@ -273,12 +276,18 @@ def restore(
         (3, True)
     """
     if per_rank_policy not in _POLICIES:
-        raise ValueError(f"per_rank_policy must be one of {', '.join(_POLICIES)}, not {per_rank_policy!r}")
+        raise InvalidArgumentError(
+            "per_rank_policy",
+            per_rank_policy,
+            f"pass one of {', '.join(repr(p) for p in _POLICIES)}: for per-rank entries (RNG states) of a checkpoint "
+            "saved on another number of ranks, 'skip' (the default) keeps their current state, 'reuse' gives rank r "
+            "saved rank r % N, 'error' raises",
+        )
     wait()
     src = _source(path, storage_options)
     if not src.exists():
         raise CheckpointNotFoundError(src.label, _interrupted(src.label))
-    plan = api._targets(targets)
+    plan = restore_targets(targets)
     getattr(src, "pin", lambda: None)()
     try:
         return _restore(src, plan, strict, verify, trust_pickle, per_rank_policy, process_group)
@@ -321,7 +330,7 @@ def _restore(
     _verify(src, manifest, process_group, verify)
     md = src.metadata(manifest, verify)
     with src.local(TREE_FILE, manifest, verify) as tree_file:
-        tree = api.load(tree_file, verify=verify)
+        tree = read_tree(kinds.detect(tree_file), verify=verify)[0]
     placeholders = {tuple(p): k for p, k in manifest.get("tensors", [])}
     rank_paths = [tuple(p) for p in manifest.get("per_rank", [])]
     modules = [t for _, t in plan if isinstance(t, torch.nn.Module)]
@@ -339,9 +348,9 @@ def _restore(
         owner = None
         if isinstance(target, torch.nn.Module):
             templates[tpath] = get_model_state_dict(target)
-            tree = _set(tree, tpath, _check_module(where, tpath, templates[tpath], saved, md, strict))
+            tree = set_at(tree, tpath, _check_module(where, tpath, templates[tpath], saved, md, strict))
         elif isinstance(target, torch.optim.Optimizer):
-            owner = _owner(target, modules, where)
+            owner = owner_of(target, modules, where)
             templates[tpath] = get_optimizer_state_dict(owner, target)
         apply.append((tpath, target, owner))
     if absent:
@@ -350,12 +359,12 @@ def _restore(
         warnings.warn(f"{root}: not in the checkpoint, left unchanged: {', '.join(sorted(absent))}", stacklevel=2)
     filler = _Filler(md, placeholders, templates)
     tree = filler.fill(tree, ())
-    with _quiet(), dcp_errors(root):
+    with quiet(), dcp_errors(root):
         dcp.load(
             filler.load,
             storage_reader=src.reader(md),
             process_group=process_group,
-            no_dist=not _comm.is_distributed(),
+            no_dist=not comm.is_distributed(),
         )
     opts = StateDictOptions(strict=strict)
     for tpath, target, owner in apply:
@@ -375,7 +384,7 @@ def _restore_per_rank(
     src: Any, tree: Any, plan: list, rank_paths: list[Path_], manifest: dict, policy: str, group: Any, verify: bool
 ) -> Any:
     root = src.label
-    me, world = _comm.rank(group), _comm.world_size(group)
+    me, world = comm.rank(group), comm.world_size(group)
     saved = int(manifest["world_size"])
     if world == saved:
         source = me
@@ -391,7 +400,7 @@ def _restore_per_rank(
         source = me % saved
         warnings.warn(f"{msg}: rank {me} takes saved rank {source}'s", RankStateWarning, stacklevel=3)
     with src.local(rank_file(source), manifest, verify) as rank_path:
-        values = api.load(rank_path, verify=verify)
+        values = read_tree(kinds.detect(rank_path), verify=verify)[0]
     wanted = {tp: t for tp, t in plan}
     for rp, value in zip(rank_paths, values, strict=True):
         target = wanted.get(rp)
@@ -401,7 +410,7 @@ def _restore_per_rank(
             target.set_state(value.get_state())
         elif target is not None:
             target.load_state_dict(value)
-        tree = _set(tree, rp, value)
+        tree = set_at(tree, rp, value)
     return tree
 
 
@@ -415,7 +424,7 @@ def _restore_foreign(src: Any, plan: list, *, strict: bool, group: Any) -> Any:
             value: Any = get_model_state_dict(target)
             setters.append(lambda v, t=target: set_model_state_dict(t, v, options=StateDictOptions(strict=strict)))
         elif isinstance(target, torch.optim.Optimizer):
-            owner = _owner(target, modules, format_path(tpath))
+            owner = owner_of(target, modules, format_path(tpath))
             value = get_optimizer_state_dict(owner, target)
             setters.append(lambda v, t=target, o=owner: set_optimizer_state_dict(o, t, v))
         else:
@@ -426,7 +435,7 @@ def _restore_foreign(src: Any, plan: list, *, strict: bool, group: Any) -> Any:
             node = node.setdefault(p, {})
         node[tpath[-1]] = value
     with dcp_errors(src.label):
-        dcp.load(state, **src.foreign(), process_group=group, no_dist=not _comm.is_distributed())
+        dcp.load(state, **src.foreign(), process_group=group, no_dist=not comm.is_distributed())
     for (tpath, _), setter in zip(plan, setters, strict=True):
         if setter is not None:
             setter(_get(state, tpath)[1])

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from torchkeep.errors import ArgumentTypeError
+
 __all__ = [
     "Call",
     "as_call",
@@ -59,9 +61,11 @@ def as_call(inputs: Any, kwargs: Mapping[str, Any] | None = None) -> Call:
         return tuple(inputs[0]), {**dict(inputs[1]), **extra}
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), extra
-    raise TypeError(
-        f"example inputs must be a tensor, a tuple/list of positional inputs, a dict of keyword inputs or a pair "
-        f"(args_tuple, kwargs_dict), not {type(inputs).__name__}"
+    raise ArgumentTypeError(
+        "example_inputs",
+        inputs,
+        "a tensor, a tuple/list of positional inputs, a dict of keyword inputs or a pair (args_tuple, kwargs_dict); "
+        "wrap a single non-tensor input in a tuple, e.g. (x,)",
     )
 
 

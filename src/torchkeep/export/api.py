@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import ExportError, ExportVerificationError
+from torchkeep.errors import CheckpointNotFoundError, ExportError, ExportVerificationError, InvalidArgumentError
 from torchkeep.export._files import staged
 from torchkeep.export._inputs import (
     Call,
@@ -63,13 +63,20 @@ def format_for(path: PathLike, format: str | None = None) -> str:
     if format is not None:
         fmt = _ALIASES.get(str(format).lower())
         if fmt is None:
-            raise ValueError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+            raise InvalidArgumentError(
+                "format",
+                format,
+                f"unknown export format; pass one of {', '.join(FORMATS)} (aliases: ts, jit, pt2, trt), "
+                "or leave it out to pick the format from the file suffix",
+            )
         return fmt
     suffix = Path(os.fspath(path)).suffix.lower()
     if suffix not in _SUFFIXES:
-        raise ValueError(
-            f"{os.fspath(path)}: cannot tell the export format from the suffix {suffix or '(none)'!r}; "
-            f"name it .onnx, .pt/.ts (TorchScript) or .pt2 (torch.export), or pass format= ({', '.join(FORMATS)})"
+        raise InvalidArgumentError(
+            "path",
+            os.fspath(path),
+            f"cannot tell the export format from the suffix {suffix or '(none)'!r}; "
+            f"name it .onnx, .pt/.ts (TorchScript) or .pt2 (torch.export), or pass format= ({', '.join(FORMATS)})",
         )
     return _SUFFIXES[suffix]
 
@@ -134,7 +141,9 @@ def export(
             ``torch.cond``, or trace it knowingly with ``legacy=True`` and ``verify_inputs``), the
             eager model cannot run another batch size (it is fixed: pass ``dynamic_batch=False``),
             or the artifact's runtime cannot load it (onnxruntime and bfloat16).
-        ValueError: bad arguments (format, names, ``method``, ``verify_inputs`` eager cannot run).
+        InvalidArgumentError: bad arguments (format, names, ``method``, ``verify_inputs`` eager cannot run);
+            a ``ValueError``.
+        ArgumentTypeError: ``example_inputs`` is not a tensor, tuple/list, dict or ``(args, kwargs)``; a ``TypeError``.
 
     Example:
         >>> import torch, torchkeep as tk, tempfile, os
@@ -146,7 +155,9 @@ def export(
     """
     fmt = format_for(path, format)
     if method not in ("trace", "script"):
-        raise ValueError(f"method must be 'trace' or 'script', not {method!r}")
+        raise InvalidArgumentError(
+            "method", method, "pass 'trace' (the default) or 'script' (TorchScript only; other formats ignore it)"
+        )
     if fmt == "tensorrt":
         from torchkeep.export.tensorrt import require_tensorrt
 
@@ -253,7 +264,12 @@ def _plan(
             out = run_eager(model, c)
         except Exception as e:
             first = " ".join(str(e).strip().splitlines()[:1])[:200]
-            raise ValueError(f"verify_inputs[{i}]: the eager model cannot run them: {type(e).__name__}: {first}") from e
+            raise InvalidArgumentError(
+                f"verify_inputs[{i}]",
+                c,
+                f"the eager model cannot run them ({type(e).__name__}: {first}); pass inputs in the same form as "
+                "example_inputs that model(*args, **kwargs) accepts",
+            ) from e
         plan.append((f"verify_inputs[{i}]", c, out))
     return plan
 
@@ -279,7 +295,12 @@ def _side_files(fmt: str, path: Path, *, previous: bool = False) -> list[str]:
 
 def _check_names(what: str, names: list[str], count: int) -> None:
     if len(names) != count:
-        raise ValueError(f"{what} has {len(names)} name(s) but the model has {count} flat tensor(s) there: {names}")
+        raise InvalidArgumentError(
+            what,
+            names,
+            f"{what} has {len(names)} name(s) but the model has {count} flat tensor(s) there; pass exactly {count} "
+            f"name(s), or leave {what} out for the default names",
+        )
 
 
 def _write(
@@ -388,6 +409,8 @@ def verify_export(
 
     Raises:
         ExportVerificationError: the artifact differs from eager; the report with the numbers is on it.
+        CheckpointNotFoundError: ``path`` does not exist (a ``FileNotFoundError``).
+        InvalidArgumentError: bad arguments, as in :func:`export`.
 
     Example:
         >>> import torch, torchkeep as tk, tempfile, os
@@ -400,6 +423,10 @@ def verify_export(
     """
     fmt = format_for(path, format)
     target = Path(os.fspath(path)).expanduser()
+    if not target.exists():
+        raise CheckpointNotFoundError(
+            target, "Pass the path of an artifact written by tk.export (or export one there first); check the path."
+        )
     call = canonical(model, as_call(example_inputs, kwargs))
     extra = [canonical(model, as_call(v)) for v in verify_inputs]
     with eval_mode(model):

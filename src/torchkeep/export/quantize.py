@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkeep.errors import ArgumentTypeError, InvalidArgumentError
 from torchkeep.export._inputs import as_call, eval_mode, flat_outputs, output_names_for, run_eager
 from torchkeep.export.report import compare, json_ready
 
@@ -123,16 +124,33 @@ def quantize(
         >>> report.quantized_modules, report.bytes_after < report.bytes_before / 2, report.max_abs_error < 0.1
         (['0', '2'], True, True)
     """
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError("model", model, "an nn.Module (a float model to quantize)")
     if dtype not in (torch.qint8, torch.float16):
-        raise ValueError(f"dynamic quantization supports dtype=torch.qint8 or torch.float16, not {dtype}")
+        raise InvalidArgumentError(
+            "dtype",
+            dtype,
+            "dynamic quantization supports dtype=torch.qint8 or torch.float16; pass torch.qint8 (the default) "
+            "for about 4x smaller weights",
+        )
     kinds = tuple(modules)
     if not kinds:
-        raise ValueError("modules is empty: pass the module types to quantize, e.g. (torch.nn.Linear,)")
+        raise InvalidArgumentError(
+            "modules", modules, "modules is empty: pass the module types to quantize, e.g. (torch.nn.Linear,)"
+        )
+    for k in kinds:
+        if not (isinstance(k, type) and issubclass(k, nn.Module)):
+            raise ArgumentTypeError(
+                "modules", k, "a tuple of nn.Module subclasses (types, not instances), e.g. (torch.nn.Linear,)"
+            )
     targets = sorted(name for name, m in model.named_modules() if name and isinstance(m, kinds))
     if not targets:
-        raise ValueError(
+        raise InvalidArgumentError(
+            "modules",
+            kinds,
             f"{type(model).__name__} has no submodule of type {', '.join(k.__name__ for k in kinds)} to quantize "
-            "(dynamic quantization replaces Linear/LSTM/GRU layers; the root module itself is never replaced)"
+            "(dynamic quantization replaces Linear/LSTM/GRU layers; the root module itself is never replaced): "
+            "pass the types of layers the model has, e.g. modules=(torch.nn.Linear,)",
         )
     with eval_mode(model):
         float_copy = copy.deepcopy(model).eval()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from torchkeep.errors import ExportError
+from torchkeep.errors import ExportError, InvalidArgumentError
 from torchkeep.export._inputs import Call, flat_outputs
 
 __all__ = ["DEPRECATION", "export_torchscript", "load_torchscript"]
@@ -61,7 +61,7 @@ def export_torchscript(
     script) and ``meta`` (names) in an extra file ``torchkeep.json`` inside the archive.
     """
     if method not in ("trace", "script"):
-        raise ValueError(f"method must be 'trace' or 'script', not {method!r}")
+        raise InvalidArgumentError("method", method, "pass 'trace' (the default) or 'script'")
     notes = [DEPRECATION]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own deprecation and tracer warnings: ours says it once

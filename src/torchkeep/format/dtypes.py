@@ -1,56 +1,42 @@
-"""Mapping between torch dtypes and safetensors dtype names (pure)."""
+"""Safetensors dtype names, their sizes and the torch dtype names they stand for (pure, no torch).
+
+The torch dtype objects themselves live in :mod:`torchkeep.dtypes`, so header reading,
+``inspect`` and ``verify`` answer without importing torch.
+
+Example:
+    >>> ITEMSIZE["BF16"], ST_TO_NAME["BF16"], NAME_TO_ST["float32"]
+    (2, 'bfloat16', 'F32')
+"""
 
 from __future__ import annotations
 
-import torch
+__all__ = ["ITEMSIZE", "NAME_TO_ST", "PAIRS", "ST_TO_NAME"]
 
-__all__ = ["DTYPE_TO_ST", "ITEMSIZE", "ST_TO_DTYPE", "dtype_from_name", "dtype_name"]
+#: (safetensors name, torch dtype name, bytes per element), in safetensors' order.
+PAIRS: tuple[tuple[str, str, int], ...] = (
+    ("F64", "float64", 8),
+    ("F32", "float32", 4),
+    ("F16", "float16", 2),
+    ("BF16", "bfloat16", 2),
+    ("I64", "int64", 8),
+    ("I32", "int32", 4),
+    ("I16", "int16", 2),
+    ("I8", "int8", 1),
+    ("U8", "uint8", 1),
+    ("U16", "uint16", 2),
+    ("U32", "uint32", 4),
+    ("U64", "uint64", 8),
+    ("BOOL", "bool", 1),
+    ("C64", "complex64", 8),
+    ("F8_E4M3", "float8_e4m3fn", 1),
+    ("F8_E5M2", "float8_e5m2", 1),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz", 1),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz", 1),
+)
 
-_PAIRS: list[tuple[str, str]] = [
-    ("F64", "float64"),
-    ("F32", "float32"),
-    ("F16", "float16"),
-    ("BF16", "bfloat16"),
-    ("I64", "int64"),
-    ("I32", "int32"),
-    ("I16", "int16"),
-    ("I8", "int8"),
-    ("U8", "uint8"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("BOOL", "bool"),
-    ("C64", "complex64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-]
-
-#: torch dtype -> safetensors dtype string, for the dtypes this torch build has.
-DTYPE_TO_ST: dict[torch.dtype, str] = {}
-for _st, _name in _PAIRS:
-    _dt = getattr(torch, _name, None)
-    if isinstance(_dt, torch.dtype):
-        DTYPE_TO_ST[_dt] = _st
-#: safetensors dtype string -> torch dtype.
-ST_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_TO_ST.items()}
-#: bytes per element of each storable dtype.
-ITEMSIZE: dict[str, int] = {st: dt.itemsize for dt, st in DTYPE_TO_ST.items()}
-
-_BY_NAME: dict[str, torch.dtype] = {
-    str(dt).removeprefix("torch."): dt for dt in vars(torch).values() if isinstance(dt, torch.dtype)
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"`` (the name used in the skeleton JSON)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """``"float32"`` -> ``torch.float32``; raises ``ValueError`` for an unknown name."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}") from None
+#: safetensors dtype string -> bytes per element.
+ITEMSIZE: dict[str, int] = {st: size for st, _, size in PAIRS}
+#: safetensors dtype string -> torch dtype name (``"F32"`` -> ``"float32"``).
+ST_TO_NAME: dict[str, str] = {st: name for st, name, _ in PAIRS}
+#: torch dtype name -> safetensors dtype string.
+NAME_TO_ST: dict[str, str] = {name: st for st, name, _ in PAIRS}

@@ -1,5 +1,8 @@
 """A run directory of checkpoints: naming, retention, best/latest, crash-safe saves and restores.
 
+``CheckpointManager`` is imported on first use: ``torchkeep ls`` reads run manifests
+(:mod:`torchkeep.manager.manifest`, :mod:`~torchkeep.manager.retention`) without torch.
+
 Example:
     >>> import tempfile, torch, torchkeep as tk
     >>> with tk.CheckpointManager(tempfile.mkdtemp(), keep_last=1) as mgr:
@@ -7,9 +10,15 @@ Example:
     'ckpt_000005.safetensors'
 """
 
-from torchkeep.manager.manager import CheckpointManager, CheckpointSkippedWarning
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.manager.retention import AnyOf, BestN, EveryN, KeepAll, LatestN, Within
+
+if TYPE_CHECKING:
+    from torchkeep.manager.manager import CheckpointManager, CheckpointSkippedWarning
 
 __all__ = [
     "AnyOf",
@@ -22,3 +31,11 @@ __all__ = [
     "LatestN",
     "Within",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("CheckpointManager", "CheckpointSkippedWarning"):
+        from torchkeep.manager import manager
+
+        return getattr(manager, name)
+    raise AttributeError(f"module 'torchkeep.manager' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from torchkeep.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DistributedManagerError,
+    InvalidArgumentError,
     MissingShardError,
     UnverifiedCheckpointError,
 )
@@ -69,7 +70,8 @@ def resolve(distributed: bool | None, store: Any) -> bool:
     """Whether a manager saves distributed checkpoints: ``None`` means "when the run has more than one rank".
 
     Raises:
-        ValueError: distributed checkpoints on object storage (an fsspec URL), not supported yet.
+        InvalidArgumentError: distributed checkpoints on object storage (an fsspec URL), not supported yet
+            (a ``ValueError``).
 
     Example:
         >>> resolve(None, object()), resolve(True, type("S", (), {"adopts": True})())
@@ -77,11 +79,13 @@ def resolve(distributed: bool | None, store: Any) -> bool:
     """
     on = multi_rank() if distributed is None else bool(distributed)
     if on and not getattr(store, "adopts", False):
-        raise ValueError(
+        raise InvalidArgumentError(
+            "distributed",
+            distributed,
             f"{getattr(store, 'location', store)}: a CheckpointManager cannot save distributed (sharded) "
             "checkpoints on object storage yet. Use a run directory on a local or shared file system that "
             "every rank can reach, or pass distributed=False and create the manager on rank 0 only "
-            "(it then saves single files of what rank 0 holds)."
+            "(it then saves single files of what rank 0 holds).",
         )
     return on
 
@@ -97,7 +101,7 @@ def is_dir_checkpoint(name: str) -> bool:
 
 
 def _all_gather(obj: Any) -> list[Any]:
-    from torchkeep.distributed._comm import all_gather_json
+    from torchkeep.distributed.comm import all_gather_json
 
     return all_gather_json(obj)
 

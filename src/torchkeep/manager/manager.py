@@ -34,18 +34,22 @@ from typing import Any
 
 import torch
 
-from torchkeep import api
+from torchkeep import api, writer
 from torchkeep.errors import (
+    ArgumentTypeError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InsufficientSpaceError,
+    InvalidArgumentError,
+    ManagerClosedError,
     UnsupportedObjectError,
 )
 from torchkeep.manager import distributed as coll
 from torchkeep.manager import manifest, naming, retention
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.snapshot import AsyncWriter
-from torchkeep.storage.runs import RunStore, open_run
+from torchkeep.storage import open_run
+from torchkeep.storage.runs import RunStore
 from torchkeep.tree import Flat, flatten
 
 __all__ = ["CheckpointManager", "CheckpointSkippedWarning"]
@@ -103,6 +107,9 @@ class CheckpointManager:
 
     Raises:
         CheckpointLockedError: another manager (in any process) has the directory open.
+        InvalidArgumentError: a bad ``mode``, ``keep_*`` value, or ``keep_best`` without ``monitor``
+            (a ``ValueError``); raised before the directory is touched.
+        ManagerClosedError: ``save``/``prune`` after ``close()`` (a ``RuntimeError``).
 
     Example:
         >>> import tempfile, torch, torchkeep as tk
@@ -135,12 +142,29 @@ class CheckpointManager:
         distributed: bool | None = None,
     ) -> None:
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+            raise InvalidArgumentError(
+                "mode", mode, "pass 'max' (the default: a higher monitor value is better) or 'min' (e.g. for a loss)"
+            )
         if keep_best is not None and not monitor:
-            raise ValueError("keep_best needs monitor=, e.g. CheckpointManager(..., keep_best=2, monitor='val_acc')")
+            raise InvalidArgumentError(
+                "monitor",
+                monitor,
+                "keep_best needs monitor=, the metric to rank by, e.g. "
+                "CheckpointManager(..., keep_best=2, monitor='val_acc')",
+            )
         for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"{name} must be a non-negative int or None, not {v!r}")
+                raise InvalidArgumentError(
+                    name, v, f"{name} must be a non-negative int or None, e.g. {name}=3; None turns the rule off"
+                )
+        if keep_within is not None:
+            seconds = keep_within.total_seconds() if isinstance(keep_within, timedelta) else keep_within
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+                raise InvalidArgumentError(
+                    "keep_within",
+                    keep_within,
+                    "pass a non-negative number of seconds or a datetime.timedelta, e.g. keep_within=timedelta(days=1)",
+                )
         naming.parse(filename)  # fail now on a malformed template, not at the first save
         self._store: RunStore = open_run(directory, storage_options)
         self._open = False
@@ -297,7 +321,7 @@ class CheckpointManager:
             last = self.latest()
             step = 0 if last is None or last.step is None else last.step + 1
         if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step must be an int, not {type(step).__name__}")
+            raise ArgumentTypeError("step", step, "an int (the training step), or None to count on from the latest")
         metrics = {str(k): _metric(str(k), v) for k, v in (metrics or {}).items()}
         values = {"step": step, **metrics, **{str(k): v for k, v in (context or {}).items()}}
         stem = naming.fill(self.filename, values)
@@ -375,9 +399,9 @@ class CheckpointManager:
             available = self._store.free_bytes()
             if 0 <= available < needed:
                 raise InsufficientSpaceError(self.directory, needed, available)
-            tensors, meta = api.prepared(flat, {manifest.META_KEY: manifest.record_of(info)})
+            tensors, meta = writer.prepared(flat, {manifest.META_KEY: manifest.record_of(info)})
             try:
-                size, head = self._store.put(info.file, tensors, meta, durable=self.durable)
+                size, head = self._store.put(info.file, writer.Body(tensors, meta), durable=self.durable)
             except OSError as e:
                 if e.errno in _SPACE_ERRNOS:
                     detail = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
@@ -479,7 +503,12 @@ class CheckpointManager:
             candidates = entries[::-1]
         elif step == "best":
             if not self.monitor:
-                raise ValueError('step="best" needs CheckpointManager(..., monitor="metric name")')
+                raise InvalidArgumentError(
+                    "step",
+                    step,
+                    'step="best" needs a monitored metric: create the manager with '
+                    'CheckpointManager(..., monitor="metric name"), or pass step="latest" or an int',
+                )
             candidates = [entries[i] for i in retention.ranked(entries, self.monitor, self.mode)]
         elif isinstance(step, int) and not isinstance(step, bool):
             candidates = [e for e in entries[::-1] if e.step == step][:1]
@@ -488,7 +517,7 @@ class CheckpointManager:
                     f"{self.directory} (step {step}; have {sorted({e.step for e in entries if e.step is not None})[-10:]})"
                 )
         else:
-            raise ValueError(f'step must be None, "latest", "best" or an int, not {step!r}')
+            raise InvalidArgumentError("step", step, 'pass None or "latest" (the default), "best" or an int step')
         if not candidates:
             return None
         failures: list[str] = []
@@ -524,9 +553,11 @@ class CheckpointManager:
                 api.restore(local, state)
             return
         if not self._dist and coll.multi_rank():
-            raise ValueError(
-                f"{info.path}: a distributed checkpoint is restored by every rank together; create the "
-                "CheckpointManager on every rank with distributed=None (or True) and call restore on each"
+            raise InvalidArgumentError(
+                "distributed",
+                False,
+                f"{info.path} is a distributed checkpoint, restored by every rank together; create the "
+                "CheckpointManager on every rank with distributed=None (or True) and call restore on each",
             )
         import torchkeep.distributed as tkd
 
@@ -536,7 +567,7 @@ class CheckpointManager:
     # -- lifecycle -------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if not self._open:
-            raise RuntimeError(f"{self.directory}: this CheckpointManager is closed; open a new one")
+            raise ManagerClosedError(self.directory)
 
     def close(self) -> None:
         """Wait for an asynchronous save in flight (re-raising its error), then release the lock. Idempotent."""

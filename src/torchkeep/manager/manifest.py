@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchkeep.reader import USER_KEY
+from torchkeep.format.meta import USER_KEY
 
 if TYPE_CHECKING:
     from torchkeep.storage.runs import RunStore

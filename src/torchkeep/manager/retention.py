@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from torchkeep.errors import InvalidArgumentError
+
 __all__ = [
     "AnyOf",
     "BestN",
@@ -55,7 +57,9 @@ def metric_value(record: Record, monitor: str) -> float | None:
 def _ranked(records: Sequence[Record], monitor: str, mode: str) -> list[int]:
     """Positions with a usable metric, best first; ties go to the newer record."""
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        raise InvalidArgumentError(
+            "mode", mode, "pass 'max' (a higher monitor value is better) or 'min' (lower is better, e.g. a loss)"
+        )
     scored = [(v, i) for i, r in enumerate(records) if (v := metric_value(r, monitor)) is not None]
     sign = -1.0 if mode == "max" else 1.0
     scored.sort(key=lambda vi: (sign * vi[0], -vi[1]))

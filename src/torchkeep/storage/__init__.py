@@ -1,5 +1,40 @@
-"""Where bytes go: local files with atomic commit (fsspec URLs come later)."""
+"""Where bytes go: local files (atomic commits), run directories and fsspec URLs.
 
-from torchkeep.storage.local import AtomicFile, buffer_of, read_into, write_buffers
+:func:`open_run` picks the store of a run: a directory, or an object-store URL.
+"""
 
-__all__ = ["AtomicFile", "buffer_of", "read_into", "write_buffers"]
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torchkeep.errors import InvalidArgumentError
+from torchkeep.storage.local import AtomicFile, read_into, write_buffers
+from torchkeep.storage.paths import is_url, local_path
+from torchkeep.storage.remote import RemoteRun  # fsspec itself is imported only when a URL is opened
+from torchkeep.storage.runs import LocalRun, RunStore
+
+__all__ = ["AtomicFile", "open_run", "read_into", "write_buffers"]
+
+
+def open_run(
+    directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *, create: bool = True
+) -> RunStore:
+    """A :class:`LocalRun` for a path or ``file://`` URL, a :class:`~torchkeep.storage.remote.RemoteRun` for any other URL.
+
+    Args:
+        directory: the run directory or URL.
+        storage_options: fsspec options for a URL.
+        create: create a missing local directory (``False`` for read-only tools).
+    """
+    text = os.fspath(directory)
+    if is_url(text):
+        return RemoteRun(str(text), storage_options or {}, create=create)
+    if storage_options:
+        raise InvalidArgumentError(
+            "storage_options",
+            storage_options,
+            f"storage_options is for fsspec URLs (s3://..., memory://...), not a local path ({text})",
+        )
+    return LocalRun(local_path(text), create=create)

@@ -20,26 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-import torch
-
-__all__ = ["AtomicFile", "buffer_of", "exchange", "fsync_dir", "read_into", "write_buffers"]
+__all__ = ["AtomicFile", "exchange", "fsync_dir", "read_into", "write_buffers"]
 
 _IOV_MAX = 1024
 _MAX_IO = 1 << 30  # Linux transfers at most ~2 GiB per call; stay well below
-
-
-def buffer_of(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no copy).
-
-    The view keeps ``t``'s memory alive.
-    """
-    if t.numel() == 0:
-        return memoryview(bytearray())
-    if t.dim() != 1:
-        t = t.reshape(-1)
-    if t.dtype is not torch.uint8:
-        t = t.view(torch.uint8)
-    return memoryview(t.numpy())  # a 1-D uint8 array: already a flat byte view
 
 
 def _chunks(buffers: Sequence[memoryview]) -> list[list[memoryview]]:

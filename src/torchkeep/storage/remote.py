@@ -39,11 +39,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from torchkeep import api
 from torchkeep.errors import CheckpointLockedError, CheckpointNotFoundError
-from torchkeep.storage.runs import LOCK, header_length
+from torchkeep.storage.runs import LOCK, Body, header_length
 
 __all__ = ["RemoteRun", "filesystem"]
 
@@ -218,9 +215,7 @@ class RemoteRun:
         self.fs.pipe_file(self._p(name), bytes(data))
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def put(
-        self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, durable: bool
-    ) -> tuple[int, bytes]:
+    def put(self, name: str, body: Body, *, durable: bool) -> tuple[int, bytes]:
         path = self._p(name)
         f = self.fs.open(path, "wb")
         size = 0
@@ -232,7 +227,7 @@ class RemoteRun:
             size += buf.nbytes
 
         try:
-            head = api.stream_checksummed(write, tensors, meta)
+            head = body.stream(write)
             f.close()  # completes the (multipart) upload: the object appears whole
         except BaseException:
             with contextlib.suppress(Exception):

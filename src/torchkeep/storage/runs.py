@@ -33,17 +33,14 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
-from torchkeep import api
 from torchkeep.errors import CheckpointLockedError
 from torchkeep.storage.local import AtomicFile
 
-__all__ = ["LOCK", "LocalRun", "RunStore", "header_length", "is_url", "open_run"]
+__all__ = ["LOCK", "Body", "LocalRun", "RunStore", "header_length"]
 
 LOCK = ".lock"
 _TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
@@ -51,6 +48,17 @@ _TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
 _OLD = re.compile(r"\.(?P<target>.+)\.old-[0-9a-f]+", re.DOTALL)
 _DIR_TREE = "tree.safetensors"  # a distributed checkpoint's tree file: it carries the manager's record
 _DIR_MANIFEST = "torchkeep-manifest.json"  # written last: a directory without it never committed
+
+
+class Body(Protocol):
+    """A checkpoint file's content, written by :mod:`torchkeep.writer` (``writer.Body``): the store
+    only says where the bytes go."""
+
+    def write_to(self, fd: int) -> None:
+        """The whole file into ``fd`` (any order of writes; the store commits it)."""
+
+    def stream(self, write: Callable[[memoryview], Any]) -> bytes:
+        """The whole file front to back through ``write``; returns the header bytes."""
 
 
 class RunStore(Protocol):
@@ -66,41 +74,11 @@ class RunStore(Protocol):
     def names(self) -> list[str]: ...
     def read(self, name: str) -> bytes | None: ...
     def write(self, name: str, data: bytes, *, durable: bool) -> None: ...
-    def put(
-        self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, durable: bool
-    ) -> tuple[int, bytes]: ...
+    def put(self, name: str, body: Body, *, durable: bool) -> tuple[int, bytes]: ...
     def header(self, name: str) -> tuple[int, bytes] | None: ...
     def local(self, name: str) -> contextlib.AbstractContextManager[Path]: ...
     def delete(self, name: str) -> None: ...
     def free_bytes(self) -> int: ...
-
-
-def is_url(directory: str | os.PathLike[str]) -> bool:
-    """Whether ``directory`` is an fsspec URL (``s3://...``) rather than a local path."""
-    text = os.fspath(directory)
-    return isinstance(text, str) and "://" in text and not text.startswith("file://")
-
-
-def open_run(
-    directory: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *, create: bool = True
-) -> RunStore:
-    """A :class:`LocalRun` for a path or ``file://`` URL, a :class:`~.remote.RemoteRun` for any other URL.
-
-    Args:
-        directory: the run directory or URL.
-        storage_options: fsspec options for a URL.
-        create: create a missing local directory (``False`` for read-only tools).
-    """
-    text = os.fspath(directory)
-    if is_url(text):
-        from torchkeep.storage.remote import RemoteRun  # fsspec is an optional dependency
-
-        return RemoteRun(str(text), storage_options or {}, create=create)
-    if storage_options:
-        raise ValueError(f"storage_options is for fsspec URLs (s3://..., memory://...), not a local path ({text})")
-    if isinstance(text, str) and text.startswith("file://"):
-        text = text[len("file://") :]
-    return LocalRun(text, create=create)
 
 
 class LocalRun:
@@ -173,12 +151,10 @@ class LocalRun:
                 view = view[os.write(f.fd, view) :]
             f.commit()
 
-    def put(
-        self, name: str, tensors: Mapping[str, torch.Tensor], meta: dict[str, str], *, durable: bool
-    ) -> tuple[int, bytes]:
+    def put(self, name: str, body: Body, *, durable: bool) -> tuple[int, bytes]:
         path = self.directory / name
         with AtomicFile(path, durable=durable) as f:
-            api.write_checksummed(f.fd, tensors, meta)
+            body.write_to(f.fd)
             f.commit()
         size, head = self.header(name) or (0, b"")
         return size, head

@@ -35,7 +35,9 @@ from typing import Any
 from torchkeep._version import __version__
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError
 from torchkeep.format.header import HASH_NAME, HashState, digest
+from torchkeep.format.meta import provenance
 from torchkeep.storage.local import AtomicFile, fsync_dir
+from torchkeep.storage.paths import join
 
 __all__ = [
     "FORMAT",
@@ -45,8 +47,6 @@ __all__ = [
     "hash_file",
     "hash_stream",
     "is_torchkeep_dcp",
-    "is_url",
-    "join",
     "manifest_bytes",
     "parse_manifest",
     "rank_file",
@@ -133,9 +133,7 @@ def manifest_bytes(
     files: Mapping[str, Mapping[str, Any]], *, world_size: int, extra: Mapping[str, Any] | None = None
 ) -> bytes:
     """The manifest naming ``files``, with its own digest, as the bytes to write."""
-    from torchkeep.api import provenance_metadata  # api imports dcp; keep this module light
-
-    prov = provenance_metadata()
+    prov = provenance()
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "hash": HASH_NAME,
@@ -168,34 +166,15 @@ def write_manifest(
         fsync_dir(directory)
 
 
-def is_torchkeep_dcp(path: Any, *, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """True for a directory (or an fsspec URL prefix, ``s3://...``) holding a torchkeep manifest (valid or not).
+def is_torchkeep_dcp(path: Any) -> bool:
+    """True for a local directory holding a torchkeep manifest (valid or not).
 
     Example:
-        >>> is_torchkeep_dcp("memory://nothing-here")
+        >>> is_torchkeep_dcp("no/such/dir")
         False
     """
-    if is_url(path):
-        from torchkeep.distributed.remote import Store
-
-        return Store(str(path), storage_options or {}).exists(MANIFEST)
     p = Path(path)
     return p.is_dir() and (p / MANIFEST).is_file()
-
-
-def is_url(path: Any) -> bool:
-    """True for an fsspec URL (``s3://bucket/run``, ``memory://x``), which goes through object storage.
-
-    Example:
-        >>> is_url("s3://bucket/run/step-1"), is_url("runs/step-1")
-        (True, False)
-    """
-    return isinstance(path, str) and "://" in path
-
-
-def join(directory: Any, name: str) -> Any:
-    """``directory / name`` for a path, ``directory + "/" + name`` for a URL (never collapsing ``//``)."""
-    return f"{str(directory).rstrip('/')}/{name}" if is_url(directory) else Path(directory) / name
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
