@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
 import os
 import struct
 import sys
@@ -341,3 +342,25 @@ def test_plain_safetensors_restore_into_module(tmp_path: Path) -> None:
     fresh = torch.nn.Linear(3, 2)
     fresh.load_state_dict(flat)
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_verify_hashes_across_map_windows_and_finds_a_flip_in_any(tmp_path: Path, monkeypatch) -> None:
+    """verify hashes through a sliding memory map: tensors spanning several windows, and several
+    tensors in one window, are each checked; a flip anywhere is named."""
+    import torchkeep.headers as headers
+
+    monkeypatch.setattr(headers, "_WINDOW", 3 * mmap.ALLOCATIONGRANULARITY)
+    tree = {"big": torch.arange(40_000, dtype=torch.float32), **{f"s{i}": torch.full((7,), float(i)) for i in range(5)}}
+    p = tk.save(tree, tmp_path / "c.safetensors")
+    assert tk.verify(p)["ok"] and tk.verify(p)["bytes_checked"] == sum(t.numel() * 4 for t in tree.values())
+    with tk.open(p) as ck:
+        base, spans = ck.header.size, {k: (s.start, s.end) for k, s in ck.header.tensors.items()}
+    for name in ("big", "s3"):
+        start, end = spans[name]
+        raw = bytearray(p.read_bytes())
+        at = base + (start + end) // 2
+        raw[at] ^= 0x10
+        bad = tmp_path / f"bad-{name}.safetensors"
+        bad.write_bytes(bytes(raw))
+        result = tk.verify(bad)
+        assert result["ok"] is False and result["key"] == name

@@ -12,7 +12,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.verify import PROGRESS_MIN_BYTES
@@ -33,6 +32,16 @@ def byte_progress(
 
     class _Bar:
         def __enter__(self) -> Callable[[int], None]:
+            # rich.progress only when a bar is shown: it is a fifth of the CLI's start-up
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             columns = (TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn())
             self.bar = Progress(*columns, TimeRemainingColumn(), console=err, transient=True)
             self.bar.__enter__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -14,10 +14,12 @@ from rich.table import Table
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.headers import HeaderFile
-from torchkeep.manager import manifest, naming, retention
 from torchkeep.storage import open_run
 from torchkeep.storage.paths import is_url
 from torchkeep.storage.runs import RunStore
+
+if TYPE_CHECKING:
+    from torchkeep.manager import manifest
 
 __all__ = ["ls_command", "plot_command", "prune_command"]
 
@@ -27,6 +29,8 @@ _RUN_HELP = "A CheckpointManager directory, or an fsspec URL (s3://bucket/run)."
 
 def _entries(run: str) -> tuple[RunStore, list[manifest.CheckpointInfo]]:
     """The run's checkpoints, read-only: the manifest, or the files' own records when it is lost."""
+    from torchkeep.manager import manifest, naming  # run commands only: not on inspect/verify's start-up path
+
     store = open_run(run, create=False)
     if not is_url(run) and not Path(store.location).is_dir():
         raise CheckpointNotFoundError(run)
@@ -47,6 +51,8 @@ def _age(seconds: float) -> str:
 
 
 def _verify(store: RunStore, name: str) -> str:
+    from torchkeep.manager import naming
+
     try:
         if name.endswith(naming.DIR_SUFFIX):  # a sharded checkpoint directory of a distributed run
             from torchkeep.storage.dcp_manifest import verify_all
@@ -76,6 +82,8 @@ def ls_command(
 
     Example: torchkeep ls runs/exp1 --monitor val_acc --verify
     """
+    from torchkeep.manager import retention
+
     store, entries = _entries(run)
     now = time.time()
     best = retention.best_index(entries, monitor, mode) if monitor else None
@@ -160,6 +168,8 @@ def plot_command(
         import matplotlib.pyplot as plt
     except ImportError:
         raise typer.BadParameter("plot needs matplotlib: pip install 'torchkeep[plot]'") from None
+    from torchkeep.manager import retention
+
     _, entries = _entries(run)
     points = [(e.step, v, e) for e in entries if (v := retention.metric_value(e, metric)) is not None]
     if not points:

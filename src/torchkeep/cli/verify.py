@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.errors import TorchkeepError
@@ -54,6 +53,15 @@ def verify_command(
     if json_out or size < PROGRESS_MIN_BYTES or not err.is_terminal:
         result = verify(file)
     else:
+        from rich.progress import (  # only when a bar is shown
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         columns = (
             TextColumn("verifying"),
             BarColumn(),

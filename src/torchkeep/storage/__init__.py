@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchkeep.errors import InvalidArgumentError
 from torchkeep.storage.local import AtomicFile, read_into, write_buffers
 from torchkeep.storage.paths import is_url, local_path
-from torchkeep.storage.remote import RemoteRun  # fsspec itself is imported only when a URL is opened
-from torchkeep.storage.runs import LocalRun, RunStore
+
+if TYPE_CHECKING:
+    from torchkeep.storage.runs import RunStore
 
 __all__ = ["AtomicFile", "open_run", "read_into", "write_buffers"]
 
@@ -28,6 +29,10 @@ def open_run(
         storage_options: fsspec options for a URL.
         create: create a missing local directory (``False`` for read-only tools).
     """
+    # the stores are imported here: reading a checkpoint header needs neither (nor socket, nor fsspec)
+    from torchkeep.storage.remote import RemoteRun
+    from torchkeep.storage.runs import LocalRun
+
     text = os.fspath(directory)
     if is_url(text):
         return RemoteRun(str(text), storage_options or {}, create=create)

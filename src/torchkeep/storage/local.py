@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -147,7 +146,7 @@ class AtomicFile:
         self.path = Path(path)
         self.durable = durable
         # the name part is cut so that the temp name fits wherever the target name does
-        self.tmp = self.path.with_name(f".{self.path.name[:200]}.tmp-{secrets.token_hex(6)}")
+        self.tmp = self.path.with_name(f".{self.path.name[:200]}.tmp-{os.urandom(6).hex()}")
         # mode 0o666 through the umask, like any file a program creates
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         self.committed = False
