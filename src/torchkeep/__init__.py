@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from torchkeep.registry import load_model, register_model, save_model
     from torchkeep.rng import RNGState
     from torchkeep.scan import ScanReport, scan
+    from torchkeep.values import register_type
 
 #: public name -> (module, attribute); an empty attribute means the module itself
 _PUBLIC: dict[str, tuple[str, str]] = {
@@ -59,6 +60,7 @@ _PUBLIC: dict[str, tuple[str, str]] = {
     "open": ("torchkeep.reader", "open_checkpoint"),
     "quantize": ("torchkeep.export", "quantize"),
     "register_model": ("torchkeep.registry", "register_model"),
+    "register_type": ("torchkeep.values", "register_type"),
     "restore": ("torchkeep.api", "restore"),
     "save": ("torchkeep.api", "save"),
     "save_model": ("torchkeep.registry", "save_model"),
@@ -88,6 +90,7 @@ __all__ = [
     "open",
     "quantize",
     "register_model",
+    "register_type",
     "restore",
     "save",
     "save_model",

@@ -157,6 +157,10 @@ class _Summariser:
             return {"name": name, "kind": kind, "value": n, "tensors": 0, "elements": 0, "bytes": 0}, set()
         if not isinstance(n, dict):
             return {"name": name, "kind": "unknown", "tensors": 0, "elements": 0, "bytes": 0}, set()
+        if "V" in n:  # an everyday Python value (torchkeep.values): its kind, and its text when it has one
+            value = n.get("v") if isinstance(n.get("v"), (str, int, float, bool)) else n.get("n")
+            kind = str(n["V"]) if "c" not in n else f"{n['V']} {n['c']}"
+            return {"name": name, "kind": kind, "value": value, "tensors": 0, "elements": 0, "bytes": 0}, set()
         if "T" in n:
             return self.tensor(name, n)
         if "S" in n:

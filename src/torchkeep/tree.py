@@ -16,6 +16,8 @@ Skeleton nodes (JSON):
 ``{"ns": dtype, "v": x}``  NumPy scalar
 ``{"G": device, "s": T}``  ``torch.Generator`` with its state tensor
 ``{"S": cls, "v": node}``  a Stateful leaf (``state_dict()`` output), ``cls`` for display
+``{"V": kind, ...}``     an everyday Python value (Namespace, Path, set, datetime, Enum,
+                         dataclass, ...): :mod:`torchkeep.values`
 ====================  ==========================================================
 
 Example:
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchkeep import values
 from torchkeep.dtypes import DTYPE_TO_ST, dtype_from_name, dtype_name
 from torchkeep.errors import TorchkeepError, UnsupportedDtypeError, UnsupportedObjectError
 
@@ -219,7 +222,19 @@ class _Flattener:
             return {"D": [[self.encode(k, path), self.encode(v, (*path, k))] for k, v in obj.items()]}
         if is_stateful(obj):
             cls = type(obj)
-            return {"S": f"{cls.__module__}.{cls.__qualname__}", "v": self.encode(obj.state_dict(), path)}
+            try:
+                state = obj.state_dict()
+            except Exception as e:  # refused here, naming the place, before anything is written
+                raise UnsupportedObjectError(
+                    format_path(path),
+                    obj,
+                    f"its state_dict() raised {type(e).__name__}: {str(e).strip()[:200]}. Save what it holds "
+                    "instead, or leave it out of the tree.",
+                ) from e
+            return {"S": f"{cls.__module__}.{cls.__qualname__}", "v": self.encode(state, path)}
+        node = values.encode(obj, self.encode, path)
+        if node is not None:
+            return node
         raise UnsupportedObjectError(format_path(path), obj)
 
     def resolve(self) -> dict[str, torch.Tensor]:
@@ -380,6 +395,8 @@ def unflatten(
         if n is None or isinstance(n, (bool, int, float, str)):
             return n
         if isinstance(n, dict):
+            if "V" in n:  # first: its other keys ("v", "m", "c") mean something else there
+                return values.decode(n, dec)
             if "d" in n:
                 return {k: dec(v) for k, v in n["d"].items()}
             if "l" in n:
