@@ -441,3 +441,43 @@ def test_demo_fails_when_the_resume_is_not_exact(tmp_path: Path, monkeypatch: py
     result = runner.invoke(app, ["demo", "--dir", str(tmp_path / "run"), "--epochs", "2"])
     assert result.exit_code == 1
     assert "NOT exact" in result.stdout and "model.0.weight" in result.stdout
+
+
+def test_cli_errors_name_the_flag_not_the_python_keyword(tmp_path: Path) -> None:
+    import argparse
+
+    old = tmp_path / "ns.pt"
+    torch.save({"hp": argparse.Namespace(lr=0.1), "w": torch.ones(2)}, old)
+    out = tmp_path / "out.safetensors"
+    refused = runner.invoke(app, ["convert", str(old), str(out)])
+    assert refused.exit_code == 2
+    text = " ".join(refused.output.split())
+    assert "pass --trust-pickle" in text and "pass trust_pickle=True" not in text
+    # and the advice works: the Namespace is an everyday value, saved without pickle
+    assert runner.invoke(app, ["convert", str(old), str(out), "--trust-pickle"]).exit_code == 0
+    assert tk.load(out)["hp"] == argparse.Namespace(lr=0.1)
+    bad_name = runner.invoke(app, ["convert", str(out), str(tmp_path / "x.xyz")])
+    assert bad_name.exit_code == 2 and "pass --to one of" in " ".join(bad_name.output.split())
+
+
+def test_as_flags_rewrites_only_the_commands_own_options() -> None:
+    from typer.main import get_command
+
+    from torchkeep.cli import as_flags
+
+    convert = get_command(app).commands["convert"]  # type: ignore[attr-defined]
+    assert as_flags("pass trust_pickle=True now", convert) == "pass --trust-pickle now"
+    assert as_flags("or pass to='torch'", convert) == "or pass --to torch"
+    assert as_flags("pass strict=False", convert) == "pass strict=False"  # convert has no --strict
+    assert as_flags("pass trust_pickle=True", None) == "pass trust_pickle=True"
+
+
+def test_python_dash_m_and_short_version() -> None:
+    import subprocess
+    import sys
+
+    from torchkeep._version import __version__
+
+    assert runner.invoke(app, ["-V"]).output.strip() == f"torchkeep {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "torchkeep", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"torchkeep {__version__}"

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import typer
@@ -32,18 +33,54 @@ from torchkeep.cli.scan import scan_command
 from torchkeep.cli.verify import verify_command
 from torchkeep.errors import TorchkeepError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "as_flags", "main"]
+
+
+_KEYWORD = re.compile(r"\b(pass|with|give|use|set)\s+([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)?")
+
+
+def as_flags(message: str, command: Any) -> str:
+    """Library advice in the command's own words: ``pass trust_pickle=True`` -> ``pass --trust-pickle``.
+
+    Only keywords the command has an option for are rewritten (``to='torch'`` -> ``--to torch``,
+    ``verify=False`` -> ``--no-verify``); Python code in a message is left alone.
+    """
+    options = {
+        p.name: p for p in getattr(command, "params", []) if getattr(p, "opts", None) and p.param_type_name == "option"
+    }
+
+    def flag(m: re.Match[str]) -> str:
+        verb, name, value = m.group(1), m.group(2), m.group(3)
+        p = options.get(name)
+        if p is None:
+            return m.group(0)
+        long = max(p.opts, key=len)
+        if value in ("True", "False") and getattr(p, "is_flag", False):
+            if value == "False":
+                off = [o for o in getattr(p, "secondary_opts", []) if o.startswith("--")]
+                return f"{verb} {off[0]}" if off else m.group(0)
+            return f"{verb} {long}"
+        if value is None:
+            return f"{verb} {long}"
+        return f"{verb} {long} {value.strip(chr(39) + chr(34))}"
+
+    return _KEYWORD.sub(flag, message)
 
 
 class _Group(TyperGroup):
     """Turns library errors into one red line on stderr and exit status 2."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        ctx.meta["torchkeep.command"] = cmd  # for error messages in the command's own flags
+        return name, cmd, rest
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except (TorchkeepError, OSError) as e:
             # messages already name the file and say what to do; keep them on one line
-            message = " ".join(str(e).split())
+            message = as_flags(" ".join(str(e).split()), ctx.meta.get("torchkeep.command"))
             if isinstance(e, OSError) and not isinstance(e, TorchkeepError) and e.filename:
                 message = f"{e.filename}: {e.strerror or message}"
             Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}")
@@ -70,7 +107,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the torchkeep version and exit."
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the torchkeep version and exit."
     ),
 ) -> None:
     """Save, resume, inspect and verify PyTorch checkpoints, without pickle.
