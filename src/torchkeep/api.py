@@ -8,14 +8,16 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from torchkeep import kinds
 from torchkeep.errors import (
+    ArgumentTypeError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     KeyMismatchError,
     TargetIsDirectoryError,
     TorchkeepError,
@@ -25,11 +27,11 @@ from torchkeep.mapped import MappedCheckpoint, adopt
 from torchkeep.placement import MapLocation, checked_placer
 from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
-from torchkeep.sources import read_tree
+from torchkeep.sources import read_buffer, read_tree
 from torchkeep.storage.paths import as_path
 from torchkeep.targets import restore_targets
 from torchkeep.tree import SkeletonError, format_path, unflatten
-from torchkeep.writer import save_tree
+from torchkeep.writer import save_stream, save_tree
 
 __all__ = ["load", "restore", "save"]
 
@@ -38,11 +40,11 @@ PathLike = str | os.PathLike[str]
 
 def save(
     obj: Any,
-    path: PathLike,
+    path: PathLike | BinaryIO,
     *,
     metadata: Mapping[str, Any] | None = None,
     durable: bool = True,
-) -> Path:
+) -> Path | BinaryIO:
     """Save a state tree atomically as a torchkeep (safetensors) file.
 
     Stateful leaves (modules, optimizers, schedulers, ``GradScaler``, :class:`RNGState`,
@@ -51,13 +53,15 @@ def save(
 
     Args:
         obj: the state tree.
-        path: target file; its parent directory is created if needed.
+        path: target file; its parent directory is created if needed. A writable binary file
+            object (``io.BytesIO``, an open file, an upload stream) gets the same bytes front to
+            back, as ``torch.save`` allows; atomicity is then the caller's (nothing is renamed).
         metadata: JSON-serialisable user metadata, read back with ``tk.open(path).metadata``.
         durable: fsync the file and its directory (default). ``False`` keeps the atomic
             rename but skips the fsyncs: for scratch files, tmpfs, or files uploaded at once.
 
     Returns:
-        The path written.
+        The path written (the file object for a file object).
 
     Raises:
         UnsupportedObjectError: a leaf is neither data nor Stateful (message names its path).
@@ -70,10 +74,17 @@ def save(
         >>> tk.load(p)["epoch"]
         3
     """
+    if _is_file_object(path, "write"):
+        save_stream(obj, path.write, metadata=metadata)  # type: ignore[union-attr]
+        return path  # type: ignore[return-value]
     path = as_path(path)
     if path.is_dir():
         raise TargetIsDirectoryError(path, str(path / "ckpt.safetensors"))
     return save_tree(obj, path, metadata=metadata, durable=durable)
+
+
+def _is_file_object(value: Any, method: str) -> bool:
+    return not isinstance(value, (str, bytes, os.PathLike)) and callable(getattr(value, method, None))
 
 
 @contextmanager
@@ -89,11 +100,12 @@ def _still_there(path: Path) -> Iterator[None]:
 
 
 def load(
-    path: PathLike,
+    path: PathLike | BinaryIO,
     *,
     map_location: MapLocation = "cpu",
     verify: bool = True,
     trust_pickle: bool = False,
+    weights_only: bool | None = None,
 ) -> Any:
     """Load a checkpoint and return its state tree (Stateful leaves come back as state dicts).
 
@@ -103,16 +115,21 @@ def load(
     ``.metadata`` is read by an allowlist unpickler, see :mod:`torchkeep.dcp`).
 
     Args:
-        path: the file.
+        path: the file or directory; or a readable binary file object holding a torchkeep or
+            safetensors file (``io.BytesIO``, as ``torch.load`` allows).
         map_location: where tensors go: ``"cpu"`` (default), a device, ``None`` for the
             device each tensor was saved from, a dict like ``{"cuda:1": "cuda:0"}``, or
             ``fn(tensor, saved_device) -> tensor``.
         verify: check every checksum before returning (any flipped bit raises).
         trust_pickle: allow legacy pickles that hold more than tensors (runs their code!).
+        weights_only: accepted for drop-in migration from ``torch.load``. ``True`` (or ``None``)
+            is what torchkeep always does. ``False`` alone is refused: pass ``trust_pickle=True``
+            (with or without it) to unpickle a legacy file fully.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, ChecksumMismatchError,
-        UnsafeCheckpointError, DeviceUnavailableError.
+        UnsafeCheckpointError, DeviceUnavailableError,
+        InvalidArgumentError: ``weights_only=False`` without ``trust_pickle=True``.
 
     Example:
         >>> import torch, torchkeep as tk, tempfile, os
@@ -120,6 +137,20 @@ def load(
         >>> tk.load(p)["cfg"]
         {'lr': 0.1}
     """
+    if weights_only is False and not trust_pickle:
+        raise InvalidArgumentError(
+            "weights_only",
+            False,
+            "torchkeep never unpickles arbitrary objects on that flag alone; if, and only if, you trust the file, "
+            "pass trust_pickle=True",
+        )
+    if _is_file_object(path, "read"):
+        label = str(getattr(path, "name", "<file object>"))
+        data = path.read()  # type: ignore[union-attr]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ArgumentTypeError("path", path, "a path or a binary file object (opened with 'rb')")
+        with paused_gc():
+            return read_buffer(data, label, place=checked_placer(label, map_location), verify=verify)
     path = as_path(path)
     with _still_there(path):
         return _load(path, map_location=map_location, verify=verify, trust_pickle=trust_pickle)

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +38,19 @@ from typing import Any
 import torch
 
 from torchkeep import kinds
+from torchkeep.container import ZIP_MAGIC, is_legacy
 from torchkeep.dcp import read_dcp
 from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
-from torchkeep.errors import ArgumentTypeError, CorruptCheckpointError, KeyMismatchError
+from torchkeep.errors import (
+    ArgumentTypeError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    KeyMismatchError,
+    UnsupportedSourceError,
+)
+from torchkeep.format.header import parse_header
 from torchkeep.format.meta import TREE_KEY, USER_KEY
+from torchkeep.hashing import Digests
 from torchkeep.legacy import load_legacy
 from torchkeep.mapped import MappedCheckpoint
 from torchkeep.placement import Placer
@@ -48,7 +58,17 @@ from torchkeep.reader import Checkpoint, check_digests
 from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
 
-__all__ = ["WRAPPER_KEYS", "LazyTensor", "Source", "candidates", "lookup", "open_source", "read_tree", "shape_dtype"]
+__all__ = [
+    "WRAPPER_KEYS",
+    "LazyTensor",
+    "Source",
+    "candidates",
+    "lookup",
+    "open_source",
+    "read_buffer",
+    "read_tree",
+    "shape_dtype",
+]
 
 # keys under which training scripts and frameworks keep a model's state dict, most common first
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "network", "ema", "state_dict_ema")
@@ -341,6 +361,48 @@ def read_tree(
     with paused_gc(), Checkpoint(found.file, verify=verify) as ck:
         tensors = _read_all(ck, progress)
         return _build(found.file, ck.skeleton, tensors, place, tree=ck.has_tree), ck.metadata
+
+
+def read_buffer(data: bytes | bytearray | memoryview, label: str, *, place: Placer | None, verify: bool) -> Any:
+    """The state tree of a torchkeep or safetensors file held in memory (what ``tk.load(file_object)`` reads).
+
+    Each tensor gets memory of its own (the buffer may be freed or reused after); checksums are
+    checked before anything is returned.
+
+    Raises:
+        UnsupportedSourceError: the bytes are a ``torch.save`` stream (the pickle scan reads files:
+            save it to disk and load the path).
+        CorruptCheckpointError, ChecksumMismatchError: damaged bytes.
+    """
+    view = memoryview(data).cast("B")
+    head = bytes(view[:8])
+    if is_legacy(head):
+        raise UnsupportedSourceError(
+            label,
+            kinds.LEGACY_ZIP if head.startswith(ZIP_MAGIC) else kinds.LEGACY_PICKLE,
+            "tk.load of a file object",
+            "torchkeep reads torch.save files only from disk, after scanning their pickle; write the bytes to a "
+            "file and tk.load that path",
+        )
+    header = parse_header(lambda off, n: bytes(view[off : off + n]), view.nbytes, label)
+    specs = list(header.tensors.values())
+    parts = [view[header.size + s.start : header.size + s.end] for s in specs]
+    if verify and header.checksums is not None:
+        with ThreadPoolExecutor(1) as pool:
+            for s, h in zip(specs, Digests(parts, pool).result(), strict=True):
+                if h != header.checksums[s.name]:
+                    raise ChecksumMismatchError(label, s.name, header.checksums[s.name], h)
+    tensors = {}
+    for s, part in zip(specs, parts, strict=True):
+        t = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype])
+        buffer_of(t)[:] = part
+        tensors[s.name] = t
+    raw = header.metadata.get(TREE_KEY)
+    try:
+        skeleton = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
+        raise CorruptCheckpointError(label, f"metadata {TREE_KEY} is not valid JSON") from None
+    return _build(Path(label), skeleton, tensors, place, tree=raw is not None)
 
 
 _BATCH = 64 << 20  # bytes read per batch (one progress step)

@@ -46,6 +46,7 @@ __all__ = [
     "provenance_metadata",
     "resolved",
     "save_flat",
+    "save_stream",
     "save_tree",
     "sharded_paths",
     "stream_checksummed",
@@ -150,6 +151,13 @@ def save_tree(
     """Flatten a state tree and write it atomically (what :func:`torchkeep.save` does after its checks)."""
     with paused_gc():
         return save_flat(flatten(obj), path, metadata=metadata, durable=durable)
+
+
+def save_stream(obj: Any, write: Callable[[memoryview], Any], *, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """A state tree as the bytes of a torchkeep file, front to back through ``write`` (a file object's)."""
+    with paused_gc():
+        tensors, meta = prepared(flatten(obj), metadata)
+        return stream_checksummed(write, tensors, meta)
 
 
 def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
