@@ -367,3 +367,298 @@ def test_a_map_location_of_another_type_is_a_typed_type_error() -> None:
     with pytest.raises(tk.errors.ArgumentTypeError, match="map_location must be a device") as info:
         load_legacy(FIXTURES / "cpu.pt", map_location=3)
     assert isinstance(info.value, TypeError)
+
+
+# ------------------------------------------------------------------------------------------ NumPy arrays (issue 14)
+
+
+def _numpy_files(tmp_path: Path, name: str, obj: Any) -> list[Path]:
+    """``obj`` saved as a torch zip and as a pre-1.6 (non-zip) torch file."""
+    paths = []
+    for zipped in (True, False):
+        path = tmp_path / f"{name}-{'zip' if zipped else 'legacy'}.pth"
+        torch.save(obj, path, _use_new_zipfile_serialization=zipped)
+        paths.append(path)
+    return paths
+
+
+def _wou_state() -> tuple[Any, list[Any]]:
+    from torch import _weights_only_unpickler as wou
+
+    return wou._get_user_allowed_globals, list(torch.serialization.get_safe_globals())
+
+
+def _hf_rng_state() -> dict[str, Any]:
+    """What Hugging Face Trainer saves as rng_state.pth (CPU only)."""
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+
+
+def _accelerate_random_states() -> dict[str, Any]:
+    """What Accelerate saves as random_states_0.pkl, plus NumPy scalars and other plain arrays."""
+    import random
+
+    import numpy as np
+
+    random.seed(6)
+    np.random.seed(7)
+    return {
+        "step": 12,
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch_manual_seed": torch.get_rng_state(),
+        "extras": [np.float64(1.5), np.int32(-7), np.bool_(True), np.complex64(1 - 2j)],
+        "arrays": {
+            "fortran_big_endian": np.asfortranarray(np.arange(6, dtype=">f4").reshape(2, 3)),
+            "zero_d": np.array(3, dtype=np.int16),
+            "empty": np.zeros((0, 4), dtype=np.uint8),
+            "bools": np.array([True, False]),
+            "half": np.ones(3, dtype=np.float16),
+        },
+        "dtype": np.dtype("<u2"),
+    }
+
+
+def _assert_numpy_equal(a: Any, b: Any) -> None:
+    import numpy as np
+
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        assert a.flags.f_contiguous == b.flags.f_contiguous and a.flags.writeable
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _assert_numpy_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_numpy_equal(x, y)
+    else:
+        assert a == b and getattr(a, "dtype", None) == getattr(b, "dtype", None)
+
+
+@pytest.mark.parametrize("make", [_hf_rng_state, _accelerate_random_states])
+def test_plain_numpy_arrays_load_without_trust_pickle(tmp_path: Path, make: Any) -> None:
+    import random
+
+    import numpy as np
+
+    state = make()
+    before = _wou_state()
+    for path in _numpy_files(tmp_path, make.__name__, state):
+        report = tk.scan(path)
+        assert report.ok and not report.reasons, report
+        loaded = tk.load(path)
+        _assert_numpy_equal(loaded, state)
+        assert _wou_state() == before  # nothing registered, torch's function put back
+        # the RNG states are restorable
+        np_state = loaded["numpy"] if "numpy" in loaded else loaded["numpy_random_seed"]
+        np.random.set_state(np_state)
+        first = np.random.rand(3)
+        np.random.set_state(state["numpy"] if "numpy" in state else state["numpy_random_seed"])
+        assert np.array_equal(first, np.random.rand(3))
+        random.setstate(loaded["python"] if "python" in loaded else loaded["random_state"])
+        torch.random.set_rng_state(loaded["cpu"] if "cpu" in loaded else loaded["torch_manual_seed"])
+
+
+def test_numpy_scope_is_this_context_only(tmp_path: Path) -> None:
+    """Inside a torchkeep load only that thread sees the NumPy stand-ins; torch's own tables never change."""
+    import threading
+
+    from torch import _weights_only_unpickler as wou
+
+    from torchkeep import legacy
+
+    original, registered = _wou_state()
+    seen: dict[str, bool] = {}
+    with legacy._numpy_arrays():
+        assert "numpy.dtype" in wou._get_user_allowed_globals()
+        assert torch.serialization.get_safe_globals() == registered
+        other = threading.Thread(target=lambda: seen.update(other="numpy.dtype" in wou._get_user_allowed_globals()))
+        other.start()
+        other.join()
+    assert seen == {"other": False}
+    assert wou._get_user_allowed_globals is original and "numpy.dtype" not in wou._get_user_allowed_globals()
+    # and a plain torch.load still refuses NumPy arrays, as before
+    path = tmp_path / "rng.pth"
+    torch.save(_hf_rng_state(), path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_user_registered_numpy_globals_survive_a_load(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "rng.pth"
+    torch.save(_hf_rng_state(), path)
+    torch.serialization.add_safe_globals([np.dtype])
+    try:
+        tk.load(path)
+        assert np.dtype in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+
+
+def test_rng_state_converts_to_safetensors(tmp_path: Path) -> None:
+    import numpy as np
+
+    state = _hf_rng_state()
+    for path in _numpy_files(tmp_path, "rng_state", state):
+        out = tk.convert(path, tmp_path / f"{path.stem}.safetensors")
+        back = tk.load(out)
+        assert isinstance(back["numpy"], tuple) and isinstance(back["numpy"][1], np.ndarray)
+        assert np.array_equal(back["numpy"][1], state["numpy"][1]) and back["numpy"][1].dtype == np.uint32
+        assert back["python"] == state["python"] and isinstance(back["python"], tuple)
+        assert torch.equal(back["cpu"], state["cpu"])
+        np.random.set_state(back["numpy"])
+
+
+def _object_dtype_files(tmp_path: Path) -> list[Path]:
+    import numpy as np
+
+    paths = _numpy_files(tmp_path, "objects", {"w": torch.ones(2), "a": np.array(["x", 1], dtype=object)})
+    structured = np.zeros(2, dtype=[("n", "<i4"), ("o", "O")])
+    paths += _numpy_files(tmp_path, "structured", {"s": structured})
+    return paths
+
+
+def test_object_dtype_arrays_are_refused_and_the_advice_works(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from torchkeep.cli import app
+
+    before = _wou_state()
+    for path in _object_dtype_files(tmp_path):
+        report = tk.scan(path)
+        assert not report.ok and "numpy.dtype" in report.unsafe and not report.dangerous
+        assert "object dtype" in report.reasons["numpy.dtype"] or "structured" in report.reasons["numpy.dtype"]
+        with pytest.raises(UnsafeCheckpointError) as info:
+            tk.load(path)
+        message = str(info.value)
+        assert "numpy.dtype" in message and ("object dtype" in message or "structured" in message)
+        assert _wou_state() == before  # nothing leaked after a failed load either
+        # every suggestion in the message works on this file: trust_pickle=True and `torchkeep scan FILE`
+        assert "trust_pickle=True" in message and "`torchkeep scan FILE`" in message
+        assert "tk.convert" not in message and "tk.save" not in message  # neither can store object arrays
+        assert tk.load(path, trust_pickle=True)
+        result = CliRunner().invoke(app, ["scan", str(path)])
+        assert result.exit_code == 1 and "numpy.dtype" in result.output
+        assert _wou_state() == before
+
+
+def test_convert_advice_works_for_a_whole_model(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        tk.load(path)
+    assert "tk.convert(path, 'model.safetensors', trust_pickle=True)" in str(info.value)
+    out = tk.convert(path, tmp_path / "model.safetensors", trust_pickle=True)
+    assert tk.load(out)
+    assert tk.scan(path).unsafe  # `torchkeep scan FILE` names them
+
+
+class _Reduce:
+    """Pickles as ``func(*args)`` (then ``BUILD state`` when given): crafted NumPy pickles."""
+
+    def __init__(self, func: Any, args: tuple[Any, ...], state: Any = None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def _crafted() -> dict[str, Any]:
+    import numpy as np
+
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    scalar = np.float64(1).__reduce__()[0]
+    return {
+        "object typecode": _Reduce(reconstruct, (np.ndarray, (0,), b"O")),
+        "ndarray called": _Reduce(np.ndarray, ((2,), "O")),
+        "dtype flags say objects": _Reduce(np.dtype, ("u8", False, True), (3, "<", None, None, None, -1, -1, 63)),
+        "dtype with fields": _Reduce(
+            np.dtype, ("f8", False, True), (3, "<", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 27)
+        ),
+        "wrong subtype": _Reduce(reconstruct, (collections_ordered_dict(), (0,), b"b")),
+        "object scalar": _Reduce(scalar, (np.dtype("O"), "x")),
+        "dtype from a class": _Reduce(np.dtype, (torch.Tensor, False, True)),
+    }
+
+
+def collections_ordered_dict() -> Any:
+    from collections import OrderedDict
+
+    return OrderedDict
+
+
+@pytest.mark.parametrize("case", sorted(_crafted()))
+def test_crafted_numpy_pickles_are_refused_by_scan_and_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    from torchkeep import legacy
+    from torchkeep.scan import ScanReport
+
+    before = _wou_state()
+    for path in _numpy_files(tmp_path, "crafted", {"w": torch.ones(1), "x": _crafted()[case]}):
+        report = tk.scan(path)
+        assert not report.ok and report.reasons, report
+        with pytest.raises(UnsafeCheckpointError):
+            tk.load(path)
+        assert _wou_state() == before
+    # the load checks for itself, too: with a scan that sees nothing, it still refuses
+    monkeypatch.setattr(legacy, "scan", lambda p: ScanReport(path=str(p)))
+    for path in _numpy_files(tmp_path, "crafted2", {"w": torch.ones(1), "x": _crafted()[case]}):
+        with pytest.raises(UnsafeCheckpointError):
+            tk.load(path)
+        assert _wou_state() == before
+
+
+def test_dangerous_callable_through_numpy_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    payload = {"x": _Reduce(reconstruct, (pathlib.Path.touch, (pathlib.Path(marker),), b"b"))}
+    before = _wou_state()
+    for path in _numpy_files(tmp_path, "smuggle", payload):
+        report = tk.scan(path)
+        # a bound method pickles through builtins.getattr (dangerous); the _reconstruct use is also named
+        assert "builtins.getattr" in report.dangerous and report.reasons, report
+        for trust in (False, True):
+            with pytest.raises(UnsafeCheckpointError):
+                tk.load(path, trust_pickle=trust)
+        assert not marker.exists() and _wou_state() == before
+    import os
+
+    payload = {"x": _Reduce(reconstruct, (os.system, ("true",), b"b"))}
+    for path in _numpy_files(tmp_path, "smuggle-os", payload):
+        assert tk.scan(path).dangerous
+        for trust in (False, True):
+            with pytest.raises(UnsafeCheckpointError):
+                tk.load(path, trust_pickle=trust)
+        assert _wou_state() == before
+
+
+def test_plain_dtype_states_match_numpy() -> None:
+    """scan_policy spells the one BUILD state NumPy writes for each plain dtype without importing NumPy."""
+    import numpy as np
+
+    from torchkeep.scan_policy import numpy_dtype_problem, numpy_dtype_state
+
+    for spec in ["b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16"]:
+        for order in "<>":
+            dt = np.dtype(spec).newbyteorder(order)
+            func, args, state = dt.__reduce__()
+            assert func is np.dtype and numpy_dtype_problem(args) is None, (spec, args)
+            assert numpy_dtype_state(args[0], state[1]) == state, (spec, order, state)
+    for spec in ["O", "V8", "U3", "S2", "M8[s]", "m8[s]", [("a", "<i4")]]:
+        assert numpy_dtype_problem(np.dtype(spec).__reduce__()[1]) is not None, spec

@@ -30,7 +30,17 @@ from typing import Any
 from torchkeep import kinds
 from torchkeep.container import check_zip, is_legacy
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedSourceError
-from torchkeep.scan_policy import dangerous_reason, reached_through, safe_globals
+from torchkeep.scan_policy import (
+    NUMPY_GLOBALS,
+    NUMPY_RECONSTRUCT,
+    NUMPY_SCALAR,
+    dangerous_reason,
+    numpy_dtype_problem,
+    numpy_dtype_state_problem,
+    numpy_loadable,
+    reached_through,
+    safe_globals,
+)
 from torchkeep.storage.paths import as_path
 
 __all__ = ["ScanReport", "dangerous_reason", "safe_globals", "scan"]
@@ -56,6 +66,10 @@ class ScanReport:
             ``"safetensors"`` (no pickle at all).
         globals: every ``"module.name"`` the pickles import, sorted.
         unsafe: those outside the weights-only allowlist (dangerous ones included), sorted.
+            The NumPy globals of plain arrays and scalars (:data:`torchkeep.scan_policy.NUMPY_GLOBALS`)
+            count as safe, as ``tk.load`` accepts them, unless the file uses them for anything else
+            (an object dtype, say): then they are unsafe, and ``reasons`` says why.
+        reasons: ``{name: why}`` for unsafe globals that are unsafe only because of how this file uses them.
         dangerous: the explicitly dangerous ones, ``{name: reason}``.
         issues: structural problems (several PROTO, bytes after STOP, unresolvable STACK_GLOBAL,
             a truncated or malformed pickle).
@@ -77,6 +91,7 @@ class ScanReport:
     globals: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     dangerous: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
     issues: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
     called: list[str] = field(default_factory=list)
@@ -107,6 +122,7 @@ class ScanReport:
             "globals": list(self.globals),
             "unsafe": list(self.unsafe),
             "dangerous": dict(sorted(self.dangerous.items())),
+            "reasons": dict(sorted(self.reasons.items())),
             "issues": list(self.issues),
             "calls": dict(self.calls),
             "called": list(self.called),
@@ -119,6 +135,8 @@ class ScanReport:
         for name in self.globals:
             if name in self.dangerous:
                 lines.append(f"  DANGEROUS {name}: {self.dangerous[name]}")
+            elif name in self.reasons:
+                lines.append(f"  unsafe    {name}: {self.reasons[name]}")
             elif name in self.unsafe:
                 lines.append(f"  unsafe    {name}")
             else:
@@ -145,6 +163,18 @@ class _Global:
 
 
 _UNKNOWN = object()  # any other value: its contents never matter for safety
+
+
+class _NumpyDtype:
+    """What a ``numpy.dtype(spec, ...)`` call leaves on the abstract stack (its BUILD state is checked)."""
+
+    __slots__ = ("built", "spec")
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.built = False
+
+
 _MARK = object()
 
 
@@ -180,6 +210,11 @@ class _Acc:
         self.calls: Counter[str] = Counter()
         self.called: set[str] = set()
         self.complete = True
+        self.numpy: dict[str, str] = {}  # NumPy global -> why this file's use of it is not a plain array
+        self.dtypes: list[_NumpyDtype] = []
+
+    def numpy_problem(self, name: str, why: str) -> None:
+        self.numpy.setdefault(name, why)
 
     def add_global(self, module: str, name: str) -> str:
         # the same renames the unpickler applies to protocol 0-2 pickles (__builtin__ -> builtins)
@@ -235,6 +270,7 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
                 if name == "INST":
                     pop_mark()
                     note_call(ref)
+                    _not_numpy_call(ref, name, acc)
                     stack.append(_UNKNOWN)
                 else:
                     stack.append(ref)
@@ -267,18 +303,47 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
                     "copyreg extension codes name a global only known at load time"
                 )
                 stack.append(_UNKNOWN)
-            elif name in ("REDUCE", "NEWOBJ"):
+            elif name == "REDUCE":
+                args = pop()
+                target = pop()
+                note_call(target)
+                stack.append(_reduced(target, args, acc))
+            elif name == "NEWOBJ":
                 pop()
-                note_call(pop())
+                target = pop()
+                note_call(target)
+                _not_numpy_call(target, name, acc)
                 stack.append(_UNKNOWN)
             elif name == "NEWOBJ_EX":
                 pop(), pop()
-                note_call(pop())
+                target = pop()
+                note_call(target)
+                _not_numpy_call(target, name, acc)
                 stack.append(_UNKNOWN)
             elif name == "OBJ":
                 items = pop_mark()
                 note_call(items[0] if items else _UNKNOWN)
+                _not_numpy_call(items[0] if items else _UNKNOWN, name, acc)
                 stack.append(_UNKNOWN)
+            elif name == "BUILD":
+                state = pop()
+                inst = pop()
+                if isinstance(inst, _NumpyDtype):
+                    inst.built = True
+                    why = numpy_dtype_state_problem(inst.spec, state)
+                    if why is not None:
+                        acc.numpy_problem("numpy.dtype", why)
+                stack.append(inst)
+            elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                # tuples of constants are kept: NumPy's dtype and array arguments are checked
+                if name == "TUPLE":
+                    items = pop_mark()
+                else:
+                    n = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}[name]
+                    items = [pop() for _ in range(n)][::-1]
+                stack.append(tuple(items))
+            elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+                stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
             elif name == "STOP":
                 last = pop()
                 return pos + 1, last
@@ -305,6 +370,53 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
     acc.complete = False
     acc.issues.append(f"{where}: truncated pickle (no STOP opcode)")
     return -1, _UNKNOWN
+
+
+def _not_numpy_call(target: Any, opcode: str, acc: _Acc) -> None:
+    if isinstance(target, _Global) and target.name in NUMPY_GLOBALS:
+        acc.numpy_problem(target.name, f"called by {opcode}; numpy's own pickles only REDUCE it")
+
+
+def _reduced(target: Any, args: Any, acc: _Acc) -> Any:
+    """The abstract value ``REDUCE`` leaves: known for ``_codecs.encode`` and ``numpy.dtype``; NumPy uses checked."""
+    if not isinstance(target, _Global):
+        return _UNKNOWN
+    name = target.name
+    if name == "_codecs.encode":  # protocol 2 spells bytes as _codecs.encode(str, "latin1")
+        if type(args) is tuple and len(args) == 2 and type(args[0]) is str and args[1] == "latin1":
+            try:
+                return args[0].encode("latin1")
+            except UnicodeEncodeError:
+                pass
+        return _UNKNOWN
+    if name not in NUMPY_GLOBALS:
+        return _UNKNOWN
+    if name == "builtins.bytes":
+        if args == ():
+            return b""
+        acc.numpy_problem(name, "called with arguments (only bytes(), the empty data of an empty array, is accepted)")
+    elif name == "numpy.dtype":
+        why = numpy_dtype_problem(args)
+        if why is None:
+            acc.dtypes.append(_NumpyDtype(args[0]))
+            return acc.dtypes[-1]
+        acc.numpy_problem(name, why)
+    elif name in NUMPY_RECONSTRUCT:
+        if not (
+            type(args) is tuple
+            and len(args) == 3
+            and isinstance(args[0], _Global)
+            and args[0].name == "numpy.ndarray"
+            and type(args[1]) is tuple
+            and args[2] == b"b"
+        ):
+            acc.numpy_problem(name, "called with arguments numpy's own pickles never use")
+    elif name in NUMPY_SCALAR:
+        if not (type(args) is tuple and len(args) == 2 and isinstance(args[0], _NumpyDtype)):
+            acc.numpy_problem(name, "called without a plain numpy.dtype, or with extra arguments")
+    else:
+        acc.numpy_problem(name, "called directly; numpy's own pickles only pass it to _reconstruct")
+    return _UNKNOWN
 
 
 # --------------------------------------------------------------------------------------------- the entry point
@@ -381,6 +493,7 @@ def _scan_detected(path: Path) -> ScanReport:
         globals=sorted({g for r in parts for g in r.globals}),
         unsafe=sorted({g for r in parts for g in r.unsafe}),
         dangerous=dict(sorted({k: v for r in parts for k, v in r.dangerous.items()}.items())),
+        reasons=dict(sorted({k: v for r in parts for k, v in r.reasons.items()}.items())),
         issues=[f"{Path(r.path).name}: {i}" for r in parts for i in r.issues],
         calls={k: calls[k] for k in CALL_OPCODES if calls.get(k)},
         called=sorted({g for r in parts for g in r.called}),
@@ -432,14 +545,19 @@ def _scan_file(path: Path) -> ScanReport:
                 acc.issues.append(f"pickle@0: {size - end:,} bytes after the STOP opcode")
         else:
             raise CorruptCheckpointError(path, "not a pickle, a torch.save file or a safetensors file")
+    if any(not d.built for d in acc.dtypes):
+        acc.numpy_problem("numpy.dtype", "a dtype is never given its state (numpy's own pickles always BUILD it)")
     allowed = safe_globals() if acc.globals else frozenset()  # torch's allowlist only when there is a global to judge
-    unsafe = {g for g in acc.globals if g not in allowed} | set(acc.dangerous)
+    if acc.globals & NUMPY_GLOBALS and numpy_loadable():
+        allowed = allowed | NUMPY_GLOBALS  # tk.load accepts plain NumPy arrays (torchkeep.legacy)
+    unsafe = {g for g in acc.globals if g not in allowed} | set(acc.dangerous) | set(acc.numpy)
     return ScanReport(
         path=str(path),
         format=fmt,
         globals=sorted(acc.globals),
         unsafe=sorted(unsafe),
         dangerous=dict(sorted(acc.dangerous.items())),
+        reasons=dict(sorted(acc.numpy.items())),
         issues=acc.issues,
         calls={k: acc.calls[k] for k in CALL_OPCODES if acc.calls[k]},
         called=sorted(acc.called),

@@ -7,7 +7,17 @@ scan and ``torch.load(weights_only=True)`` agree.
 
 from __future__ import annotations
 
-__all__ = ["dangerous_reason", "reached_through", "safe_globals"]
+import re
+
+__all__ = [
+    "NUMPY_GLOBALS",
+    "dangerous_reason",
+    "numpy_dtype_problem",
+    "numpy_dtype_state_problem",
+    "numpy_loadable",
+    "reached_through",
+    "safe_globals",
+]
 
 _SHELL = "runs shell commands or touches the process"
 _EVAL = "evaluates or compiles Python code"
@@ -182,3 +192,95 @@ def safe_globals() -> frozenset[str]:
     except Exception:
         pass
     return frozenset(names)
+
+
+# --------------------------------------------------------------------------------------------- NumPy arrays
+
+#: The NumPy globals a ``torch.save`` of plain NumPy arrays and scalars imports (NumPy 1.x spells the
+#: module ``numpy.core``, 2.x ``numpy._core``). ``torch.load(weights_only=True)`` refuses them all;
+#: torchkeep's own load (:mod:`torchkeep.legacy`) accepts them, mapped to validating stand-ins, for
+#: arrays and scalars of the plain dtypes below only. The scan judges them by the same rules.
+NUMPY_GLOBALS = frozenset(
+    {
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "builtins.bytes",  # only as bytes(): protocol 2 spells the empty data of an empty array so
+    }
+)
+NUMPY_RECONSTRUCT = frozenset(n for n in NUMPY_GLOBALS if n.endswith("._reconstruct"))
+NUMPY_SCALAR = frozenset(n for n in NUMPY_GLOBALS if n.endswith(".scalar"))
+
+#: ``np.dtype.__reduce__`` spells a plain dtype as ``(np.dtype, (spec, False, True), state)``: these specs
+#: are bool, signed/unsigned integers, floats and complex (what :mod:`torchkeep.tree` stores).
+_PLAIN_SPEC = re.compile(r"(?:b1|[iu][1248]|f(?:2|4|8|12|16)|c(?:8|16|24|32))\Z")
+_NOT_PLAIN = {
+    "O": "object dtype: its elements are arbitrary Python objects",
+    "V": "structured or void dtype (it may hold objects)",
+    "M": "datetime dtype",
+    "m": "timedelta dtype",
+    "S": "bytes-string dtype",
+    "U": "unicode-string dtype",
+}
+PLAIN_ONLY = "only arrays of bool, int, uint, float and complex dtypes load without trust_pickle=True"
+
+
+def numpy_dtype_problem(args: object) -> str | None:
+    """Why ``numpy.dtype(*args)`` from a pickle is not a plain dtype, or ``None`` when it is.
+
+    Example:
+        >>> numpy_dtype_problem(("u4", False, True)) is None
+        True
+        >>> numpy_dtype_problem(("O8", False, True)).startswith("object dtype")
+        True
+    """
+    if type(args) is not tuple or len(args) != 3 or type(args[1]) is not bool or type(args[2]) is not bool:
+        return "numpy.dtype called with arguments numpy's own pickles never use"
+    spec = args[0]
+    if type(spec) is not str:
+        return "numpy.dtype called with a non-string (or unknown) type spec"
+    if _PLAIN_SPEC.match(spec) is None:
+        what = _NOT_PLAIN.get(spec[:1], "not a plain dtype")
+        return f"{what} ({spec[:40]!r}); {PLAIN_ONLY}"
+    return None
+
+
+def numpy_dtype_state(spec: str, endian: object) -> tuple[object, ...] | None:
+    """The one ``BUILD`` state ``np.dtype.__reduce__`` writes for a plain ``spec`` in byte order ``endian``.
+
+    ``None`` when the byte order is not valid for that spec. Checked against NumPy in the tests.
+    """
+    one_byte = spec in ("b1", "i1", "u1")
+    if endian not in (("|",) if one_byte else ("<", ">")):
+        return None
+    return (3, endian, None, None, None, -1, -1, 0)
+
+
+def numpy_dtype_state_problem(spec: str, state: object) -> str | None:
+    """Why a plain dtype's ``BUILD`` state is not the one NumPy writes for it, or ``None``."""
+    if type(state) is not tuple or len(state) < 2:
+        return "numpy.dtype built with a state numpy's own pickles never write"
+    expected = numpy_dtype_state(spec, state[1])
+    if expected is None or len(state) != len(expected):
+        return "numpy.dtype built with a state numpy's own pickles never write"
+    for got, want in zip(state, expected, strict=True):
+        if type(got) is not type(want) or got != want:
+            return "numpy.dtype built with a state numpy's own pickles never write (fields, flags or sizes)"
+    return None
+
+
+def numpy_loadable() -> bool:
+    """Whether torchkeep's load can accept :data:`NUMPY_GLOBALS` with this torch (see :mod:`torchkeep.legacy`).
+
+    It needs torch's ``_weights_only_unpickler._get_user_allowed_globals`` to scope its stand-ins;
+    on a torch without it, NumPy arrays are refused by the load and reported unsafe by the scan.
+    """
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        return callable(getattr(wou, "_get_user_allowed_globals", None))
+    except Exception:
+        return False
