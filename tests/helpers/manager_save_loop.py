@@ -56,6 +56,12 @@ def child(run: str, numel: int) -> None:
 def main() -> None:
     run, numel = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)  # no OpenMP team in this process: forked children stay safe
+    # torchkeep imports its verbs on first use: pay for them here, once, so that a forked child
+    # starts saving at once instead of importing (the kills would all land during its imports)
+    for name in ("CheckpointManager", "save", "restore", "load"):
+        getattr(tk, name)
+    import torchkeep.storage.remote
+    import torchkeep.writer  # noqa: F401
     print("ready", flush=True)
     serve(lambda _arg: child(run, numel))
 
