@@ -111,3 +111,43 @@ def test_ls_verifies_sharded_checkpoint_directories(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     rows = json.loads(result.output)["checkpoints"]
     assert rows[0]["verify"] == "ok" and rows[1]["verify"].startswith("DAMAGED")
+
+
+def test_ls_marks_the_best_the_manifest_records_without_monitor(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run, filename="e{step:03d}", monitor="val_acc") as mgr:
+        for step, acc in enumerate([0.5, 0.9, 0.7]):
+            mgr.save({"w": torch.ones(2)}, step=step, metrics={"val_acc": acc})
+    rows = json.loads(runner.invoke(app, ["ls", str(run), "--json"]).stdout)["checkpoints"]
+    assert [r["marks"] for r in rows] == [[], ["best"], ["latest"]]
+    # --monitor still picks its own metric and direction
+    rows = json.loads(runner.invoke(app, ["ls", str(run), "--json", "--monitor", "val_acc", "--mode", "min"]).stdout)
+    assert [r["marks"] for r in rows["checkpoints"]] == [["best"], [], ["latest"]]
+    human = runner.invoke(app, ["ls", str(run)], env={"COLUMNS": "80"})
+    assert human.exit_code == 0 and "best" in human.output
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["short-names", "long-names"])
+def test_ls_verify_at_80_columns_never_cuts_names_or_metrics(tmp_path: Path, long: bool) -> None:
+    run = tmp_path / "run"
+    template = "resnet50-imagenet-finetune-{step:06d}-{val_acc:.4f}" if long else "e{step:03d}"
+    metrics = [{"val_acc": 0.912345 + s / 100, "train_loss_smoothed": 0.0123456 + s, "epoch": s} for s in range(3)]
+    with tk.CheckpointManager(run, filename=template, monitor="val_acc") as mgr:
+        for step in range(3):
+            mgr.save({"w": torch.ones(100)}, step=step * 1000, metrics=metrics[step])
+    damaged = sorted(run.glob("*.safetensors"))[1]
+    raw = bytearray(damaged.read_bytes())
+    raw[-2] ^= 1
+    damaged.write_bytes(bytes(raw))
+    result = runner.invoke(app, ["ls", str(run), "--verify"], env={"COLUMNS": "80"})
+    assert result.exit_code == 1, result.output
+    assert "…" not in result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines if str(run) not in line) <= 80  # the title names the (long) tmp path
+    for p in sorted(run.glob("*.safetensors")):
+        assert any(p.name in line for line in lines), p.name  # whole, on one line
+    for m in metrics:
+        for k, v in m.items():
+            text = f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            assert any(text in line for line in lines), text
+    assert "DAMAGED" in result.output and "best" in result.output

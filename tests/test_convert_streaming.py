@@ -205,7 +205,7 @@ def test_cli_max_memory(tmp_path: Path) -> None:
     assert json.loads(result.output)["bytes"] == api.stat().st_size
     assert (tmp_path / "cli.safetensors").read_bytes() == api.read_bytes()
     bad = runner.invoke(app, ["convert", str(src), str(tmp_path / "x.safetensors"), "--max-memory", "lots"])
-    assert bad.exit_code == 2 and "max_memory" in bad.output
+    assert bad.exit_code == 2 and "--max-memory" in bad.output  # the flag, not the keyword
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -62,6 +62,7 @@ def main() -> None:
         getattr(tk, name)
     import torchkeep.storage.remote
     import torchkeep.writer  # noqa: F401
+
     print("ready", flush=True)
     serve(lambda _arg: child(run, numel))
 

@@ -13,7 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+import traceback
 from typing import Any
 
 import typer
@@ -35,7 +38,22 @@ from torchkeep.errors import TorchkeepError
 
 __all__ = ["app", "as_flags", "main"]
 
+# typer 0.28 vendors click as typer._click; earlier typers use click itself
+try:
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - typer < 0.28
+    from click import exceptions as _click_errors  # type: ignore[no-redef]
 
+_UsageError: type[Exception] = _click_errors.UsageError
+# shows the command's help (click >= 8.2 raises it for a bare ``torchkeep VERB``): not an error to rewrite
+_HelpShown: tuple[type[BaseException], ...] = tuple(
+    c for c in (getattr(_click_errors, "NoArgsIsHelpError", None),) if c is not None
+)
+
+
+# a snake_case name in prose (not code: no ``=``, ``(`` or ``.`` around it)
+_SNAKE = re.compile(r"(?<![\w.=-])([a-z]+(?:_[a-z]+)+)(?![\w=(.-])")
+_PREFIX = re.compile(r"^([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s:]+): ")
 _KEYWORD = re.compile(r"\b(pass|with|give|use|set)\s+([a-z_]+)=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)?")
 
 
@@ -43,7 +61,9 @@ def as_flags(message: str, command: Any) -> str:
     """Library advice in the command's own words: ``pass trust_pickle=True`` -> ``pass --trust-pickle``.
 
     Only keywords the command has an option for are rewritten (``to='torch'`` -> ``--to torch``,
-    ``verify=False`` -> ``--no-verify``); Python code in a message is left alone.
+    ``verify=False`` -> ``--no-verify``, a leading ``mode='up': `` -> ``--mode up: ``, and a
+    snake_case name in prose, ``max_shard_size`` -> ``--max-shard-size``); Python code in a
+    message is left alone.
     """
     options = {
         p.name: p for p in getattr(command, "params", []) if getattr(p, "opts", None) and p.param_type_name == "option"
@@ -64,27 +84,82 @@ def as_flags(message: str, command: Any) -> str:
             return f"{verb} {long}"
         return f"{verb} {long} {value.strip(chr(39) + chr(34))}"
 
-    return _KEYWORD.sub(flag, message)
+    def bare(m: re.Match[str]) -> str:  # ``max_shard_size 'abc' is not a size``: an argument named in prose
+        p = options.get(m.group(1))
+        return max(p.opts, key=len) if p is not None else m.group(0)
+
+    def prefix(m: re.Match[str]) -> str:  # ``mode='sideways': pass ...``, how InvalidArgumentError starts
+        p = options.get(m.group(1))
+        return f"{max(p.opts, key=len)} {m.group(2).strip(chr(39) + chr(34))}: " if p is not None else m.group(0)
+
+    message = _KEYWORD.sub(flag, message)
+    message = _PREFIX.sub(prefix, message, count=1)
+    return _SNAKE.sub(bare, message)
+
+
+def _json_wanted(args: list[str]) -> bool:
+    """Whether the command line asks for ``--json`` (before a ``--`` that ends the options)."""
+    head = args[: args.index("--")] if "--" in args else args
+    return "--json" in head
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 class _Group(TyperGroup):
-    """Turns library errors into one red line on stderr and exit status 2."""
+    """Turns errors into one red line on stderr and exit status 2 (``-v``: the traceback instead).
+
+    With ``--json`` the error is also printed on stdout as ``{"ok": false, "error": ..., "path": ...}``.
+    """
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name, cmd, rest = super().resolve_command(ctx, args)
         ctx.meta["torchkeep.command"] = cmd  # for error messages in the command's own flags
+        ctx.meta["torchkeep.name"] = name
+        ctx.meta["torchkeep.json"] = _json_wanted(rest)
         return name, cmd, rest
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, *_HelpShown):
+            raise
+        except _UsageError as e:  # a bad option value, a missing option, an unknown command
+            name = ctx.meta.get("torchkeep.name")
+            see = f"See 'torchkeep {name} -h'." if name else "See 'torchkeep -h'."
+            text = _one_line(e.format_message()).rstrip(".")  # type: ignore[attr-defined]
+            self._fail(ctx, f"{text}. {see}", None)
         except (TorchkeepError, OSError) as e:
+            if ctx.meta.get("torchkeep.verbose"):
+                self._traceback(e)
             # messages already name the file and say what to do; keep them on one line
-            message = as_flags(" ".join(str(e).split()), ctx.meta.get("torchkeep.command"))
+            message = as_flags(_one_line(str(e)), ctx.meta.get("torchkeep.command"))
+            path = getattr(e, "path", None)
             if isinstance(e, OSError) and not isinstance(e, TorchkeepError) and e.filename:
-                message = f"{e.filename}: {e.strerror or message}"
-            Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}")
-            raise typer.Exit(2) from None
+                message, path = f"{e.filename}: {e.strerror or message}", e.filename
+            self._fail(ctx, message, path)
+        except Exception as e:  # a bug, or a third-party error we do not translate: still one line
+            if ctx.meta.get("torchkeep.verbose"):
+                self._traceback(e)
+            self._fail(
+                ctx,
+                f"unexpected {type(e).__name__}: {_one_line(str(e))} (run 'torchkeep -v ...' for the traceback)",
+                None,
+            )
+
+    @staticmethod
+    def _traceback(e: BaseException) -> None:
+        traceback.print_exception(e, file=sys.stderr)
+        raise typer.Exit(2) from None
+
+    @staticmethod
+    def _fail(ctx: Any, message: str, path: Any) -> None:
+        if ctx.meta.get("torchkeep.json"):
+            doc = {"ok": False, "error": message, "path": None if path is None else str(path)}
+            typer.echo(json.dumps(doc, ensure_ascii=False))
+        Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}")
+        raise typer.Exit(2) from None
 
 
 app = typer.Typer(
@@ -106,14 +181,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", "-V", callback=_version, is_eager=True, help="Print the torchkeep version and exit."
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="On an error, print the full traceback instead of one line."
     ),
 ) -> None:
     """Save, resume, inspect and verify PyTorch checkpoints, without pickle.
 
     Start with: torchkeep demo
     """
+    ctx.meta["torchkeep.verbose"] = verbose  # read by _Group.invoke when an error comes back
 
 
 app.command("inspect", no_args_is_help=True)(inspect_command)

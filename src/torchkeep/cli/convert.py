@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.cli.problems import JSON_ERROR_HELP
 from torchkeep.cli.verify import PROGRESS_MIN_BYTES
 from torchkeep.format.meta import OUTPUT_FORMATS
 from torchkeep.format.shards import is_index_name
@@ -99,7 +100,7 @@ def convert_command(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow a legacy pickle that needs more than plain data. RUNS ITS CODE."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON. " + JSON_ERROR_HELP),
 ) -> None:
     """Convert a checkpoint; the output is written atomically and SRC is never modified.
 
@@ -116,6 +117,8 @@ def convert_command(
       # gather a distributed checkpoint into one file, 512 MiB of tensors at a time
       torchkeep convert runs/exp1/step-001000 model.safetensors --max-memory 512MiB
     """
+    if to is not None and to not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"{to!r}: use one of {', '.join(OUTPUT_FORMATS)}", param_hint="--to")
     from torchkeep.convert import convert, input_size  # torch: only when a conversion runs
 
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from torchkeep.cli.convert import byte_progress
+from torchkeep.cli.problems import JSON_ERROR_HELP
 
 __all__ = ["diff_command"]
 
@@ -31,7 +32,7 @@ def _size(p: Path) -> int:
 def diff_command(
     a: Path = typer.Argument(..., metavar="A", help="The first checkpoint.", show_default=False),
     b: Path = typer.Argument(..., metavar="B", help="The second checkpoint.", show_default=False),
-    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON. " + JSON_ERROR_HELP),
     atol: float = typer.Option(0.0, "--atol", metavar="X", help="Absolute tolerance for tensor values."),
     rtol: float = typer.Option(0.0, "--rtol", metavar="Y", help="Relative tolerance (times |B|) for tensor values."),
     show_all: bool = typer.Option(False, "--all", help="List every difference (default: 20 per kind)."),

@@ -15,6 +15,7 @@ from rich.padding import Padding
 from rich.table import Table
 
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.cli.problems import JSON_ERROR_HELP
 from torchkeep.errors import ExportVerificationError
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ def export_command(
     allow_import: bool = typer.Option(
         False, "--allow-import", help="Import the model's module recorded in the file (runs its code)."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON. " + JSON_ERROR_HELP),
 ) -> None:
     """Export a saved model for deployment and prove the artifact matches the eager model.
 

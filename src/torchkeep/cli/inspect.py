@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from torchkeep.cli.problems import JSON_ERROR_HELP
 from torchkeep.inspection import inspect
 
 __all__ = ["human_bytes", "inspect_command", "render"]
@@ -179,7 +180,9 @@ def inspect_command(
         help="A torchkeep, safetensors or torch.save file, or a torchkeep distributed checkpoint directory.",
         show_default=False,
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON (full tree unless --depth)."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the summary as JSON (full tree unless --depth). " + JSON_ERROR_HELP
+    ),
     depth: int | None = typer.Option(
         None,
         "--depth",

@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from torchkeep.cli.export import check_runs, example_inputs, fail, load_checkpoint_model, print_report, spinner
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.cli.problems import JSON_ERROR_HELP
 from torchkeep.errors import ExportVerificationError
 
 __all__ = ["quantize_command"]
@@ -49,7 +50,7 @@ def quantize_command(
     allow_import: bool = typer.Option(
         False, "--allow-import", help="Import the model's module recorded in the file (runs its code)."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON. " + JSON_ERROR_HELP),
 ) -> None:
     """Dynamically quantize a saved model (int8 weights) and report size and accuracy.
 

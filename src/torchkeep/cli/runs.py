@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.cli.problems import JSON_ERROR_HELP, WrongInputError, what_is
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.headers import HeaderFile
 from torchkeep.storage import open_run
@@ -27,20 +32,59 @@ __all__ = ["ls_command", "plot_command", "prune_command"]
 _RUN_HELP = "A CheckpointManager directory, or an fsspec URL (s3://bucket/run)."
 
 
-def _entries(run: str) -> tuple[RunStore, list[manifest.CheckpointInfo]]:
-    """The run's checkpoints, read-only: the manifest, or the files' own records when it is lost."""
+def _not_a_run(run: str, verb: str) -> WrongInputError:
+    """The error for an existing path that is no CheckpointManager run: what it is, and what to pass."""
+    p = Path(run)
+    if p.is_file():
+        return WrongInputError(
+            run,
+            f"{what_is(p)}, not a run directory: {verb} takes the directory a CheckpointManager saves into; "
+            f"for a single checkpoint file use torchkeep inspect {run} (or verify)",
+        )
+    return WrongInputError(
+        run,
+        f"{what_is(p)} that is not a CheckpointManager run (no manifest.json and no checkpoint a "
+        f"CheckpointManager saved); pass the directory given to CheckpointManager(...)",
+    )
+
+
+def _entries(run: str, verb: str = "ls") -> tuple[RunStore, list[manifest.CheckpointInfo], str | None]:
+    """The run's checkpoints and the best one the manifest records, read-only: the manifest, or the
+    files' own records when it is lost. Writes nothing, takes no lock."""
     from torchkeep.manager import manifest, naming  # run commands only: not on inspect/verify's start-up path
 
+    local = not is_url(run)
+    if local and not Path(run).exists():
+        raise CheckpointNotFoundError(run, "Pass the directory a CheckpointManager saves into.")
+    if local and not Path(run).is_dir():
+        raise _not_a_run(run, verb)
     store = open_run(run, create=False)
-    if not is_url(run) and not Path(store.location).is_dir():
-        raise CheckpointNotFoundError(run)
-    entries, _reason = manifest.parse(store.read(manifest.MANIFEST), store.path_of)
+    raw = store.read(manifest.MANIFEST)
+    entries, _reason = manifest.parse(raw, store.path_of)
+    names = store.names() if (entries is None or store.adopts) else []
+    ours = sorted(n for n in names if n.endswith(naming.SUFFIXES))
     if entries is None:
-        names = store.names()
-        if not names:
-            raise CheckpointNotFoundError(run)
-        entries = manifest.rebuild(store, sorted(n for n in names if n.endswith(naming.SUFFIXES)))
-    return store, entries
+        entries = manifest.rebuild(store, ours)
+        if not entries:
+            if not local and not names:  # an object-store prefix with nothing under it
+                raise CheckpointNotFoundError(run, "Pass the URL a CheckpointManager saves into.")
+            raise _not_a_run(run, verb)
+        return store, entries, None
+    if store.adopts:  # as the manager sees it on open: files deleted by hand drop out, unindexed ones join
+        known = {e.file for e in entries}
+        present = [e for e in entries if e.file in set(names)]
+        extra = manifest.rebuild(store, [n for n in ours if n not in known])
+        entries = manifest.ordered(present + extra) if extra else present
+    try:
+        best = json.loads(raw or b"{}").get("best")
+    except (ValueError, AttributeError):
+        best = None
+    return store, entries, best if isinstance(best, str) else None
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("max", "min"):
+        raise typer.BadParameter(f"{mode!r}: use max (higher is better) or min (e.g. a loss)", param_hint="--mode")
 
 
 def _age(seconds: float) -> str:
@@ -69,12 +113,44 @@ def _verify(store: RunStore, name: str) -> str:
         return f"unreadable ({e.strerror})"
 
 
+def _metric_text(k: str, v: Any) -> str:
+    return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+
+
+def _cells(r: dict[str, Any], now: float, verify: bool) -> list[str]:
+    metrics = "\n".join(_metric_text(k, v) for k, v in r["metrics"].items())  # one per line: a narrow column
+    cells = [str(r["step"]), r["file"], metrics, human_bytes(r["size"]), _age(now - r["created"]), " ".join(r["marks"])]
+    return [*cells, r["verify"]] if verify else cells
+
+
+def _print_rows(console: Console, run: str, rows: list[dict[str, Any]], now: float, *, verify: bool) -> None:
+    """The ``ls`` table; where it would not fit the terminal, one block per checkpoint instead, so that no
+    file name or metric value is ever cut or folded."""
+    title = f"{run} ({len(rows)} checkpoints)"
+    table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False)
+    for head in ["step", "file", "metrics", "size", "age", ""] + (["verify"] if verify else []):
+        table.add_column(head, no_wrap=head in ("file", "metrics"))
+    for r in rows:
+        table.add_row(*(escape(c) for c in _cells(r, now, verify)))
+    if Measurement.get(console, console.options.update_width(1 << 16), table).maximum <= console.width:
+        console.print(table)
+        return
+    console.print(escape(title), style="bold")
+    for r in rows:
+        step, file, metrics, size, age, marks, *check = _cells(r, now, verify)
+        facts = [f"step {step}", size, f"{age} ago", *([marks] if marks else []), *check]
+        console.print(f"[bold]{escape(file)}[/]")
+        console.print("    " + escape(" · ".join(facts)))
+        if metrics:
+            console.print("    " + escape(" ".join(metrics.splitlines())))
+
+
 def ls_command(
     run: str = typer.Argument(..., metavar="RUN_DIR", help=_RUN_HELP, show_default=False),
     monitor: str | None = typer.Option(None, "--monitor", help="Mark the best checkpoint by this metric."),
     mode: str = typer.Option("max", "--mode", help="'max' or 'min': which direction of --monitor is better."),
     verify: bool = typer.Option(False, "--verify", help="Check every checkpoint's checksums (reads every file)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print the list as JSON. " + JSON_ERROR_HELP),
 ) -> None:
     """List a run's checkpoints: step, file, metrics, size, age, latest/best, and with --verify their integrity.
 
@@ -84,9 +160,13 @@ def ls_command(
     """
     from torchkeep.manager import retention
 
-    store, entries = _entries(run)
+    _check_mode(mode)
+    store, entries, recorded = _entries(run, "ls")
     now = time.time()
-    best = retention.best_index(entries, monitor, mode) if monitor else None
+    if monitor:
+        best = retention.best_index(entries, monitor, mode)
+    else:  # the best checkpoint by the metric the run's manager monitors, as its manifest records it
+        best = next((i for i, e in enumerate(entries) if e.file == recorded), None)
     rows: list[dict[str, Any]] = []
     for i, e in enumerate(entries):
         marks = [m for m, on in (("latest", i == len(entries) - 1), ("best", i == best)) if on]
@@ -99,17 +179,7 @@ def ls_command(
     if json_out:
         typer.echo(json.dumps({"run": str(run), "checkpoints": rows}, indent=2, default=str))
     else:
-        table = Table(title=f"{run} ({len(rows)} checkpoints)")
-        for col in ["step", "file", "metrics", "size", "age", ""] + (["verify"] if verify else []):
-            table.add_column(col)
-        for r in rows:
-            metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
-            cells = [str(r["step"]), r["file"], metrics, human_bytes(r["size"]), _age(now - r["created"])]
-            cells.append(" ".join(r["marks"]))
-            if verify:
-                cells.append(r["verify"])
-            table.add_row(*cells)
-        Console(soft_wrap=True).print(table)
+        _print_rows(Console(soft_wrap=True), str(run), rows, now, verify=verify)
     if damaged:
         raise typer.Exit(1)
 
@@ -126,21 +196,42 @@ def prune_command(
     """Delete the checkpoints no --keep-* rule keeps (a dry run unless --yes).
 
     The newest checkpoint is always kept; files the run's manager did not write are never touched.
-    It takes the run's lock, so it refuses while a training job is writing the run.
+    The dry run only reads the run (no lock, nothing written). With --yes it takes the run's lock,
+    so it refuses while a training job is writing the run.
 
     Example: torchkeep prune runs/exp1 --keep-last 3 --keep-best 2 --monitor val_acc --yes
     """
     if keep_last is None and keep_best is None and keep_every is None:
         raise typer.BadParameter("give at least one of --keep-last, --keep-best, --keep-every")
-    if not is_url(run) and not Path(run).is_dir():
-        raise CheckpointNotFoundError(run)
-    from torchkeep.manager.manager import CheckpointManager  # torch: prune only
+    if keep_best is not None and not monitor:
+        raise typer.BadParameter(
+            "--keep-best needs --monitor, the metric to rank by, e.g. --keep-best 2 --monitor val_acc",
+            param_hint="--keep-best",
+        )
+    _check_mode(mode)
+    _, entries, _ = _entries(run, "prune")  # a run, or a clear error, before anything is locked or written
+    if not yes:  # the dry run reads the manifest as ls does: no lock, no write
+        from torchkeep.manager.retention import policy_of
 
-    with CheckpointManager(
-        run, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every
-    ) as mgr:
-        gone = mgr.prune(dry_run=not yes)
-        kept = len(mgr.checkpoints()) - (0 if yes else len(gone))
+        rules = SimpleNamespace(
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            keep_every=keep_every,
+            keep_within=None,
+        )
+        kept_at = policy_of(rules).keep(entries)
+        gone = [e for i, e in enumerate(entries) if i not in kept_at]
+        kept = len(entries) - len(gone)
+    else:
+        from torchkeep.manager.manager import CheckpointManager  # torch: prune only
+
+        with CheckpointManager(
+            run, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every
+        ) as mgr:
+            gone = mgr.prune()
+            kept = len(mgr.checkpoints())
     verb = "deleted" if yes else "would delete"
     console = Console(soft_wrap=True)
     for e in gone:
@@ -168,9 +259,19 @@ def plot_command(
         import matplotlib.pyplot as plt
     except ImportError:
         raise typer.BadParameter("plot needs matplotlib: pip install 'torchkeep[plot]'") from None
+    from matplotlib.backend_bases import FigureCanvasBase
+
     from torchkeep.manager import retention
 
-    _, entries = _entries(run)
+    _check_mode(mode)
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if output.suffix.lower().lstrip(".") not in kinds:
+        raise typer.BadParameter(
+            f"{output}: cannot write a {output.suffix or 'suffix-less'} image; name it .png, .svg or .pdf "
+            f"(also: {', '.join(sorted(k for k in kinds if k not in ('png', 'svg', 'pdf')))})",
+            param_hint="-o",
+        )
+    _, entries, _ = _entries(run, "plot")
     points = [(e.step, v, e) for e in entries if (v := retention.metric_value(e, metric)) is not None]
     if not points:
         names = sorted({k for e in entries for k in e.metrics})

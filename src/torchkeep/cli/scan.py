@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from torchkeep.cli.problems import what_is
 from torchkeep.errors import TorchkeepError
 from torchkeep.scan import ScanReport, scan
 
@@ -50,7 +51,12 @@ def _print_report(out: Console, report: ScanReport) -> None:
 
 def scan_command(
     paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Files to scan.", show_default=False),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per file, as a list."),
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help="Print one JSON object per file, as a list; a file that cannot be read gives "
+        '{"path", "ok": false, "verdict": "unreadable", "error"}.',
+    ),
 ) -> None:
     """Statically scan pickles (torch.save files, raw pickles) without running them.
 
@@ -69,15 +75,31 @@ def scan_command(
             report = scan(path)
         except (TorchkeepError, OSError) as e:
             message = " ".join(str(e).split())
+            if path.is_dir():  # not "a directory checkpoint": say what it is and what scan takes
+                message = (
+                    f"{path}: {what_is(path)} with no single checkpoint in it to scan; "
+                    f"scan takes checkpoint files: pass them, e.g. torchkeep scan {path}/*"
+                )
             results.append({"path": str(path), "ok": False, "verdict": "unreadable", "error": message})
             if not json_out:
                 err.print(f"[bold red]error:[/] {escape(message)}")
             code = 2
             continue
-        results.append(report.to_dict())
+        row = report.to_dict()
+        results.append(row)
         if report.verdict == "unreadable":
             code = 2
-        elif report.verdict == "UNSAFE" and code == 0:
+            why = (
+                "; ".join(list(dict.fromkeys(report.issues))[:3])
+                or "not a pickle, a torch.save file or a safetensors file"
+            )
+            row.setdefault("error", f"{path}: unreadable as {report.format}: {why}")
+            if not json_out:  # one line, like any file that cannot be read
+                err.print(f"[bold red]error:[/] {escape(' '.join(row['error'].split()))}")
+                if report.globals:  # what it did import before it broke off
+                    _print_report(out, report)
+            continue
+        if report.verdict == "UNSAFE" and code == 0:
             code = 1
         if not json_out:
             _print_report(out, report)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from torchkeep.cli.inspect import human_bytes
-from torchkeep.errors import TorchkeepError
+from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.inspection import verify
 from torchkeep.kinds import detect
 
@@ -21,11 +21,25 @@ __all__ = ["PROGRESS_MIN_BYTES", "verify_command"]
 PROGRESS_MIN_BYTES = 64 << 20
 
 
-def _exit_code(result: dict) -> int:
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors/torchkeep file (a sane header length, then ``{``):
+    one that then fails to read is damaged (truncated, overwritten), not some other kind of file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= 1 << 28 and head[8:9] == b"{"
+
+
+def _exit_code(result: dict, file: Path) -> int:
     if result["ok"]:
         return 0
-    # 1: a checksum names the damage; 2: not checkable at all (not a checkpoint, legacy file, bad layout)
-    return 1 if result["key"] else 2
+    # 1: damaged (a checksum names it, or a safetensors file is truncated or malformed);
+    # 2: not checkable at all (not a checkpoint, a legacy file, a directory without one)
+    if result["key"]:
+        return 1
+    return 1 if result["format"] is None and file.is_file() and _looks_like_safetensors(file) else 2
 
 
 def _input_bytes(path: Path) -> int:
@@ -37,17 +51,47 @@ def _input_bytes(path: Path) -> int:
         return 0  # verify itself reports the problem
 
 
+def _for_the_cli(message: str) -> str:
+    """A library message on one line; its advice to load anyway is Python code (verify has no such flag)."""
+    return " ".join(message.split()).replace("pass verify=False", "load it with tk.load(path, verify=False)")
+
+
+def _missing(file: Path, message: str) -> dict:
+    """The ``--json`` result for a path that does not exist: verify's own shape, not ok."""
+    return {
+        "path": str(file),
+        "format": None,
+        "ok": False,
+        "checksums": False,
+        "tensors": 0,
+        "bytes_checked": 0,
+        "error": message,
+        "key": None,
+    }
+
+
 def verify_command(
     file: Path = typer.Argument(..., metavar="FILE", help="The checkpoint to check.", show_default=False),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = typer.Option(
+        False,
+        "--json",
+        help='Print the result as JSON: {"path", "format", "ok", "checksums", "tensors", "bytes_checked", '
+        '"error", "key"}; the same shape, with "ok": false and "error", when the file is missing or unreadable.',
+    ),
 ) -> None:
     """Check every checksum of a checkpoint; exit 0 if intact, 1 if damaged, 2 if unreadable.
 
-    Reads the whole file and names the damaged tensor (or the header) on failure.
+    Reads the whole file and names the damaged tensor (or the header) on failure; a truncated
+    or malformed torchkeep/safetensors file is damaged too (exit 1).
 
     Example: torchkeep verify ckpt.safetensors && echo intact
     """
     err = Console(stderr=True, highlight=False)
+    if json_out and not file.exists():
+        message = str(CheckpointNotFoundError(file))
+        typer.echo(json.dumps(_missing(file, message), indent=2, ensure_ascii=False))
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        raise typer.Exit(2)
     size = _input_bytes(file)
     started = time.perf_counter()
     if json_out or size < PROGRESS_MIN_BYTES or not err.is_terminal:
@@ -73,7 +117,7 @@ def verify_command(
             task = bar.add_task("verify", total=size)
             result = verify(file, progress=lambda n: bar.advance(task, n))
     elapsed = time.perf_counter() - started
-    code = _exit_code(result)
+    code = _exit_code(result, file)
     if json_out:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
         raise typer.Exit(code)
@@ -92,13 +136,16 @@ def verify_command(
             f"{'shard set' + shards.replace(' in', ' of') if shards else 'file'} has no checksums; "
             f"its layout ({result['tensors']:,} tensors) is consistent, but bit flips cannot be detected"
         )
+    elif code == 1 and not result["key"]:
+        out.print(f"[bold red]DAMAGED[/] {name}: truncated or malformed")
+        out.print(f"[red]{escape(_for_the_cli(result['error']))}[/]")
     elif code == 1:
         key = result["key"]
         what = "the header" if key == "<header>" else f"tensor {key!r}"
         if result.get("shard"):
             what += f" of shard {result['shard']}"
         out.print(f"[bold red]DAMAGED[/] {name}: {escape(what)} does not match its checksum")
-        out.print(f"[red]{escape(result['error'])}[/]")
+        out.print(f"[red]{escape(_for_the_cli(result['error']))}[/]")
     else:
         err.print(f"[bold red]error:[/] {escape(' '.join(result['error'].split()))}", soft_wrap=True)
     raise typer.Exit(code)

@@ -261,18 +261,7 @@ class CheckpointManager:
             return None if i is None else self._entries[i]
 
     def _policy(self) -> Any:
-        rules: list[Any] = []
-        if self.keep_last is not None:
-            rules.append(retention.LatestN(self.keep_last))
-        if self.keep_best is not None and self.monitor:
-            rules.append(retention.BestN(self.keep_best, self.monitor, self.mode))
-        if self.keep_every is not None:
-            rules.append(retention.EveryN(self.keep_every))
-        if self.keep_within is not None:
-            rules.append(retention.Within(float(self.keep_within), time.time()))
-        if not rules:
-            return retention.KeepAll()
-        return retention.AnyOf(retention.LatestN(1), *rules)
+        return retention.policy_of(self)
 
     # -- saving ----------------------------------------------------------------------------------
     def save(

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+import time as _time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ __all__ = [
     "Within",
     "best_index",
     "metric_value",
+    "policy_of",
 ]
 
 
@@ -150,3 +152,21 @@ class AnyOf:
         for p in self.policies:
             kept |= p.keep(records)
         return kept
+
+
+def policy_of(o: Any) -> Policy:
+    """The policy of a manager's ``keep_*`` options, read from ``o`` (the manager, or any object with its
+    ``keep_last``, ``keep_best``, ``monitor``, ``mode``, ``keep_every`` and ``keep_within``): any rule keeps,
+    the newest always stays, no rule keeps everything. Pure: ``torchkeep prune``'s dry run uses it read-only."""
+    rules: list[Any] = []
+    if o.keep_last is not None:
+        rules.append(LatestN(o.keep_last))
+    if o.keep_best is not None and o.monitor:
+        rules.append(BestN(o.keep_best, o.monitor, o.mode))
+    if o.keep_every is not None:
+        rules.append(EveryN(o.keep_every))
+    if o.keep_within is not None:
+        rules.append(Within(float(o.keep_within), _time.time()))
+    if not rules:
+        return KeepAll()
+    return AnyOf(LatestN(1), *rules)
