@@ -191,3 +191,35 @@ def test_quantize_user_errors_exit_2_and_float16_says_larger(mlp_file: Path) -> 
     assert half.exit_code == 0 and "x larger" in half.stdout and "smaller" not in half.stdout
     as_json = runner.invoke(app, ["quantize", str(mlp_file), "--dtype", "float16", "--json"])
     assert as_json.exit_code == 0 and _strict_json(as_json.stdout)["ratio"] < 1
+
+
+def test_allow_import_finds_a_class_in_the_current_directory(tmp_path: Path) -> None:
+    """As with ``python -m``: ``--allow-import`` imports ``model.Net`` from ./model.py; without the
+    file, the error names the import that failed."""
+    import os
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "torchkeep"
+    if not exe.exists():
+        pytest.skip("needs the torchkeep console script")
+    (tmp_path / "model.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, width=4):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(width, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x)\n"
+    )
+    save = "import torchkeep as tk, model\ntk.register_model('cwd-net')(model.Net)\ntk.save_model(model.Net(4), 'net.safetensors')\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", save], cwd=tmp_path, check=True, env=env, timeout=120)
+    args = [str(exe), "export", "net.safetensors", "-s", "1x4", "-o", "net.pt", "--allow-import"]
+    ok = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    args[2] = str(tmp_path / "net.safetensors")
+    bad = subprocess.run(args, cwd=elsewhere, capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "importing model failed (ModuleNotFoundError" in " ".join(bad.stderr.split())

@@ -461,20 +461,25 @@ _NO_RECORD = {
 _NO_RECORD[kinds.LEGACY_PICKLE] = _NO_RECORD[kinds.LEGACY_ZIP]
 
 
-def _resolve_import(class_path: str) -> Any:
+def _resolve_import(class_path: str) -> tuple[Any, str]:
+    """``(object, "")`` for an importable ``module.QualName``; ``(None, why)`` when the import failed."""
     parts = class_path.split(".")
+    failure = ""
     for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
         try:
-            obj: Any = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
+            obj: Any = importlib.import_module(module)
+        except ImportError as e:
+            failure = failure or f"importing {module} failed ({type(e).__name__}: {e})"
             continue
         try:
             for attr in parts[i:]:
                 obj = getattr(obj, attr)
         except AttributeError:
+            failure = failure or f"{module} has no {'.'.join(parts[i:])}"
             continue
-        return obj
-    return None
+        return obj, ""
+    return None, failure
 
 
 def _find_class(name: str, class_path: str | None, allow_import: bool) -> tuple[type, int | None]:
@@ -489,14 +494,16 @@ def _find_class(name: str, class_path: str | None, allow_import: bool) -> tuple[
                 return entry.cls, entry.version
             if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
                 return obj, getattr(obj, "_torchkeep_version", None)
+    failure = ""
     if allow_import and class_path:
-        obj = _resolve_import(class_path)
+        obj, failure = _resolve_import(class_path)
         entry = _REGISTRY.get(name)
         if entry is not None:
             return entry.cls, entry.version
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             return obj, getattr(obj, "_torchkeep_version", None)
-    raise UnknownModelError(name, sorted(_REGISTRY), class_path=class_path, tried_import=allow_import)
+    detail = f"no model class registered as {name!r} (saved from {class_path}); {failure}" if failure else ""
+    raise UnknownModelError(name, sorted(_REGISTRY), class_path=class_path, tried_import=allow_import, detail=detail)
 
 
 def load_model(

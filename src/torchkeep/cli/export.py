@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -99,7 +101,13 @@ def spinner(label: str, *, json_out: bool) -> AbstractContextManager[Any]:
 
 
 def load_checkpoint_model(checkpoint: Path, allow_import: bool) -> torch.nn.Module:
-    """The model of a ``save_model`` file (``--allow-import`` allows importing its recorded class)."""
+    """The model of a ``save_model`` file (``--allow-import`` allows importing its recorded class).
+
+    With ``--allow-import`` the current directory is on the import path, as it is for ``python -m``,
+    so a class defined in ``./model.py`` is found.
+    """
+    if allow_import and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     from torchkeep.registry import load_model
 
     return load_model(checkpoint, allow_import=allow_import)
