@@ -12,7 +12,7 @@ import torch
 
 from torchkeep.errors import ArgumentTypeError, KeyMismatchError
 
-__all__ = ["RNGState"]
+__all__ = ["RNGState", "set_global_states"]
 
 
 class RNGState:
@@ -91,3 +91,27 @@ class RNGState:
 
     def __repr__(self) -> str:
         return "RNGState()"
+
+
+def set_global_states(python: Any, numpy: Any, torch_cpu: torch.Tensor, cuda: Any = None) -> None:
+    """Set the global generators from the raw states frameworks pickle (``random.getstate()``,
+    ``np.random.get_state()``, ``torch.get_rng_state()``, one CUDA state or a list of them).
+
+    For stock checkpoints of the Hugging Face Trainer and Accelerate, whose RNG files hold these.
+    CUDA states are skipped where CUDA is not available.
+
+    Example:
+        >>> import random, numpy as np, torch
+        >>> saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        >>> a = torch.rand(1); set_global_states(*saved); torch.equal(torch.rand(1), a)
+        True
+    """
+    version, internal, gauss = python
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(numpy)
+    torch.set_rng_state(torch_cpu)
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.set_rng_state(cuda)

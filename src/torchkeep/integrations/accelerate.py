@@ -20,17 +20,15 @@ Accelerate is only imported when a function runs (``import torchkeep`` never imp
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from torchkeep.api import load, restore, save
 from torchkeep.errors import CheckpointNotFoundError, InvalidArgumentError
 from torchkeep.loading import load_into
-from torchkeep.rng import RNGState
+from torchkeep.rng import RNGState, set_global_states
 
 __all__ = ["RNG_FILE", "STATE_FILE", "load_state", "loader_state", "save_state"]
 
@@ -237,10 +235,9 @@ def _load_stock(accelerator: Any, folder: Path, *, trust_pickle: bool) -> dict[s
 
 def _apply_stock_rng(states: dict[str, Any]) -> None:
     """Set the generators from the dict Accelerate's ``random_states_N.pkl`` holds."""
-    version, internal, gauss = states["random_state"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(states["numpy_random_seed"])
-    torch.set_rng_state(states["torch_manual_seed"])
-    cuda = states.get("torch_cuda_manual_seed")
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    set_global_states(
+        states["random_state"],
+        states["numpy_random_seed"],
+        states["torch_manual_seed"],
+        states.get("torch_cuda_manual_seed"),
+    )

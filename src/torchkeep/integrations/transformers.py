@@ -35,18 +35,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from torchkeep.api import load, restore, save
 from torchkeep.errors import CheckpointNotFoundError
 from torchkeep.loading import load_into
-from torchkeep.rng import RNGState
+from torchkeep.rng import RNGState, set_global_states
 
 __all__ = ["RNG_FILE", "STATE_FILE", "TorchkeepTrainer", "TorchkeepTrainerMixin", "restore_checkpoint"]
 
@@ -229,16 +227,7 @@ def restore_checkpoint(
 
 def _apply_stock_rng(states: dict[str, Any]) -> None:
     """Set the generators from the dict the Trainer's ``rng_state.pth`` holds."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["cpu"])
-    cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if isinstance(cuda, list | tuple):
-            torch.cuda.set_rng_state_all(cuda)
-        else:
-            torch.cuda.set_rng_state(cuda)
+    set_global_states(states["python"], states["numpy"], states["cpu"], states.get("cuda"))
 
 
 _CLASSES: dict[str, type] = {}
