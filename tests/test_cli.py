@@ -481,3 +481,41 @@ def test_python_dash_m_and_short_version() -> None:
     assert runner.invoke(app, ["-V"]).output.strip() == f"torchkeep {__version__}"
     proc = subprocess.run([sys.executable, "-m", "torchkeep", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"torchkeep {__version__}"
+
+
+def test_get_shows_one_tensor_or_value_and_writes_it_on_request(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    path = tk.save({"model": {"fc.weight": w}, "epoch": 7, "cfg": {"lr": 0.5}}, tmp_path / "c.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = runner.invoke(app, ["get", str(path), "model/fc.weight", "--json"])
+    assert out.exit_code == 0, out.output
+    info = json.loads(out.output)
+    assert info["shape"] == [3, 4] and info["dtype"] == "float32" and info["min"] == 0 and info["max"] == 11
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # read-only without --out
+    assert json.loads(runner.invoke(app, ["get", str(path), "cfg/lr", "--json"]).output)["value"] == 0.5
+    assert "epoch (int): 7" in runner.invoke(app, ["get", str(path), "epoch"]).output
+    for suffix in (".npy", ".pt", ".safetensors"):
+        dst = tmp_path / f"w{suffix}"
+        assert runner.invoke(app, ["get", str(path), "model/fc.weight", "-o", str(dst)]).exit_code == 0
+        back = (
+            torch.from_numpy(np.load(dst))
+            if suffix == ".npy"
+            else torch.load(dst, weights_only=True)
+            if suffix == ".pt"
+            else load_file(str(dst))["fc.weight"]
+        )
+        assert torch.equal(back, w)
+    missing = runner.invoke(app, ["get", str(path), "model/fc.wieght"])
+    assert missing.exit_code == 2 and "did you mean: model/fc.weight" in " ".join(missing.output.split())
+    bad = runner.invoke(app, ["get", str(path), "epoch", "-o", str(tmp_path / "e.txt")])
+    assert bad.exit_code == 2 and "--out" in bad.output
+
+
+def test_shell_completion_is_offered() -> None:
+    out = runner.invoke(app, ["--show-completion", "bash"])
+    assert out.exit_code == 0 and "_torchkeep_completion" in out.output

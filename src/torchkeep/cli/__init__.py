@@ -29,6 +29,7 @@ from torchkeep.cli.convert import convert_command
 from torchkeep.cli.demo import demo_command
 from torchkeep.cli.diff import diff_command
 from torchkeep.cli.export import export_command
+from torchkeep.cli.get import get_command
 from torchkeep.cli.inspect import inspect_command
 from torchkeep.cli.quantize import quantize_command
 from torchkeep.cli.runs import ls_command, plot_command, prune_command
@@ -167,7 +168,7 @@ app = typer.Typer(
     name="torchkeep",
     help="Save, resume, inspect and verify PyTorch checkpoints, without pickle.\n\nStart with: torchkeep demo",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -201,6 +202,7 @@ app.command("verify", no_args_is_help=True)(verify_command)
 app.command("convert", no_args_is_help=True)(convert_command)
 app.command("diff", no_args_is_help=True)(diff_command)
 app.command("scan", no_args_is_help=True)(scan_command)
+app.command("get", no_args_is_help=True)(get_command)
 app.command("ls", no_args_is_help=True)(ls_command)
 app.command("prune", no_args_is_help=True)(prune_command)
 app.command("plot", no_args_is_help=True)(plot_command)
