@@ -366,5 +366,6 @@ def save(
             raise _failed(final, tmp, me, e) from e
         return commit(group)
     bg = async_group(group)
-    response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
+    with quiet():  # one process without a process group is the intent, not a warning
+        response = dcp.async_save(split.tensors, storage_writer=writer, process_group=bg, **dist_kw)
     return in_background(response, lambda e: _failed(final, tmp, me, e), lambda: commit(bg), final)
