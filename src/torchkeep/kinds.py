@@ -35,8 +35,8 @@ from pathlib import Path
 
 from torchkeep.container import ZIP_MAGIC, is_legacy
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, MissingShardError, UnsupportedSourceError
+from torchkeep.format.header import is_torchkeep_file
 from torchkeep.format.shards import MAX_INDEX_SIZE, Index, looks_like_index, parse_index
-from torchkeep.headers import HeaderFile
 from torchkeep.storage.dcp_manifest import is_torchkeep_dcp
 from torchkeep.storage.paths import as_path
 
@@ -140,8 +140,10 @@ def _file(p: Path, given: Path) -> Detected:
             raw = head + fh.read(MAX_INDEX_SIZE)
             if looks_like_index(raw):
                 return _sharded(p, given, parse_index(raw, p))
-    with HeaderFile(p, verify=False) as hf:
-        return Detected(TORCHKEEP if hf.is_torchkeep else SAFETENSORS, given, p)
+        # the kind from the header's first bytes: the verb that opens the file parses it once, not twice
+        fd = fh.fileno()
+        torchkeep = is_torchkeep_file(lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size, str(p))
+    return Detected(TORCHKEEP if torchkeep else SAFETENSORS, given, p)
 
 
 def _sharded(index_path: Path, given: Path, index: Index) -> Detected:

@@ -41,6 +41,7 @@ __all__ = [
     "HeaderBuilder",
     "TensorSpec",
     "digest",
+    "is_torchkeep_file",
     "parse_header",
 ]
 
@@ -165,6 +166,24 @@ _OWN_KEYS = (FORMAT_KEY.encode(), CHECKSUMS_KEY.encode(), b'"torchkeep.tree"')
 
 def _looks_torchkeep(raw: bytes) -> bool:
     return raw.startswith(_PREFIX) or any(k in raw for k in _OWN_KEYS)
+
+
+def is_torchkeep_file(read: Callable[[int, int], bytes], file_size: int, path: str) -> bool:
+    """Whether a safetensors file is a torchkeep file, without parsing its header when its first bytes say so.
+
+    A torchkeep header starts with the header digest key at a fixed offset: that prefix (and a
+    plausible length) is enough to tell the kind. Anything else is parsed in full, which also
+    raises the typed error of a file that is not a readable safetensors file. Checksums are the
+    reader's job: a torchkeep file is still parsed and verified when it is opened.
+
+    Raises:
+        CorruptCheckpointError, ChecksumMismatchError: as :func:`parse_header`, when the prefix does not decide.
+    """
+    if file_size >= 8 + len(_PREFIX):
+        (n,) = struct.unpack("<Q", read(0, 8))
+        if 2 <= n <= MAX_HEADER_SIZE and 8 + n <= file_size and read(8, len(_PREFIX)) == _PREFIX:
+            return True
+    return parse_header(read, file_size, path).is_torchkeep
 
 
 def parse_header(read: Callable[[int, int], bytes], file_size: int, path: str) -> Header:
