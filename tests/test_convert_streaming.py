@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import torchkeep as tk
 import torchkeep.distributed as tkd
+from torchkeep import kinds
 from torchkeep.cli import app
 from torchkeep.convert import convert, input_size, parse_size, read_tree
 from torchkeep.errors import FileChecksumError, MissingShardError
@@ -59,7 +60,8 @@ def _whole(src: Path, dst: Path, *, to: str | None = None, max_shard_size: int |
     """What convert wrote before streaming: the whole tree loaded, then written."""
     tree, user = read_tree(src)
     fmt = convert_mod._format_for(dst, to)
-    return convert_mod._convert_tree(src, dst, fmt, parse_size(max_shard_size), None, tree, user, None)
+    found = kinds.detect(src)
+    return convert_mod._convert_tree(found, dst, fmt, parse_size(max_shard_size), None, tree, user, None)
 
 
 def _files(directory: Path) -> dict[str, bytes]:

@@ -133,7 +133,12 @@ def read_tree(
     as its whole tree (through :func:`torchkeep.distributed.load_tree`), legacy ``torch.save``
     files through ``torch.load(weights_only=True)``.
     """
-    found = kinds.detect(src, operation="convert")
+    return _read(kinds.detect(src, operation="convert"), trust_pickle, progress)
+
+
+def _read(
+    found: kinds.Detected, trust_pickle: bool, progress: Callable[[int], None] | None
+) -> tuple[Any, dict[str, Any]]:
     if found.kind == kinds.TORCHKEEP_DCP:
         from torchkeep.distributed.resume import load_tree  # torch.distributed: only for this kind
 
@@ -227,8 +232,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _refuse_same(src: Path, outputs: Iterable[Path]) -> None:
-    found = kinds.detect(src, operation="convert")
+def _refuse_same(found: kinds.Detected, outputs: Iterable[Path]) -> None:
     inputs = [found.path, *found.shards]
     for out in outputs:
         for inp in inputs:
@@ -311,12 +315,12 @@ def convert(
     found = kinds.detect(src, operation="convert")
     if dst.is_dir() and fmt != "distributed":
         raise ConversionError(f"{dst}: is a directory; give a file name such as {dst / 'model.safetensors'}")
-    _refuse_same(found.path, [dst])
+    _refuse_same(found, [dst])
     if fmt in ("torchkeep", "safetensors") and found.kind == kinds.TORCHKEEP_DCP:
         source = Gathered(found.path, memory, progress)
         try:
             with paused_gc():
-                out = _convert_tree(found.path, dst, fmt, limit, key, source.tree, source.user, source)
+                out = _convert_tree(found, dst, fmt, limit, key, source.tree, source.user, source)
             source.finish()
             return out
         except BaseException as e:
@@ -324,12 +328,12 @@ def convert(
             raise
         finally:
             source.close()
-    tree, user = read_tree(src, trust_pickle=trust_pickle, progress=progress)
-    return _convert_tree(found.path, dst, fmt, limit, key, tree, user, None)
+    tree, user = _read(found, trust_pickle, progress)
+    return _convert_tree(found, dst, fmt, limit, key, tree, user, None)
 
 
 def _convert_tree(
-    src: Path,
+    src: kinds.Detected,
     dst: Path,
     fmt: str,
     limit: int | None,
