@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import typer
@@ -15,44 +13,11 @@ from rich.markup import escape
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.problems import JSON_ERROR_HELP
-from torchkeep.cli.verify import PROGRESS_MIN_BYTES
+from torchkeep.cli.verify import PROGRESS_MIN_BYTES, byte_progress
 from torchkeep.format.meta import OUTPUT_FORMATS
 from torchkeep.format.shards import is_index_name
 
-__all__ = ["byte_progress", "convert_command"]
-
-
-def byte_progress(
-    label: str, total: int, *, json_out: bool = False
-) -> AbstractContextManager[Callable[[int], None] | None]:
-    """A context giving a ``progress(nbytes)`` callback that drives a rich bar on stderr, or ``None``
-    when no bar is wanted (``--json``, input under 64 MiB, or stderr is not a terminal)."""
-    err = Console(stderr=True, highlight=False)
-    if json_out or total < PROGRESS_MIN_BYTES or not err.is_terminal:
-        return nullcontext(None)
-
-    class _Bar:
-        def __enter__(self) -> Callable[[int], None]:
-            # rich.progress only when a bar is shown: it is a fifth of the CLI's start-up
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            columns = (TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn())
-            self.bar = Progress(*columns, TimeRemainingColumn(), console=err, transient=True)
-            self.bar.__enter__()
-            task = self.bar.add_task(label, total=total)
-            return lambda n: self.bar.advance(task, n)
-
-        def __exit__(self, *exc: object) -> None:
-            self.bar.__exit__(*exc)  # type: ignore[arg-type]
-
-    return _Bar()
+__all__ = ["convert_command"]
 
 
 def _written(path: Path) -> tuple[int, int]:
@@ -122,7 +87,9 @@ def convert_command(
     from torchkeep.convert import convert, input_size  # torch: only when a conversion runs
 
     started = time.perf_counter()
-    with byte_progress("converting", input_size(src) if src.exists() else 0, json_out=json_out) as progress:
+    with byte_progress(
+        "converting", input_size(src) if src.exists() else 0, json_out=json_out, min_bytes=PROGRESS_MIN_BYTES
+    ) as progress:
         out = convert(
             src,
             dst,

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from torchkeep.cli.convert import byte_progress
 from torchkeep.cli.problems import JSON_ERROR_HELP
+from torchkeep.cli.verify import byte_progress
 
 __all__ = ["diff_command"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import typer
@@ -15,10 +17,44 @@ from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.inspection import verify
 from torchkeep.kinds import detect
 
-__all__ = ["PROGRESS_MIN_BYTES", "verify_command"]
+__all__ = ["PROGRESS_MIN_BYTES", "byte_progress", "verify_command"]
 
 #: Files at least this large get a progress bar (on a terminal, without --json).
 PROGRESS_MIN_BYTES = 64 << 20
+
+
+def byte_progress(
+    label: str, total: int, *, json_out: bool = False, min_bytes: int | None = None
+) -> AbstractContextManager[Callable[[int], None] | None]:
+    """A context giving a ``progress(nbytes)`` callback that drives a rich bar on stderr, or ``None``
+    when no bar is wanted (``--json``, input under ``min_bytes``, default :data:`PROGRESS_MIN_BYTES`,
+    or stderr is not a terminal)."""
+    err = Console(stderr=True, highlight=False)
+    if json_out or total < (PROGRESS_MIN_BYTES if min_bytes is None else min_bytes) or not err.is_terminal:
+        return nullcontext(None)
+
+    class _Bar:
+        def __enter__(self) -> Callable[[int], None]:
+            # rich.progress only when a bar is shown: it is a fifth of the CLI's start-up
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            columns = (TextColumn(label), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn())
+            self.bar = Progress(*columns, TimeRemainingColumn(), console=err, transient=True)
+            self.bar.__enter__()
+            task = self.bar.add_task(label, total=total)
+            return lambda n: self.bar.advance(task, n)
+
+        def __exit__(self, *exc: object) -> None:
+            self.bar.__exit__(*exc)  # type: ignore[arg-type]
+
+    return _Bar()
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -94,28 +130,8 @@ def verify_command(
         raise typer.Exit(2)
     size = _input_bytes(file)
     started = time.perf_counter()
-    if json_out or size < PROGRESS_MIN_BYTES or not err.is_terminal:
-        result = verify(file)
-    else:
-        from rich.progress import (  # only when a bar is shown
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        columns = (
-            TextColumn("verifying"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("verify", total=size)
-            result = verify(file, progress=lambda n: bar.advance(task, n))
+    with byte_progress("verifying", size, json_out=json_out) as progress:
+        result = verify(file, progress=progress)
     elapsed = time.perf_counter() - started
     code = _exit_code(result, file)
     if json_out:
