@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -213,15 +212,8 @@ def prune_command(
     if not yes:  # the dry run reads the manifest as ls does: no lock, no write
         from torchkeep.manager.retention import policy_of
 
-        rules = SimpleNamespace(
-            keep_last=keep_last,
-            keep_best=keep_best,
-            monitor=monitor,
-            mode=mode,
-            keep_every=keep_every,
-            keep_within=None,
-        )
-        kept_at = policy_of(rules).keep(entries)
+        policy = policy_of(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, keep_every=keep_every)
+        kept_at = policy.keep(entries)
         gone = [e for i, e in enumerate(entries) if i not in kept_at]
         kept = len(entries) - len(gone)
     else:

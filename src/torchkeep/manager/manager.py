@@ -261,7 +261,14 @@ class CheckpointManager:
             return None if i is None else self._entries[i]
 
     def _policy(self) -> Any:
-        return retention.policy_of(self)
+        return retention.policy_of(
+            keep_last=self.keep_last,
+            keep_best=self.keep_best,
+            monitor=self.monitor,
+            mode=self.mode,
+            keep_every=self.keep_every,
+            keep_within=self.keep_within,
+        )
 
     # -- saving ----------------------------------------------------------------------------------
     def save(

@@ -154,19 +154,31 @@ class AnyOf:
         return kept
 
 
-def policy_of(o: Any) -> Policy:
-    """The policy of a manager's ``keep_*`` options, read from ``o`` (the manager, or any object with its
-    ``keep_last``, ``keep_best``, ``monitor``, ``mode``, ``keep_every`` and ``keep_within``): any rule keeps,
-    the newest always stays, no rule keeps everything. Pure: ``torchkeep prune``'s dry run uses it read-only."""
+def policy_of(
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    keep_every: int | None = None,
+    keep_within: float | None = None,
+) -> Policy:
+    """The policy of a manager's ``keep_*`` options: any rule keeps, the newest always stays, no rule
+    keeps everything. Pure: ``CheckpointManager`` and ``torchkeep prune``'s read-only dry run share it.
+
+    Example:
+        >>> type(policy_of()).__name__, type(policy_of(keep_last=2)).__name__
+        ('KeepAll', 'AnyOf')
+    """
     rules: list[Any] = []
-    if o.keep_last is not None:
-        rules.append(LatestN(o.keep_last))
-    if o.keep_best is not None and o.monitor:
-        rules.append(BestN(o.keep_best, o.monitor, o.mode))
-    if o.keep_every is not None:
-        rules.append(EveryN(o.keep_every))
-    if o.keep_within is not None:
-        rules.append(Within(float(o.keep_within), _time.time()))
+    if keep_last is not None:
+        rules.append(LatestN(keep_last))
+    if keep_best is not None and monitor:
+        rules.append(BestN(keep_best, monitor, mode))
+    if keep_every is not None:
+        rules.append(EveryN(keep_every))
+    if keep_within is not None:
+        rules.append(Within(float(keep_within), _time.time()))
     if not rules:
         return KeepAll()
     return AnyOf(LatestN(1), *rules)
