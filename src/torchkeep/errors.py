@@ -277,6 +277,10 @@ class InvalidArgumentError(TorchkeepError, ValueError):
     Attributes:
         argument: the keyword (or positional name) at fault.
         value: what was passed.
+
+    Example:
+        >>> str(InvalidArgumentError("keep_last", -1, "pass a count of 0 or more"))
+        'keep_last=-1: pass a count of 0 or more'
     """
 
     def __init__(self, argument: str, value: Any, fix: str) -> None:
@@ -286,7 +290,12 @@ class InvalidArgumentError(TorchkeepError, ValueError):
 
 
 class ArgumentTypeError(TorchkeepError, TypeError):
-    """An argument has a type the call cannot use; the message names the argument and the accepted types."""
+    """An argument has a type the call cannot use; the message names the argument and the accepted types.
+
+    Example:
+        >>> str(ArgumentTypeError("path", 42, "a path (a str or os.PathLike)"))
+        'path must be a path (a str or os.PathLike), not int'
+    """
 
     def __init__(self, argument: str, value: Any, expected: str) -> None:
         self.argument = argument
@@ -302,6 +311,11 @@ class UnsupportedSourceError(TorchkeepError, ValueError):
         kind: the kind detected from its content (``"torchkeep"``, ``"safetensors"``,
             ``"sharded"``, ``"torch.save (zip)"``, ``"torch.distributed.checkpoint"``, ...).
         operation: what was asked (``"load_model"``, ``"export"``, ...).
+
+    Example:
+        >>> e = UnsupportedSourceError("old.pth", "torch.save (zip)", "load_model", "build the model and load_into it")
+        >>> e.kind, isinstance(e, ValueError)
+        ('torch.save (zip)', True)
     """
 
     def __init__(self, path: str | Path, kind: str, operation: str, fix: str) -> None:
@@ -312,7 +326,12 @@ class UnsupportedSourceError(TorchkeepError, ValueError):
 
 
 class TargetIsDirectoryError(TorchkeepError, IsADirectoryError):
-    """A file was to be written where a directory is."""
+    """A file was to be written where a directory is.
+
+    Example:
+        >>> str(TargetIsDirectoryError("runs", "runs/ckpt.safetensors"))
+        'runs: is a directory; give a file name such as runs/ckpt.safetensors'
+    """
 
     def __init__(self, path: str | Path, suggestion: str) -> None:
         self.path = str(path)
@@ -325,6 +344,10 @@ class TargetExistsError(TorchkeepError, FileExistsError):
 
     Attributes:
         path: the target.
+
+    Example:
+        >>> isinstance(TargetExistsError("ck", "a file is there", "pick another path"), FileExistsError)
+        True
     """
 
     def __init__(self, path: str | Path, what: str, fix: str) -> None:
@@ -337,6 +360,10 @@ class ManagerClosedError(TorchkeepError, RuntimeError):
 
     Attributes:
         directory: the run directory.
+
+    Example:
+        >>> isinstance(ManagerClosedError("runs/a", "save"), RuntimeError)
+        True
     """
 
     def __init__(self, directory: str | Path, action: str = "") -> None:

@@ -118,6 +118,13 @@ def detect(path: str | os.PathLike[str], *, operation: str = "open") -> Detected
         path: a file or directory.
         operation: what the caller is doing, named in errors (``"tk.load"``, ``"inspect"``).
 
+    Example:
+        >>> import torch, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "old.ckpt")
+        >>> torch.save({"w": torch.ones(1)}, p)
+        >>> detect(p).kind
+        'torch.save (zip)'
+
     Raises:
         CheckpointNotFoundError: no such path (or a shard index's shard is missing: MissingShardError).
         UnsupportedSourceError: a directory without a checkpoint in it, or with several candidates.

@@ -94,7 +94,10 @@ class _LoaderState:
 def loader_state(loader: Any) -> Any:
     """A Stateful view of a prepared dataloader (``DataLoaderShard`` / ``DataLoaderDispatcher``) to put in any tree.
 
-    ``tk.save({"loader": loader_state(dl)}, p)`` then ``tk.restore(p, {"loader": loader_state(dl)})``.
+    Example::
+
+        tk.save({"loader": loader_state(train_dl), "epoch": epoch}, "loader.safetensors")
+        tk.restore("loader.safetensors", {"loader": loader_state(train_dl)})
     """
     return _LoaderState(loader)
 
@@ -139,6 +142,11 @@ def save_state(accelerator: Any, output_dir: str | os.PathLike[str], *, extra: A
     state tree: epoch, config...). Call it on every process: the main process writes
     ``torchkeep-state.safetensors``; with more than one process each also writes its RNG state
     to ``torchkeep-rng-<rank>.safetensors``. Returns the folder.
+
+    Example::
+
+        model, opt, dl = accelerator.prepare(model, opt, dl)
+        save_state(accelerator, f"ckpt/step-{step}", extra={"epoch": epoch})
     """
     _check(accelerator)
     folder = Path(output_dir)
@@ -170,6 +178,11 @@ def load_state(
     ``trust_pickle=True`` for ``custom_checkpoint_N.pkl`` states that hold arbitrary objects).
 
     Returns the loaded tree: ``"step"``, ``"extra"`` and the restored entries.
+
+    Example::
+
+        model, opt, dl = accelerator.prepare(model, opt, dl)
+        epoch = load_state(accelerator, "ckpt/step-1000")["extra"]["epoch"] + 1
     """
     _check(accelerator)
     folder = Path(input_dir)

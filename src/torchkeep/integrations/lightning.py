@@ -199,6 +199,12 @@ def check_checkpoint(trainer: Any) -> None:
         UnsupportedObjectError: naming the value's place in the checkpoint, e.g.
             ``hyper_parameters.loss_fn``.
         UnsupportedDtypeError: a tensor of a dtype safetensors cannot hold.
+
+    Example::
+
+        trainer = L.Trainer(plugins=[TorchkeepCheckpointIO()])
+        trainer.strategy.connect(model)  # what fit() does first; TorchkeepCallback calls this at fit start
+        check_checkpoint(trainer)
     """
     for key, part in _checkpoint_parts(trainer).items():
         try:

@@ -63,6 +63,13 @@ class TorchkeepTrainerMixin:
 
     DeepSpeed, FSDP, XLA and SageMaker model parallelism save sharded or framework-owned state:
     with them the Trainer's own methods run unchanged.
+
+    Example::
+
+        class MyTrainer(TorchkeepTrainerMixin, Seq2SeqTrainer): ...
+
+        trainer = MyTrainer(model=model, args=args, train_dataset=ds)
+        trainer.train(resume_from_checkpoint=True)  # resumes bitwise from the newest checkpoint-N
     """
 
     torchkeep_training_args_json: bool = True
@@ -187,6 +194,12 @@ def restore_checkpoint(
     unpickling code). Every file is read (and verified) before any object is modified. ``rng=True``
     sets the Python, NumPy, torch CPU (and CUDA) generators. Returns ``trainer_state.json`` as a
     dict (``global_step``, ``epoch``, ``log_history``...), or ``{}`` when the folder has none.
+
+    Example::
+
+        tk.load_into(model, "out/checkpoint-500")  # the weights (model.safetensors)
+        state = restore_checkpoint("out/checkpoint-500", optimizer=opt, scheduler=sched, rng=True)
+        step = state["global_step"]
     """
     folder = Path(checkpoint)
     if not folder.is_dir():
