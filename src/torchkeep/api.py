@@ -80,7 +80,27 @@ def save(
     path = as_path(path)
     if path.is_dir():
         raise TargetIsDirectoryError(path, str(path / "ckpt.safetensors"))
+    _warn_hub_name(obj, path)
     return save_tree(obj, path, metadata=metadata, durable=durable)
+
+
+def _warn_hub_name(obj: Any, path: Path) -> None:
+    """A state tree saved where ``from_pretrained`` looks for a model's weights matches none of its names."""
+    if not isinstance(obj, Mapping) or all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return  # a flat {name: tensor} dict keeps its names
+    from torchkeep.pretrained import LIBRARIES, folder_library
+
+    if path.name not in {v[2] for v in LIBRARIES.values()} and folder_library(path.parent) is None:
+        return
+    first = next(iter(obj), "model")
+    warnings.warn(
+        f"{path}: Hugging Face from_pretrained reads this file by parameter name, and the names in this tree start "
+        f"with '{first}/' where the model's own parameter names are expected, so it would match none of them and "
+        "return a randomly initialised model. Write the model with tk.save_model(model, folder) (a folder from_pretrained "
+        "loads), and training state under another name such as ckpt.safetensors.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _is_file_object(value: Any, method: str) -> bool:

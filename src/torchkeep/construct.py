@@ -14,13 +14,15 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["build", "call"]
+__all__ = ["build", "call", "construct", "materialize"]
 
 
 def call(cls: type, config: dict[str, Any]) -> torch.nn.Module:
@@ -96,16 +98,58 @@ class _SkipMetaInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _aliases(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module, str]]:
+    """``(module, name, owner, owner_name)`` for each parameter or buffer that is another's object (a tie)."""
+    first: dict[int, tuple[torch.nn.Module, str]] = {}
+    ties = []
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) in first:
+                    ties.append((m, name, *first[id(t)]))
+                else:
+                    first[id(t)] = (m, name)
+    return ties
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Allocate a meta-built model's tensors on ``device``, uninitialised, keeping tied weights tied.
+
+    What ``to_empty`` does, without the symbolic-shape machinery ``empty_like`` pulls in on meta,
+    and without its flaw: ``to_empty`` allocates each name of a tied parameter separately, so an
+    output layer sharing the embedding's weight would get a weight of its own.
+    """
+    ties = _aliases(model)
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    for m, name, owner, owner_name in ties:
+        table = "_parameters" if name in m._parameters else "_buffers"
+        getattr(m, table)[name] = getattr(owner, table)[owner_name]
+    return model
+
+
 def build(cls: type, config: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module, bool]:
     """The model, and whether it was built on the meta device (weights never initialised)."""
+    return construct(lambda: call(cls, config), device)
+
+
+def construct(
+    make: Callable[[], torch.nn.Module],
+    device: torch.device,
+    *,
+    real: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[torch.nn.Module, bool]:
+    """``make()`` on the meta device then allocated on ``device``, or, when the model cannot be built
+    that way, ``make()`` inside ``real()`` (a library's own skip-initialisation context) and moved."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.device("meta"), _SkipMetaInit():
-                model = call(cls, config)
+                model = make()
         if isinstance(model, torch.nn.Module) and _meta_safe(model):
-            # what to_empty does, without the symbolic-shape machinery empty_like pulls in on meta
-            return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device)), True
+            return materialize(model, device), True
     except Exception:
         pass  # the class cannot be built on meta: build it for real below
-    return call(cls, config).to(device), False
+    with real():
+        return make().to(device), False

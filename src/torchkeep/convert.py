@@ -10,6 +10,9 @@ Formats (``to=``, or guessed from the output name):
   the loaded tree, for old tools; it loads with ``torch.load(weights_only=True)``.
 - ``"distributed"``: a torchkeep distributed checkpoint directory (see :mod:`torchkeep.distributed`),
   written as one rank; it restores on any number of ranks.
+- ``"hf"``: a Hugging Face model folder that ``from_pretrained`` loads (``config.json`` and the
+  weights under the library's names, see :mod:`torchkeep.pretrained`), from the model subtree of a
+  training checkpoint and the model's config (``config=``, or a ``config`` dict in the tree).
 
 The input may also be a torchkeep distributed checkpoint directory: its manifest is verified
 first (every file hashed), then its shards are gathered on this process. For ``"torchkeep"`` and
@@ -78,6 +81,9 @@ _ALIASES = {
     "pth": "torch",
     "pytorch": "torch",
     "dcp": "distributed",
+    "huggingface": "hf",
+    "transformers": "hf",
+    "diffusers": "hf",
 }
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 #: Where the weights live in a state tree, tried in this order (torchkeep trees, then training-script wrappers).
@@ -253,6 +259,7 @@ def convert(
     key: str | None = None,
     progress: Callable[[int], None] | None = None,
     max_memory: int | str | None = None,
+    config: Any = None,
 ) -> Path:
     """Convert a checkpoint to another format; the source is never modified.
 
@@ -274,20 +281,26 @@ def convert(
         to: ``"torchkeep"`` (whole tree, checksummed; default for ``*.safetensors``),
             ``"safetensors"`` (plain flat weights only, see :func:`select_weights`),
             ``"torch"`` (``torch.save`` of the tree; default for ``*.pt``/``*.pth``/``*.bin``/``*.ckpt``)
-            or ``"distributed"`` (a torchkeep distributed checkpoint directory).
+            ``"distributed"`` (a torchkeep distributed checkpoint directory) or ``"hf"`` (a
+            Hugging Face model folder, ``dst`` a directory: needs ``config``).
         max_shard_size: split the tensors into shards of at most this many bytes
             (``5_000_000_000``, ``"5GB"``, ``"500MB"``, ``"4GiB"``): writes
             ``name-00001-of-0000N.safetensors`` and ``name.safetensors.index.json`` (returned).
             When everything fits in one shard, a single ``dst`` file is written.
             torchkeep shards carry checksums; the tree skeleton goes in the index metadata.
         trust_pickle: allow legacy pickles that need more than plain data (runs their code!).
-        key: for ``to="safetensors"``: the ``/``-path of the subtree holding the weights.
+        key: for ``to="safetensors"`` and ``"hf"``: the ``/``-path of the subtree holding the weights.
         progress: called with the number of input bytes read after each batch (for progress bars);
             the calls add up to :func:`input_size` for a distributed checkpoint.
         max_memory: for a distributed checkpoint: about the most memory its tensors take while
             gathering (``"1GiB"`` default, :data:`DEFAULT_MAX_MEMORY`): batches of half of it,
             the other half for the chunks DCP reads them from. A tensor larger than half is read
             alone and takes twice its size. Ignored for other inputs.
+        config: for ``to="hf"``: the model's config (a ``transformers``/``diffusers`` config, its
+            dict, or the path of a ``config.json`` or of the folder holding one). Default: the
+            tree's top-level ``config`` when it is such a dict. The model is built from it and
+            the weights are loaded into it strictly before anything is written (the checkpoint
+            and the config must agree); memory: the weights twice.
 
     Returns:
         The path written (the index file for sharded output).
@@ -313,6 +326,10 @@ def convert(
     if limit is not None and fmt in ("torch", "distributed"):
         raise ConversionError("max_shard_size needs a safetensors output (to='torchkeep' or 'safetensors')")
     found = kinds.detect(src, operation="convert")
+    if fmt == "hf":
+        _refuse_inside(found, dst)
+        tree, user = _read(found, trust_pickle, progress)
+        return _to_hf(tree, user, dst, key, config, max_shard_size)
     if dst.is_dir() and fmt != "distributed":
         raise ConversionError(f"{dst}: is a directory; give a file name such as {dst / 'model.safetensors'}")
     _refuse_same(found, [dst])
@@ -330,6 +347,29 @@ def convert(
             source.close()
     tree, user = _read(found, trust_pickle, progress)
     return _convert_tree(found, dst, fmt, limit, key, tree, user, None)
+
+
+def _refuse_inside(found: kinds.Detected, dst: Path) -> None:
+    for inp in [found.path, *found.shards]:
+        if _same_file(inp.parent, dst) or _same_file(inp, dst):
+            raise ConversionError(
+                f"{dst}: the output folder holds the input {inp}; the source is never modified, so write to another folder"
+            )
+
+
+def _to_hf(tree: Any, user: dict[str, Any], dst: Path, key: str | None, config: Any, limit: Any) -> Path:
+    from torchkeep import pretrained
+
+    if config is None:
+        found = tree.get("config") if isinstance(tree, Mapping) else None
+        if not (isinstance(found, Mapping) and ("model_type" in found or "_class_name" in found)):
+            raise ConversionError(
+                "to='hf' needs the model's config to build the model from: pass config= (a transformers config, "
+                "its dict, or the path of its config.json); the checkpoint has no 'config' dict with a 'model_type'"
+            )
+        config = found
+    model = pretrained.model_for_weights(config, select_weights(tree, key))
+    return pretrained.save(model, dst, metadata=user or None, max_shard_size="5GB" if limit is None else limit)
 
 
 def _convert_tree(

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -54,7 +53,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from torchkeep import kinds
+from torchkeep import kinds, pretrained
 from torchkeep._version import __version__
 from torchkeep.construct import build
 from torchkeep.errors import (
@@ -67,15 +66,14 @@ from torchkeep.errors import (
     UnsupportedSourceError,
 )
 from torchkeep.format.meta import MODEL_KEY, TREE_KEY, USER_KEY, tree_json, user_json
-from torchkeep.format.shards import parse_size, split_shards
+from torchkeep.format.shards import parse_size
 from torchkeep.headers import HeaderFile
 from torchkeep.loading import load_into
 from torchkeep.runtime import paused_gc
 from torchkeep.sources import open_source
-from torchkeep.storage.local import AtomicFile
 from torchkeep.storage.paths import as_path
 from torchkeep.tree import flatten, format_path, unflatten
-from torchkeep.writer import provenance_metadata, sharded_paths, tensor_sizes, write_file, write_sharded
+from torchkeep.writer import provenance_metadata, write_file, write_model_dir
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -296,6 +294,12 @@ def model_record(model: torch.nn.Module) -> dict[str, Any]:
     model = _unwrap(model)
     cls = type(model)
     name = cls.__dict__.get("_torchkeep_name")
+    lib = pretrained.library_of(model)
+    if lib is not None:  # rebuilt from its own config by its library; a registered subclass keeps its name
+        rec = pretrained.record(model, lib)
+        if name is not None:
+            rec.update(name=name, version=cls._torchkeep_version)
+        return rec
     if name is None:
         raise UnknownModelError(
             _path(cls),
@@ -351,13 +355,15 @@ def save_model(
     metadata: Mapping[str, Any] | None = None,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Save a registered model's weights, registry name, version, config and train/eval flag.
+    """Save a registered model (or a Hugging Face model) to a file or folder :func:`load_model` rebuilds it from.
 
     Args:
         model: an instance of a :func:`register_model` class (``torch.compile``/DDP wrappers are unwrapped).
         path: a file (one torchkeep file, tree ``{"model": state_dict}``), or a directory (a path ending
             with a separator, or an existing directory): ``config.json`` + ``model.safetensors``, sharded
-            with ``model.safetensors.index.json`` above ``max_shard_size``.
+            with ``model.safetensors.index.json`` above ``max_shard_size``. A ``transformers`` or
+            ``diffusers`` model goes to a folder ``from_pretrained`` loads unless the path ends in
+            ``.safetensors`` (see :mod:`torchkeep.pretrained`).
         metadata: user metadata (JSON), as in :func:`torchkeep.save`.
         max_shard_size: directory layout only: bytes per shard (``"5GB"``, ``"500MB"``, an int).
 
@@ -386,38 +392,29 @@ def save_model(
     if metadata:
         meta[USER_KEY] = user_json(metadata)
     with paused_gc():
-        if not _is_dir_target(path):
+        hub = "library" in record and not os.fspath(path).endswith(".safetensors")  # save_pretrained takes a folder
+        if not hub and not _is_dir_target(path):
             path = Path(os.fspath(path)).expanduser()
             flat = flatten({"model": model})
             meta[TREE_KEY] = tree_json(flat.skeleton)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_file(path, flat.tensors, meta, checksums=True)
             return path
-        directory = Path(os.fspath(path)).expanduser()
-        directory.mkdir(parents=True, exist_ok=True)
-        flat = flatten(dict(model.state_dict()))
+        if "library" in record:
+            return pretrained.save(
+                model, Path(os.fspath(path)).expanduser(), metadata=metadata, max_shard_size=max_shard_size
+            )
         limit = parse_size(max_shard_size)
-        groups = split_shards(tensor_sizes(flat.tensors), limit) if limit is not None else [list(flat.tensors)]
-        single = directory / WEIGHTS_FILE
-        old_shards = sorted(directory.glob("model-*-of-*.safetensors"))
-        if len(groups) > 1:
-            index_meta = {MODEL_KEY: record}
-            written = write_sharded(single, flat.tensors, groups, meta, index_meta, checksums=True)
-            keep = {p.name for p in sharded_paths(single, len(groups))[0]}
-            stale = [single, *(p for p in old_shards if p.name not in keep)]
-        else:
-            meta[TREE_KEY] = tree_json(flat.skeleton)
-            write_file(single, flat.tensors, meta, checksums=True)
-            written = single
-            stale = [directory / f"{WEIGHTS_FILE}.index.json", *old_shards]
-        for p in stale:  # a previous save with the other layout would shadow this one
-            if p != written:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-        with AtomicFile(directory / CONFIG_FILE) as f:
-            os.write(f.fd, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode())
-            f.commit()
-    return directory
+        text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+        return write_model_dir(
+            Path(os.fspath(path)).expanduser(),
+            WEIGHTS_FILE,
+            flatten(dict(model.state_dict())),
+            meta,
+            {MODEL_KEY: record},
+            max_shard_size=limit,
+            files={CONFIG_FILE: text},
+        )
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -558,7 +555,27 @@ def load_model(
             "parameters and buffers), or None",
         )
     path = as_path(path)
+    hub = pretrained.folder_library(path) if path.exists() else None
+    if hub is not None:  # a Hugging Face folder (save_pretrained's or save_model's)
+        config, weights = pretrained.read_folder(*hub, path)
+        return pretrained.load(
+            hub[0], config, weights, map_location=map_location, dtype=dtype, verify=verify, find=_by_class_name
+        )
     record, found = _read_record(path)
+    if record.get("library") in pretrained.LIBRARIES:  # save_model(hf_model, "file.safetensors")
+        model = pretrained.load(
+            record["library"],
+            record.get("config") or {},
+            found.target,
+            key="model",
+            map_location=map_location,
+            dtype=dtype,
+            verify=verify,
+            find=lambda n: (
+                _by_class_name(n) or (_REGISTRY[record["name"]].cls if record["name"] in _REGISTRY else None)
+            ),
+        )
+        return model.train(bool(record.get("training", False)))
     whole = found.path.is_dir() or found.kind == kinds.SHARDED  # the directory layout: a flat state dict
     name = record["name"]
     cls, registered = _find_class(name, record.get("class"), allow_import)
@@ -589,6 +606,11 @@ def load_model(
         model = model.to(dtype)
     model.train(bool(record.get("training", False)))
     return model
+
+
+def _by_class_name(name: str) -> type | None:
+    """A registered class called ``name`` (a Hugging Face config names classes, not registry names)."""
+    return next((e.cls for e in _REGISTRY.values() if e.cls.__name__ == name or e.name == name), None)
 
 
 def registered_names() -> list[str]:

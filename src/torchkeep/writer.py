@@ -31,7 +31,7 @@ from torchkeep.errors import ConversionError
 from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.header import HeaderBuilder
 from torchkeep.format.meta import TREE_KEY, USER_KEY, provenance, tree_json, user_json
-from torchkeep.format.shards import index_bytes, shard_names
+from torchkeep.format.shards import index_bytes, shard_names, split_shards
 from torchkeep.hashing import Digests
 from torchkeep.runtime import paused_gc
 from torchkeep.storage.local import AtomicFile, fsync_dir, write_buffers
@@ -53,6 +53,7 @@ __all__ = [
     "tensor_sizes",
     "write_checksummed",
     "write_file",
+    "write_model_dir",
     "write_sharded",
     "write_torch",
 ]
@@ -374,3 +375,45 @@ def write_sharded(
         f.commit()
     fsync_dir(index_path.parent)
     return index_path
+
+
+def write_model_dir(
+    directory: Path,
+    weights_name: str,
+    flat: Flat,
+    meta: dict[str, str],
+    index_meta: dict[str, Any],
+    *,
+    max_shard_size: int | None,
+    files: Mapping[str, str],
+) -> Path:
+    """A model folder: ``weights_name`` (or its shards + index above ``max_shard_size`` bytes) and
+    the text ``files`` (``config.json``...), each written atomically; weights first, texts last.
+
+    Shards or a single file left by an earlier save with the other layout are removed (they would
+    shadow the new weights). Returns ``directory``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    groups = split_shards(tensor_sizes(flat.tensors), max_shard_size) if max_shard_size else [list(flat.tensors)]
+    single = directory / weights_name
+    stem = weights_name.removesuffix(".safetensors")
+    old_shards = sorted(directory.glob(f"{stem}-*-of-*.safetensors"))
+    if len(groups) > 1:
+        written = write_sharded(single, flat.tensors, groups, meta, index_meta, checksums=True)
+        keep = {p.name for p in sharded_paths(single, len(groups))[0]}
+        stale = [single, *(p for p in old_shards if p.name not in keep)]
+    else:
+        write_file(single, flat.tensors, {**meta, TREE_KEY: tree_json(flat.skeleton)}, checksums=True)
+        written = single
+        stale = [directory / f"{weights_name}.index.json", *old_shards]
+    for p in stale:
+        if p != written:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+    for name, text in files.items():
+        with AtomicFile(directory / name) as f:
+            os.write(f.fd, text.encode())
+            f.commit()
+    return directory

@@ -21,7 +21,10 @@ __all__ = ["convert_command"]
 
 
 def _written(path: Path) -> tuple[int, int]:
-    """``(files, bytes)`` written: the index plus its shards, or one file."""
+    """``(files, bytes)`` written: the index plus its shards, or one file, or a folder's files."""
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file()]
+        return len(files), sum(p.stat().st_size for p in files)
     if is_index_name(path.name):
         shards = set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values())
         return len(shards) + 1, sum((path.parent / s).stat().st_size for s in shards) + path.stat().st_size
@@ -36,7 +39,8 @@ def convert_command(
         "--to",
         metavar="FORMAT",
         help=f"Output format, one of {', '.join(OUTPUT_FORMATS)}. Default: from DST's name "
-        "(.safetensors -> torchkeep, .pt/.pth/.bin/.ckpt -> torch).",
+        "(.safetensors -> torchkeep, .pt/.pth/.bin/.ckpt -> torch). hf: DST is a folder that Hugging Face "
+        "from_pretrained loads.",
         show_default=False,
     ),
     max_shard_size: str = typer.Option(
@@ -50,7 +54,7 @@ def convert_command(
         None,
         "--key",
         metavar="PATH",
-        help="With --to safetensors: the subtree holding the weights (e.g. ema/model). "
+        help="With --to safetensors or hf: the subtree holding the weights (e.g. ema/model). "
         "Default: model, model_state_dict, state_dict, module or net, or the whole file if it is flat.",
         show_default=False,
     ),
@@ -60,6 +64,14 @@ def convert_command(
         metavar="SIZE",
         help="Gathering a distributed checkpoint directory: use about SIZE of memory for its tensors "
         "(batches of half of it; a larger tensor alone, at twice its size). Default: 1GiB.",
+        show_default=False,
+    ),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        metavar="PATH",
+        help="With --to hf: the model's config.json (or the folder holding it). Default: the checkpoint's "
+        "own top-level 'config' dict, when it has one with a model_type.",
         show_default=False,
     ),
     trust_pickle: bool = typer.Option(
@@ -79,6 +91,8 @@ def convert_command(
       torchkeep convert ckpt.safetensors model.safetensors --max-shard-size 5GB
       # torch.save format for old tools
       torchkeep convert ckpt.safetensors legacy.pt
+      # the model of a training checkpoint as a folder from_pretrained loads
+      torchkeep convert runs/exp1/step-001000.safetensors gpt2-ft/ --to hf --config base/config.json
       # gather a distributed checkpoint into one file, 512 MiB of tensors at a time
       torchkeep convert runs/exp1/step-001000 model.safetensors --max-memory 512MiB
     """
@@ -99,13 +113,14 @@ def convert_command(
             key=key,
             progress=progress,
             max_memory=max_memory,
+            config=config,
         )
     files, size = _written(out)
     elapsed = time.perf_counter() - started
     if json_out:
         typer.echo(json.dumps({"src": str(src), "dst": str(out), "files": files, "bytes": size, "seconds": elapsed}))
         return
-    shards = f" ({files - 1} shards + index)" if files > 1 else ""
+    shards = f" ({files} files)" if out.is_dir() else f" ({files - 1} shards + index)" if files > 1 else ""
     Console(highlight=False, soft_wrap=True).print(
         f"[bold green]wrote[/] {escape(str(out))}{shards}: {human_bytes(size)} in {elapsed:.2f} s"
     )

@@ -45,7 +45,7 @@ TREE_KEY = "torchkeep.tree"
 USER_KEY = "torchkeep.user"
 MODEL_KEY = "torchkeep.model"
 #: what ``convert`` writes (``to=``): the whole tree, plain weights, ``torch.save``, a distributed checkpoint
-OUTPUT_FORMATS = ("torchkeep", "safetensors", "torch", "distributed")
+OUTPUT_FORMATS = ("torchkeep", "safetensors", "torch", "distributed", "hf")
 
 
 def created() -> str:
