@@ -147,7 +147,8 @@ def render(info: dict[str, Any], console: Console) -> None:
     grid.add_row("parameters", f"{info['parameters']:,}")
     model = info.get("model")
     if model:
-        grid.add_row("model", escape(f"{model['name']} v{model['version']} ({model['class']})"))
+        version = f" v{model['version']}" if model.get("version") is not None else ""
+        grid.add_row("model", escape(f"{model['name']}{version} ({model['class']})"))
         for i, (key, value) in enumerate((model.get("config") or {}).items()):
             grid.add_row("config" if i == 0 else "", f"{escape(key)} = {escape(_short(value))}")
     for i, (key, value) in enumerate(info["metadata"].items()):
