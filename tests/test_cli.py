@@ -183,7 +183,7 @@ def test_inspect_legacy_torch_save_without_unpickling(tmp_path: Path, monkeypatc
     info = tk.inspect(p)
     assert info["format"] == "torch.save (zip)" and info["legacy"] is True
     assert info["storages"] == 2 and info["storage_bytes"] == 12 + 16
-    assert "tk.save(tk.load(" in info["hint"] and "old.safetensors" in info["hint"]
+    assert "torchkeep convert " in info["hint"] and "old.safetensors" in info["hint"]
 
     raw = tmp_path / "ancient.pt"
     raw.write_bytes(pickle.dumps({"x": 1}, protocol=2))
@@ -289,7 +289,7 @@ def test_cli_inspect_legacy_file_suggests_conversion(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(2)}, p)
     result = runner.invoke(app, ["inspect", str(p)])
     assert result.exit_code == 0
-    assert "torch.save (zip)" in result.stdout and "tk.save(tk.load(" in result.stdout
+    assert "torch.save (zip)" in result.stdout and "torchkeep convert " in result.stdout
 
 
 # -- torchkeep verify ------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_cli_verify_legacy_file_exits_2(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(2)}, p)
     result = runner.invoke(app, ["verify", str(p)])
     assert result.exit_code == 2
-    assert "no checksums to verify" in result.stderr and "tk.save(tk.load(" in result.stderr
+    assert "no checksums to verify" in result.stderr and "torchkeep convert " in result.stderr
 
 
 # -- help ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from torchkeep import kinds
+from torchkeep import kinds, pickle_view
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, MissingShardError
 from torchkeep.format.dtypes import ST_TO_NAME
 from torchkeep.format.header import FORMAT_KEY, TensorSpec
@@ -40,11 +40,11 @@ _DTYPE_NAMES = ST_TO_NAME
 
 
 def _convert_hint(path: Path) -> str:
-    target = path.with_suffix(".safetensors").name
-    return f"Convert it once, if you trust its source: tk.save(tk.load({str(path)!r}), {target!r})"
+    target = path.with_suffix(".safetensors")
+    return f"Convert it once, if you trust its source: torchkeep convert {path} {target} (Python: tk.convert)"
 
 
-def _legacy_summary(path: Path, kind: str) -> dict[str, Any]:
+def _legacy_summary(path: Path, kind: str, depth: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "path": str(path),
         "file_size": path.stat().st_size,
@@ -61,7 +61,35 @@ def _legacy_summary(path: Path, kind: str) -> dict[str, Any]:
             raise CorruptCheckpointError(path, f"a damaged torch.save zip archive ({e})") from None
         out["storages"] = len(storages)
         out["storage_bytes"] = sum(i.file_size for i in storages)
+        seen = pickle_view.view(path)  # keys, dtypes and shapes from the pickle's opcodes, nothing run
+        if seen is not None:
+            skeleton, specs = seen
+            tree, params = summarise(skeleton, specs, depth)
+            out.update(_counts(specs, params), tree=tree)
+            if isinstance(skeleton, dict) and "S" in skeleton:
+                out["hint"] = (
+                    f"a whole pickled object ({skeleton['S']}), inspected without unpickling it; loading it runs "
+                    "code from the file. If you trust its source, keep its weights: "
+                    f"torchkeep convert {path} {path.with_suffix('.safetensors')} --trust-pickle"
+                )
     return out
+
+
+def _counts(specs: dict[str, TensorSpec], params: int | None) -> dict[str, Any]:
+    """``tensors``, ``elements``, ``parameters`` and the ``dtypes`` table of a set of tensors."""
+    dtypes: dict[str, dict[str, int]] = {}
+    for s in specs.values():
+        d = dtypes.setdefault(_DTYPE_NAMES[s.dtype], {"tensors": 0, "elements": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["elements"] += math.prod(s.shape)
+        d["bytes"] += s.nbytes
+    elements = sum(d["elements"] for d in dtypes.values())
+    return {
+        "tensors": len(specs),
+        "elements": elements,
+        "parameters": elements if params is None else params,
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
+    }
 
 
 def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[str, Any]:
@@ -70,7 +98,9 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
     Works on torchkeep files, plain safetensors files, torchkeep distributed checkpoint
     directories (adding ``world_size`` and ``files``; entries held in the shards have kind
     ``sharded`` and counts only) and (without unpickling them) legacy ``torch.save`` files,
-    for which it reports the format and how to convert.
+    for which it reports the format, how to convert and, for a ``torch.save`` zip, the keys,
+    dtypes and shapes read from its pickle's opcodes (:mod:`torchkeep.pickle_view`; nothing in
+    the file runs).
 
     Args:
         path: the file.
@@ -114,7 +144,7 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
         return _dcp_summary(found.path)
     if found.legacy:
         assert found.file is not None
-        return _legacy_summary(found.file, found.kind)
+        return _legacy_summary(found.file, found.kind, depth)
     files = found.shards
     if any(kinds.is_legacy_kind(k) for k in found.shard_kinds.values()):
         return _legacy_shards_summary(found)
@@ -143,13 +173,6 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
         header_size = sum(hf.header.size for hf in opened)
         data = sum(hf.header.file_size - hf.header.size for hf in opened)
         checksums = all(hf.header.checksums is not None for hf in opened)
-    dtypes: dict[str, dict[str, int]] = {}
-    for s in specs.values():
-        d = dtypes.setdefault(_DTYPE_NAMES[s.dtype], {"tensors": 0, "elements": 0, "bytes": 0})
-        d["tensors"] += 1
-        d["elements"] += math.prod(s.shape)
-        d["bytes"] += s.nbytes
-    elements = sum(d["elements"] for d in dtypes.values())
     out = {
         "path": str(where),
         "file_size": file_size,
@@ -160,11 +183,8 @@ def inspect(path: str | os.PathLike[str], *, depth: int | None = None) -> dict[s
         "created": meta.get("torchkeep.created"),
         "checksums": checksums,
         "metadata": user,
-        "tensors": len(specs),
-        "elements": elements,
-        "parameters": elements if params is None else params,
+        **_counts(specs, params),
         "bytes": data,
-        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))),
         "tree": tree,
         **_model_record(meta),
     }

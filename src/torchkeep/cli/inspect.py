@@ -119,8 +119,16 @@ def render(info: dict[str, Any], console: Console) -> None:
             grid.add_row("storages", f"{info['storages']:,} ({human_bytes(info['storage_bytes'])})")
         if "shards" in info:
             grid.add_row("sharded", f"{info['shards']} shards, {info['tensors']:,} tensors in the index")
+        if "tree" not in info:
+            console.print(grid)
+            console.print(f"[yellow]{escape(info['hint'])}[/]")
+            return
+        grid.add_row("tensors", f"{info['tensors']:,} · {info['elements']:,} elements")
+        grid.add_row("parameters", f"{info['parameters']:,}")
         console.print(grid)
+        _dtype_table(info, console)
         console.print(f"[yellow]{escape(info['hint'])}[/]")
+        _state_tree(info, console)
         return
     fmt = info["format"] + (" (checksummed)" if info["checksums"] else " (no checksums)")
     grid.add_row("format", escape(fmt))
@@ -155,6 +163,13 @@ def render(info: dict[str, Any], console: Console) -> None:
         grid.add_row("metadata" if i == 0 else "", f"{escape(key)} = {escape(_short(value))}")
     console.print(grid)
 
+    _dtype_table(info, console)
+    if info.get("hint"):
+        console.print(f"[yellow]{escape(info['hint'])}[/]")
+    _state_tree(info, console)
+
+
+def _dtype_table(info: dict[str, Any], console: Console) -> None:
     if info["dtypes"]:
         table = Table(title=None, box=None, padding=(0, 2), show_edge=False, header_style="bold")
         table.add_column("dtype")
@@ -166,8 +181,8 @@ def render(info: dict[str, Any], console: Console) -> None:
         console.print()
         console.print(table)
 
-    if info.get("hint"):
-        console.print(f"[yellow]{escape(info['hint'])}[/]")
+
+def _state_tree(info: dict[str, Any], console: Console) -> None:
     console.print()
     tree = Tree(Text("state tree", style="bold"), guide_style="dim")
     _add(tree, info["tree"])
