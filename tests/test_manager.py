@@ -44,7 +44,7 @@ def model_at(step: int, n: int = 8) -> torch.nn.Linear:
 
 
 def ckpt_files(run: Path) -> set[str]:
-    return {n for n in os.listdir(run) if n.endswith(".safetensors")}
+    return {n for n in os.listdir(run) if n.endswith(".safetensors") and not os.path.islink(os.path.join(run, n))}
 
 
 def expected_kept(n: int, keep_last: int, keep_best: int, keep_every: int) -> set[int]:
@@ -344,9 +344,11 @@ def test_sigkill_loop(tmp_path: Path) -> None:
             kills += 1
             with tk.CheckpointManager(run, keep_last=3) as mgr:
                 assert not [n for n in os.listdir(run) if ".tmp-" in n]
-                files = {n for n in os.listdir(run) if n.endswith(".safetensors")}
+                files = {n for n in os.listdir(run) if n.endswith(".safetensors") and n != "last.safetensors"}
                 steps = [c.step for c in mgr.checkpoints()]
                 assert {c.file for c in mgr.checkpoints()} == files and steps == sorted(steps)
+                if files:  # the stable path names the newest committed checkpoint, even after a kill
+                    assert os.readlink(run / "last.safetensors") == mgr.checkpoints()[-1].file
                 model = Model(numel)
                 info = mgr.restore({"model": model}, strict=True)
                 if info is None:

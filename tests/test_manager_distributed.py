@@ -69,7 +69,7 @@ def test_retention_deletes_directories_only_after_the_manifest_drops_them(job) -
         assert d["listed"][-1] == f"ckpt_00000{step}.dcp"  # and already named the new checkpoint
     for s in r0["steps"]:  # what is on disk is what the manifest lists
         assert s["dirs"] == s["files"]
-    assert sorted(n for n in os.listdir(out / "run") if n.endswith(".dcp")) == EXPECTED
+    assert sorted(n for n in os.listdir(out / "run") if n.endswith(".dcp") and n != "last.dcp") == EXPECTED
 
 
 @pytest.mark.timeout(300)
@@ -190,7 +190,11 @@ def test_files_and_directories_in_one_run_restore_by_step(tmp_path: Path) -> Non
         assert mgr.restore({"model": target}).file == "ckpt_000001.dcp"
         assert torch.equal(target.weight, b.weight)
         assert [c.file for c in mgr.prune()] == ["ckpt_000000.safetensors"]
-    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == ["ckpt_000001.dcp", "manifest.json"]
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == [
+        "ckpt_000001.dcp",
+        "last.dcp",
+        "manifest.json",
+    ]
 
 
 @pytest.mark.timeout(60)

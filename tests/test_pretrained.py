@@ -20,10 +20,14 @@ def _tiny(kind: str) -> torch.nn.Module:
     T = transformers
     torch.manual_seed(0)
     if kind == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0))
+        return T.GPT2LMHeadModel(
+            T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
+        )
     if kind == "bert":
         return T.BertForMaskedLM(
-            T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+            T.BertConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
+            )
         )
     if kind == "llama":
         cfg = T.LlamaConfig(
@@ -198,7 +202,9 @@ def test_cli_convert_to_hf(tmp_path) -> None:
     model = _tiny("gpt2").eval()
     model.config.save_pretrained(tmp_path / "base")
     ckpt = tk.save({"model": model, "epoch": 1}, tmp_path / "c.safetensors")
-    r = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "out"), "--to", "hf", "--config", str(tmp_path / "base")])
+    r = CliRunner().invoke(
+        app, ["convert", str(ckpt), str(tmp_path / "out"), "--to", "hf", "--config", str(tmp_path / "base")]
+    )
     assert r.exit_code == 0, r.output
     assert torch.equal(_logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out"), X), _logits(model, X))
     r = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "out2"), "--to", "hf"])
@@ -220,7 +226,7 @@ def test_saving_a_tree_where_from_pretrained_looks_warns(tmp_path) -> None:
 
 diffusers = None
 try:  # optional: the same folder layout for diffusers models
-    import diffusers  # noqa: F811
+    import diffusers
 except ImportError:
     pass
 

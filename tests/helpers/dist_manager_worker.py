@@ -41,7 +41,7 @@ def _view(mgr: tk.CheckpointManager) -> dict:
 
 
 def _dirs(run: Path) -> list[str]:
-    return sorted(n for n in os.listdir(run) if n.endswith(".dcp"))
+    return sorted(n for n in os.listdir(run) if n.endswith(".dcp") and n != "last.dcp")  # last.dcp: a link
 
 
 def _save_full(model: torch.nn.Module, opt: torch.optim.Optimizer, path: Path) -> None:

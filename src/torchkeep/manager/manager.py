@@ -240,6 +240,8 @@ class CheckpointManager:
         self._entries = entries
         if changed:
             self._write_manifest()
+        else:
+            self._point_last()  # a save killed between its manifest and its link
 
     # -- queries ---------------------------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointInfo]:
@@ -473,6 +475,12 @@ class CheckpointManager:
             i = retention.best_index(self._entries, self.monitor, self.mode)
             best = None if i is None else self._entries[i].file
         self._store.write(manifest.MANIFEST, manifest.encode(self._entries, latest, best), durable=self.durable)
+        self._point_last()
+
+    def _point_last(self) -> None:
+        point_last = getattr(self._store, "point_last", None)
+        if point_last is not None:  # a local run: last.safetensors names the newest committed checkpoint
+            point_last(self._entries[-1].file if self._entries else None)
 
     # -- restoring -------------------------------------------------------------------------------
     def restore(self, state: Any, *, step: int | str | None = None, strict: bool = False) -> CheckpointInfo | None:

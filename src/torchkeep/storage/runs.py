@@ -40,9 +40,11 @@ from typing import Any, Protocol
 from torchkeep.errors import CheckpointLockedError
 from torchkeep.storage.local import AtomicFile
 
-__all__ = ["LOCK", "Body", "LocalRun", "RunStore", "header_length"]
+__all__ = ["LAST", "LOCK", "Body", "LocalRun", "RunStore", "header_length"]
 
 LOCK = ".lock"
+#: The stable names of a local run's newest committed checkpoint: symbolic links, a file or a directory.
+LAST = ("last.safetensors", "last.dcp")
 _TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
 # a checkpoint directory being deleted, or replaced by torchkeep.distributed (never a temp file)
 _OLD = re.compile(r"\.(?P<target>.+)\.old-[0-9a-f]+", re.DOTALL)
@@ -136,7 +138,8 @@ class LocalRun:
                 shutil.rmtree(path, ignore_errors=True)
 
     def names(self) -> list[str]:
-        return os.listdir(self.directory)
+        """The directory's entries, less the ``last`` links (they name a checkpoint, they are not one)."""
+        return [n for n in os.listdir(self.directory) if n not in LAST or not (self.directory / n).is_symlink()]
 
     def read(self, name: str) -> bytes | None:
         try:
@@ -195,6 +198,32 @@ class LocalRun:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+    def point_last(self, name: str | None) -> None:
+        """Make ``last.safetensors`` (``last.dcp`` for a directory checkpoint) a relative symbolic
+        link to ``name``, atomically (a new link renamed over the old); ``None`` removes it.
+
+        It is changed only after the manifest that names ``name`` is written, so it never names
+        an uncommitted checkpoint. A file system without links simply has none."""
+        want = None if name is None else LAST[1] if name.endswith(".dcp") else LAST[0]
+        for link in LAST:
+            path = self.directory / link
+            if link != want:
+                if path.is_symlink():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                continue
+            if path.is_symlink() and os.readlink(path) == name:
+                continue
+            if path.exists() and not path.is_symlink():
+                continue  # the user's own file of that name: never replaced
+            tmp = self.directory / f".{link}.tmp-{secrets.token_hex(6)}"
+            try:
+                os.symlink(name, tmp)
+                os.replace(tmp, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def free_bytes(self) -> int:
         try:
