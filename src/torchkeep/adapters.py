@@ -180,7 +180,7 @@ def _by_peft(root: torch.nn.Module, state: dict[str, Any], adapter: str) -> dict
     try:
         # save_embedding_layers=False: "auto" may ask the Hub whether the vocabulary was resized
         saved = get(root, state_dict=state, adapter_name=adapter, save_embedding_layers=False)
-    except (AttributeError, KeyError, TypeError, ValueError, NotImplementedError):
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):  # NotImplementedError included
         return None
     pairs = {file_key: owner[id(v)] for file_key, v in saved.items() if id(v) in owner}
     return pairs or None

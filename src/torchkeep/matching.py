@@ -409,7 +409,7 @@ def mismatch_error(
                 fixes.append(f"pass {_kw(remap=remap, **extra)} (the names differ by a prefix)")
             break
     ck_names = list(tensors)
-    if names is None and (adapter_dir or adapters.looks_like_adapter(ck_names)):
+    if names is None and ck_names and (adapter_dir or adapters.looks_like_adapter(ck_names)):
         config = f"peft.PeftConfig.from_pretrained({adapter_dir!r})" if adapter_dir else "the adapter's config"
         fixes.append(
             "the checkpoint holds PEFT adapter weights (names such as "
