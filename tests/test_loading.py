@@ -331,8 +331,10 @@ def test_loads_onto_each_parameters_own_device(tmp_path: Path) -> None:
     report = load_into(model, p)
     assert report.ok and model.conv.weight is weight and weight.is_cuda
     assert torch.equal(model.fc.weight.cpu(), src.fc.weight)
-    report = load_into(model, FIXTURES / "cuda0.pt", strict=False, key="model")
-    assert report.matched == [] and report.unexpected  # names differ: nothing copied, nothing broken
+    with pytest.raises(tk.errors.TooFewMatchesError):  # names differ: nothing to copy is an error, nothing broken
+        load_into(model, FIXTURES / "cuda0.pt", strict=False, key="model")
+    assert model.conv.weight is weight and torch.equal(model.fc.weight.cpu(), src.fc.weight)
+    assert load_into(model, FIXTURES / "cuda0.pt", strict=False, key="model", min_matched=0).matched == []
     cuda_sd = {k: v.cuda() for k, v in src.state_dict().items()}
     cpu_model = fresh()
     assert load_into(cpu_model, cuda_sd).ok and not cpu_model.conv.weight.is_cuda
@@ -392,19 +394,27 @@ def test_plan_into_names_the_options_of_its_caller() -> None:
     """tk.restore has no skip_mismatched: its mismatch error must point at strict=False."""
     from torchkeep.loading import plan_into
 
-    big = nn.Linear(3, 4).state_dict()
+    def two(out: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 3), nn.Linear(3, out))
+
+    big = two(4).state_dict()  # the same body, a wider head
     args = {"strict": True, "skip_mismatched": False, "label": "c.safetensors", "key": "model"}
     with pytest.raises(KeyMismatchError) as as_load_into:
-        plan_into(nn.Linear(3, 2), big, **args)
+        plan_into(two(2), big, **args)
     assert "skip_mismatched=True" in str(as_load_into.value)
     with pytest.raises(KeyMismatchError) as as_restore:
-        plan_into(nn.Linear(3, 2), big, **args, caller="restore")
+        plan_into(two(2), big, **args, caller="restore")
     msg = str(as_restore.value)
     assert "skip_mismatched" not in msg and "pass strict=False to tk.restore" in msg and "warn" in msg
-    assert "weight (4, 3) vs (2, 3)" in msg
-    missing = {"weight": big["weight"][:2]}  # a missing bias and a fitting weight: still only strict=False
+    assert "1.weight (4, 3) vs (2, 3)" in msg
+    missing = {**{k: v for k, v in big.items() if k.startswith("0.")}, "1.weight": big["1.weight"][:2]}
     with pytest.raises(KeyMismatchError, match=r"strict=False to tk\.restore") as info:
-        plan_into(nn.Linear(3, 2), missing, **args, caller="restore")
+        plan_into(two(2), missing, **args, caller="restore")  # a missing bias and fitting weights: only strict=False
     assert "skip_mismatched" not in str(info.value)
+    whole = nn.Linear(3, 4).state_dict()  # every shape differs: no option would load anything, none is offered
+    with pytest.raises(KeyMismatchError, match="no option makes this load pass") as info:
+        plan_into(nn.Linear(3, 2), whole, **args)
+    assert "pass" not in str(info.value).split("fix:")[1].replace("no option makes this load pass", "")
     with pytest.raises(tk.errors.InvalidArgumentError, match="caller='api'"):
-        plan_into(nn.Linear(3, 2), big, **args, caller="api")
+        plan_into(two(2), big, **args, caller="api")

@@ -22,7 +22,7 @@ from torchkeep.errors import (
     TargetIsDirectoryError,
     TorchkeepError,
 )
-from torchkeep.loading import copy_plan, plan_into
+from torchkeep.loading import MIN_MATCHED, copy_plan, plan_into
 from torchkeep.mapped import MappedCheckpoint, adopt
 from torchkeep.placement import MapLocation, checked_placer
 from torchkeep.reader import Checkpoint
@@ -226,6 +226,7 @@ def restore(
     map_location: MapLocation = "cpu",
     verify: bool = True,
     trust_pickle: bool = False,
+    min_matched: int | float = MIN_MATCHED,
 ) -> Any:
     """Load a checkpoint and ``load_state_dict`` it into each target, in place.
 
@@ -246,6 +247,9 @@ def restore(
         map_location: where the tensors of the returned tree that were not restored
             into a target go (targets keep their own devices). As in :func:`load`.
         verify, trust_pickle: as in :func:`load`.
+        min_matched: the fewest tensors each module target may receive, as in
+            :func:`~torchkeep.load_into` (a count, or a fraction of the smaller side; ``0``: any).
+            A PEFT model target takes an adapter checkpoint, also as in ``load_into``.
 
     Returns:
         The loaded tree, e.g. to read ``state["epoch"]``. Entries restored into a target
@@ -264,7 +268,15 @@ def restore(
     plan = restore_targets(targets)
     path = as_path(path)
     with _still_there(path):
-        return _restore(path, plan, strict=strict, map_location=map_location, verify=verify, trust_pickle=trust_pickle)
+        return _restore(
+            path,
+            plan,
+            strict=strict,
+            map_location=map_location,
+            verify=verify,
+            trust_pickle=trust_pickle,
+            min_matched=min_matched,
+        )
 
 
 def _restore(
@@ -275,6 +287,7 @@ def _restore(
     map_location: MapLocation,
     verify: bool,
     trust_pickle: bool,
+    min_matched: int | float = MIN_MATCHED,
 ) -> Any:
     detected = kinds.detect(path, operation="tk.restore")
     if detected.kind == kinds.TORCHKEEP_DCP:
@@ -286,7 +299,7 @@ def _restore(
     if detected.kind not in (kinds.TORCHKEEP, kinds.SAFETENSORS):
         # read whole (legacy pickles, shard sets, DCP directories), then load into the targets
         tree, _ = read_tree(detected, verify=verify, trust_pickle=trust_pickle)
-        found = _match_targets(path, tree, plan, strict)
+        found = _match_targets(path, tree, plan, strict, min_matched)
         for tpath, target, sub in found:
             _assign(tree, tpath, _apply(target, sub, lambda t: t))
         return tree
@@ -301,7 +314,7 @@ def _restore(
             views = unflatten(skeleton, mapped.view) if ck.has_tree else {k: mapped.view(k) for k in ck.keys()}
         except SkeletonError as e:
             raise CorruptCheckpointError(path, str(e)) from None
-        found = _match_targets(path, views, plan, strict)
+        found = _match_targets(path, views, plan, strict, min_matched)
         # targets torchkeep cannot pre-check (schedulers, user objects) go first, so that if
         # one of them raises, the pre-checked modules and optimizers are still untouched
         found.sort(key=lambda f: isinstance(f[1], (torch.nn.Module, torch.optim.Optimizer)))
@@ -334,7 +347,7 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
 
 
 def _match_targets(
-    path: Path, tree: Any, plan: list[tuple[tuple[Any, ...], Any]], strict: bool
+    path: Path, tree: Any, plan: list[tuple[tuple[Any, ...], Any]], strict: bool, min_matched: int | float
 ) -> list[tuple[tuple[Any, ...], Any, Any]]:
     """Pair each target with its subtree and validate all of them before anything is loaded."""
     found: list[tuple[tuple[Any, ...], Any, Any]] = []
@@ -350,7 +363,14 @@ def _match_targets(
                 raise KeyMismatchError(where, fix=f"the checkpoint holds a {type(sub).__name__} here, not a state dict")
             # load_into's planning: prefix repair ('module.', '_orig_mod.'), keys, shapes; nothing copied yet
             sub = plan_into(
-                target, sub, strict=strict, skip_mismatched=not strict, label=f"{path}", key=where, caller="restore"
+                target,
+                sub,
+                strict=strict,
+                skip_mismatched=not strict,
+                label=f"{path}",
+                key=where,
+                caller="restore",
+                min_matched=min_matched,
             )
         elif isinstance(target, torch.optim.Optimizer):
             _check_optimizer(where, target, sub)

@@ -47,6 +47,7 @@ __all__ = [
     "ModelVersionError",
     "TargetExistsError",
     "TargetIsDirectoryError",
+    "TooFewMatchesError",
     "TorchkeepError",
     "UnknownModelError",
     "UnsafeCheckpointError",
@@ -201,6 +202,11 @@ class KeyMismatchError(TorchkeepError, KeyError):
         if fix:
             lines.append(f"  fix: {fix}")
         super().__init__("\n".join(lines))
+
+
+class TooFewMatchesError(KeyMismatchError):
+    """A load would fill fewer tensors than ``min_matched`` (often none): the names do not correspond.
+    Also carries ``matched`` (tensors it would fill) and ``needed``."""
 
 
 class DeviceUnavailableError(TorchkeepError, RuntimeError):

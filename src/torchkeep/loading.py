@@ -3,23 +3,26 @@
 The steps, in order (nothing in the model changes before the last one):
 
 1. open the source (:mod:`torchkeep.sources`) and find the state dict in it;
-2. rename keys: the best prefix rule (``module.``, ``_orig_mod.``, ``model.`` and their
-   combinations, stripped or added), then the user's ``remap``;
+2. rename keys: a PEFT adapter's file names to the adapter's names in the model
+   (:mod:`torchkeep.adapters`), the best prefix rule (``module.``, ``_orig_mod.``, ``model.``
+   and their combinations, stripped or added), then the user's ``remap``;
 3. validate against ``model.state_dict()``: matched, missing, unexpected, shape- and
-   dtype-mismatched; raise if the load cannot be complete (``strict``);
+   dtype-mismatched; raise if the load cannot be complete (``strict``) or matches too little
+   (``min_matched``), with the options that make it pass (each one tried before it is offered);
 4. verify checksums of the tensors' files, then copy tensor by tensor in place.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from torchkeep import adapters
 from torchkeep.errors import (
     AmbiguousCheckpointError,
     ArgumentTypeError,
@@ -27,227 +30,21 @@ from torchkeep.errors import (
     DtypeMismatchError,
     InvalidArgumentError,
     KeyMismatchError,
-    format_names,
+)
+from torchkeep.matching import (
+    MIN_MATCHED,
+    LoadReport,
+    Remap,
+    check_min_matched,
+    match,
+    mismatch_error,
+    plan_names,
+    premap,
 )
 from torchkeep.placement import placer
-from torchkeep.sources import WRAPPER_KEYS, LazyTensor, candidates, iter_tensors, lookup, open_source, shape_dtype
+from torchkeep.sources import WRAPPER_KEYS, LazyTensor, candidates, iter_tensors, lookup, open_source
 
-__all__ = ["LoadReport", "load_into"]
-
-_KNOWN = ("module.", "_orig_mod.", "model.")
-# the prefixes a checkpoint or a model may carry: one known prefix, or two of them stacked
-# (DataParallel around a compiled model gives ``module._orig_mod.``)
-PREFIXES = ("", *_KNOWN, *(a + b for a in _KNOWN for b in _KNOWN if a != b))
-Remap = Mapping[str, str] | Callable[[str], "str | None"] | None
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_into` did.
-
-    Names are the model's names (``model.state_dict()`` keys) for ``matched``, ``missing``
-    and ``mismatched``; ``unexpected`` holds checkpoint names after renaming.
-
-    Attributes:
-        matched: keys loaded (a tied weight absent from the checkpoint but loaded through
-            its twin counts as matched).
-        missing: model keys the checkpoint lacks (left unchanged).
-        unexpected: checkpoint keys the model lacks (ignored).
-        mismatched: ``(key, checkpoint_shape, model_shape)`` of tensors not loaded.
-        renamed: rename rules applied, as ``(from, to, count)``: prefix rules such as
-            ``("module.", "", 12)``, ``remap`` regex rules ``(pattern, replacement, n)``, and
-            ``("<callable>", "<callable>", n)`` for a remap function.
-        dropped: checkpoint keys a remap callable dropped (returned ``None`` for).
-        cast: ``(key, checkpoint_dtype, model_dtype)`` of tensors converted on copy.
-        source: the path loaded, or ``"<memory>"``.
-        key: the dotted key of the state dict used inside the checkpoint (``""``: the top level).
-
-    Example:
-        >>> r = LoadReport(matched=["weight", "bias"], missing=["head.weight"])
-        >>> r.ok, r.to_dict()["missing"]
-        (False, ['head.weight'])
-        >>> print(r)
-        <memory>: loaded 2 tensors; missing 1: head.weight
-    """
-
-    matched: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    renamed: list[tuple[str, str, int]] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    cast: list[tuple[str, str, str]] = field(default_factory=list)
-    source: str = "<memory>"
-    key: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when every model tensor was loaded and every checkpoint tensor was used."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (shapes as lists)."""
-        return {
-            "source": self.source,
-            "key": self.key,
-            "ok": self.ok,
-            "matched": list(self.matched),
-            "missing": list(self.missing),
-            "unexpected": list(self.unexpected),
-            "mismatched": [[k, list(a), list(b)] for k, a, b in self.mismatched],
-            "renamed": [list(r) for r in self.renamed],
-            "dropped": list(self.dropped),
-            "cast": [list(c) for c in self.cast],
-        }
-
-    def __str__(self) -> str:
-        where = self.source + (f" [{self.key}]" if self.key else "")
-        parts = [f"{where}: loaded {len(self.matched)} tensors"]
-        if self.renamed:
-            parts.append("renamed " + ", ".join(f"{a!r}->{b!r} ({n})" for a, b, n in self.renamed))
-        if self.missing:
-            parts.append(f"missing {len(self.missing)}: {format_names(self.missing)}")
-        if self.unexpected:
-            parts.append(f"unexpected {len(self.unexpected)}: {format_names(self.unexpected)}")
-        if self.mismatched:
-            shown = ", ".join(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in self.mismatched[:10])
-            more = f", ... ({len(self.mismatched) - 10} more)" if len(self.mismatched) > 10 else ""
-            parts.append(f"skipped {len(self.mismatched)} shape mismatch(es), checkpoint vs model: {shown}{more}")
-        if self.cast:
-            parts.append(f"cast {len(self.cast)}: " + format_names(f"{k} {a}->{b}" for k, a, b in self.cast))
-        if self.dropped:
-            parts.append(f"dropped {len(self.dropped)}: {format_names(self.dropped)}")
-        return "; ".join(parts)
-
-    def __repr__(self) -> str:
-        return f"LoadReport({self})"
-
-
-# -- renaming ---------------------------------------------------------------------------------
-
-
-def _rename(key: str, old: str, new: str) -> str:
-    return new + key[len(old) :] if key.startswith(old) else key
-
-
-def _apply_prefix(keys: list[str], old: str, new: str) -> tuple[dict[str, str], int]:
-    """``{checkpoint key: new key}`` for rule old->new and the number renamed; a rename that
-    would collide with another key is not done."""
-    taken = set(keys)
-    out: dict[str, str] = {}
-    n = 0
-    for k in keys:
-        r = _rename(k, old, new)
-        if r != k and (r in taken or r in out.values()):
-            r = k
-        n += r != k
-        out[k] = r
-    return out, n
-
-
-def _compile_remap(remap: Remap) -> Callable[[str], str | None] | None:
-    if remap is None:
-        return None
-    if isinstance(remap, Mapping):
-        try:
-            rules = [(re.compile(p), r) for p, r in remap.items()]
-        except (re.error, TypeError) as e:
-            raise InvalidArgumentError(
-                "remap",
-                remap,
-                f"a key is not a valid regular expression ({e}); escape literal dots and brackets, "
-                "e.g. {'^encoder[.]': ''} or re.escape(prefix)",
-            ) from None
-
-        def by_regex(k: str) -> str:
-            for pat, rep in rules:
-                k = pat.sub(rep, k)
-            return k
-
-        return by_regex
-    if callable(remap):
-        return remap
-    raise ArgumentTypeError(
-        "remap",
-        remap,
-        "a dict of regex -> replacement (e.g. {'^encoder[.]': ''}) or a callable fn(key) -> new key | None",
-    )
-
-
-def _remap_rules(remap: Remap, keys: list[str]) -> list[tuple[str, str, int]]:
-    """The remap's rules with how many keys each renamed (for the report)."""
-    if remap is None:
-        return []
-    if isinstance(remap, Mapping):
-        out = []
-        cur = list(keys)
-        for p, r in remap.items():
-            nxt = [re.sub(p, r, k) for k in cur]
-            out.append((p, r, sum(a != b for a, b in zip(cur, nxt, strict=True))))
-            cur = nxt
-        return [x for x in out if x[2]]
-    return []
-
-
-def _plan_names(
-    ck_keys: list[str], model_keys: set[str], remap: Remap
-) -> tuple[dict[str, str], list[tuple[str, str, int]], list[str], int]:
-    """Best prefix rule, then remap: ``({ck key: final name}, rules, dropped, n matched)``."""
-    fn = _compile_remap(remap)
-    ck_prefixes = [p for p in PREFIXES if p == "" or any(k.startswith(p) for k in ck_keys)]
-    model_prefixes = [p for p in PREFIXES if p == "" or any(k.startswith(p) for k in model_keys)]
-    best: tuple[int, int, str, str, dict[str, str], int] | None = None
-    for old in ck_prefixes:
-        for new in model_prefixes:
-            if old == new and old:
-                continue
-            names, n = _apply_prefix(ck_keys, old, new)
-            final = {k: fn(v) if fn else v for k, v in names.items()}
-            score = sum(1 for v in final.values() if v in model_keys)
-            # more matches win; on a tie, the rule that renames least (identity first)
-            rank = (score, -n)
-            if best is None or rank > best[:2]:
-                best = (score, -n, old, new, names, n)
-    assert best is not None  # the identity rule always runs
-    score, _, old, new, names, n = best
-    rules = [(old, new, n)] if n else []
-    final: dict[str, str] = {}
-    dropped: list[str] = []
-    for k, v in names.items():
-        r = fn(v) if fn else v
-        if r is None:
-            dropped.append(k)
-        else:
-            final[k] = r
-    if isinstance(remap, Mapping):
-        rules += _remap_rules(remap, list(names.values()))
-    elif fn is not None:
-        changed = sum(1 for k, v in names.items() if final.get(k, v) != v)
-        if changed:
-            rules.append(("<callable>", "<callable>", changed))
-    return final, rules, sorted(dropped), score
-
-
-def _prefix_hint(unexpected: list[str], missing: list[str]) -> str:
-    """A ``remap={...}`` that would match more keys, when names differ by an unrecognised prefix."""
-    if not unexpected or not missing:
-        return ""
-    miss = set(missing)
-
-    def heads(keys: list[str]) -> set[str]:
-        return {k.split(".", 1)[0] + "." for k in keys if "." in k}
-
-    options = [(h, "") for h in heads(unexpected)] + [("", h) for h in heads(missing)]
-    options += [(a, b) for a in heads(unexpected) for b in heads(missing) if a != b]
-    best, best_n = None, 0
-    for old, new in options:
-        n = sum(1 for k in unexpected if k.startswith(old) and new + k[len(old) :] in miss)
-        if n > best_n:
-            best, best_n = (old, new), n
-    if best is None or best_n * 2 < min(len(unexpected), len(missing)):
-        return ""
-    pattern = "^" + re.escape(best[0])
-    return f"remap={{{pattern!r}: {best[1]!r}}}"
+__all__ = ["MIN_MATCHED", "LoadReport", "load_into"]
 
 
 # -- validation -------------------------------------------------------------------------------
@@ -269,69 +66,28 @@ def _plan(
     dtype_policy: str,
     report: LoadReport,
     caller: str = "load_into",
+    min_matched: int | float = MIN_MATCHED,
+    adapter: str | None = None,
+    adapter_dir: str | None = None,
 ) -> _Plan:
-    expected = model.state_dict(keep_vars=True)
-    targets = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor)}
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     tensors = dict(iter_tensors(sd))
-    names, rules, dropped, _ = _plan_names(list(tensors), set(targets), remap)
-    report.renamed, report.dropped = rules, dropped
-    by_name: dict[str, torch.Tensor | LazyTensor] = {}
-    unexpected = []
-    for ck_key, name in names.items():
-        if name in targets and name not in by_name:
-            by_name[name] = tensors[ck_key]
-        else:
-            unexpected.append(name)
-    copies: list[tuple[str, Any, torch.Tensor | LazyTensor]] = []
-    mismatched, cast = [], []
-    for name, src in by_name.items():
-        shape, dtype = shape_dtype(src)
-        dst = targets[name]
-        if shape != tuple(dst.shape):
-            mismatched.append((name, shape, tuple(dst.shape)))
-            continue
-        if dtype != dst.dtype:
-            cast.append((name, str(dtype).removeprefix("torch."), str(dst.dtype).removeprefix("torch.")))
-        copies.append((name, dst, src))
-    # a tied weight (one Parameter under two names) is loaded through either name
-    loaded_ids = {id(dst) for _, dst, _ in copies}
-    missing = [k for k, t in targets.items() if k not in by_name and id(t) not in loaded_ids]
-    matched = [k for k, t in targets.items() if id(t) in loaded_ids]
-    report.matched, report.missing, report.unexpected = matched, sorted(missing), sorted(unexpected)
-    report.mismatched, report.cast = sorted(mismatched), sorted(cast)
-    where = report.source + (f" [{report.key}]" if report.key else "")
-    blocking = (missing or unexpected) if strict else []
-    if blocking or (mismatched and not skip_mismatched):
-        fixes = []
-        hint = _prefix_hint(report.unexpected, report.missing)
-        if hint:
-            fixes.append(f"{hint} (the names differ by a prefix)")
-        also = "or " if hint else ""
-        if caller == "restore":  # restore has no skip_mismatched: strict=False skips shape mismatches too
-            fixes.append(
-                f"{also}pass strict=False to tk.restore to load the {len(copies)} tensors that match "
-                "and warn about the rest"
-            )
-        else:
-            opts = []
-            if blocking:
-                opts.append("strict=False")
-            if mismatched and not skip_mismatched:
-                opts.append("skip_mismatched=True")
-            if opts:
-                fixes.append(
-                    f"{also}pass {', '.join(opts)} to load the {len(copies)} tensors that match and report the rest"
-                )
-        raise KeyMismatchError(where, report.missing, report.unexpected, report.mismatched, fix=" ".join(fixes))
-    if cast and dtype_policy == "error":
-        raise DtypeMismatchError(where, report.cast)
+    names = adapters.find(model, targets, adapter)
+    opts = {"remap": remap, "strict": strict, "skip_mismatched": skip_mismatched, "min_matched": min_matched}
+    copies, problem = match(targets, tensors, names, report, **opts)
+    if problem:
+        raise mismatch_error(problem, targets, tensors, names, report, opts, caller, adapter_dir)
+    if report.cast and dtype_policy == "error":
+        raise DtypeMismatchError(report.source + (f" [{report.key}]" if report.key else ""), report.cast)
     return _Plan(copies, report)
 
 
 # -- source selection -------------------------------------------------------------------------
 
 
-def _choose(tree: Any, model: torch.nn.Module, key: str | None, label: str) -> tuple[str, Mapping[str, Any]]:
+def _choose(
+    tree: Any, model: torch.nn.Module, key: str | None, label: str, adapter: str | None = None
+) -> tuple[str, Mapping[str, Any]]:
     if key is not None:
         try:
             node = lookup(tree, key)
@@ -353,7 +109,11 @@ def _choose(tree: Any, model: torch.nn.Module, key: str | None, label: str) -> t
     if len(found) == 1:
         return next(iter(found.items()))
     model_keys = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    scores = {k: _plan_names(list(dict(iter_tensors(sd))), model_keys, None)[3] for k, sd in found.items()}
+    names = adapters.find(model, model_keys, adapter)
+    scores = {
+        k: plan_names(list(premap([n for n, _ in iter_tensors(sd)], names)[0].values()), model_keys, None)[3]
+        for k, sd in found.items()
+    }
     top = max(scores.values())
     best = [k for k, s in scores.items() if s == top]
     if top == 0:
@@ -364,6 +124,15 @@ def _choose(tree: Any, model: torch.nn.Module, key: str | None, label: str) -> t
     if len(best) > 1:
         raise AmbiguousCheckpointError(label, best)
     return best[0], found[best[0]]
+
+
+def _adapter_dir(source: Any) -> str | None:
+    """The folder of a PEFT adapter (``adapter_config.json`` in it) that ``source`` is or lies in."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    return str(folder) if (folder / "adapter_config.json").is_file() else None
 
 
 # -- copy -------------------------------------------------------------------------------------
@@ -411,6 +180,8 @@ def load_into(
     map_location: Any = None,
     key: str | None = None,
     verify: bool = True,
+    min_matched: int | float = MIN_MATCHED,
+    adapter: str | None = None,
 ) -> LoadReport:
     """Load weights from any source into ``model``, in place, and report what happened.
 
@@ -422,6 +193,13 @@ def load_into(
     failed load leaves the model unchanged. Tensors are copied into the existing
     parameters and buffers (optimizers keep pointing at them; tied weights stay tied),
     each onto the device it already lives on, one at a time.
+
+    A PEFT adapter checkpoint (``adapter_model.safetensors`` as ``save_pretrained`` writes it,
+    or :func:`torchkeep.integrations.peft.save_adapter`'s) loads into a model that holds the
+    adapter (a ``PeftModel``): its names are mapped to the adapter's (``lora_A.weight`` ->
+    ``lora_A.default.weight``, with peft's own mapping), and a strict load demands every
+    tensor of the adapter but none of the base model's, which it leaves as they are
+    (``report.kept``).
 
     Args:
         model: the module to load into.
@@ -442,16 +220,25 @@ def load_into(
         key: the dotted key of the state dict to use (``"ema"``, ``"a.b"``) when the
             checkpoint holds several.
         verify: check the checksums of torchkeep files before copying.
+        min_matched: the fewest tensors a load may fill, strict or not: a count (``int``), or a
+            fraction (``float``) of the smaller of the model's and the checkpoint's tensor counts
+            (at least one). The default, ``0.1``, stops a load whose names do not correspond
+            (a prefix, another model) from "succeeding" with nothing loaded; ``0`` accepts any load.
+        adapter: the PEFT adapter to load an adapter checkpoint into, when the model holds
+            several (by default its active one).
 
     Returns:
         A :class:`LoadReport`.
 
     Raises:
         KeyMismatchError: keys or shapes differ (message: the names and the option that fixes it).
+        TooFewMatchesError: fewer than ``min_matched`` tensors would load (a ``KeyMismatchError``).
         AmbiguousCheckpointError: several state dicts fit equally well; pass ``key=``.
         DtypeMismatchError: dtypes differ and ``dtype_policy="error"``.
-        InvalidArgumentError: a bad ``dtype_policy``, ``remap`` regex or ``map_location="meta"`` (a ``ValueError``).
-        ArgumentTypeError: ``model`` is not a module, or ``remap`` is neither a dict nor a callable (a ``TypeError``).
+        InvalidArgumentError: a bad ``dtype_policy``, ``remap`` regex, ``min_matched``, ``adapter`` or
+            ``map_location="meta"`` (a ``ValueError``).
+        ArgumentTypeError: ``model`` is not a module, ``remap`` is neither a dict nor a callable, or
+            ``min_matched`` not a number (a ``TypeError``).
         MissingShardError, CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError.
 
     Example:
@@ -476,10 +263,11 @@ def load_into(
             dtype_policy,
             'pass "cast" (the default: convert to the model\'s dtypes) or "error" (raise on a dtype difference)',
         )
+    check_min_matched(min_matched)
     place = _placement(map_location)
     with open_source(source, verify=verify) as src:
         label = src.label if isinstance(source, (str, os.PathLike)) else "<memory>"
-        chosen, sd = _choose(src.tree, model, key, label)
+        chosen, sd = _choose(src.tree, model, key, label, adapter)
         report = LoadReport(source=label, key=chosen)
         plan = _plan(
             model,
@@ -489,6 +277,9 @@ def load_into(
             skip_mismatched=skip_mismatched,
             dtype_policy=dtype_policy,
             report=report,
+            min_matched=min_matched,
+            adapter=adapter,
+            adapter_dir=_adapter_dir(source),
         )
         _check_devices(place, plan, label, map_location)
         # checksums of every tensor to be copied, before the first copy, one batch per file
@@ -511,6 +302,7 @@ def plan_into(
     label: str,
     key: str,
     caller: str = "load_into",
+    min_matched: int | float = MIN_MATCHED,
 ) -> tuple[_Plan, LoadReport]:
     """Validate ``sd`` against ``model`` (prefix repair, shapes, dtypes) without copying anything.
 
@@ -519,10 +311,11 @@ def plan_into(
 
     ``caller``: whose options the error's fix names: ``"load_into"`` (``strict=False``,
     ``skip_mismatched=True``) or ``"restore"`` (only ``strict=False``, which restore also uses
-    to skip shape mismatches).
+    to skip shape mismatches). ``min_matched`` as in :func:`load_into`.
     """
     if caller not in ("load_into", "restore"):
         raise InvalidArgumentError("caller", caller, 'pass "load_into" (the default) or "restore"')
+    check_min_matched(min_matched)
     report = LoadReport(source=label, key=key)
     plan = _plan(
         model,
@@ -533,6 +326,7 @@ def plan_into(
         dtype_policy="cast",
         report=report,
         caller=caller,
+        min_matched=min_matched,
     )
     return plan, report
 
