@@ -264,3 +264,13 @@ def test_peft_stays_an_optional_lazy_import() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "ImportError: torchkeep.integrations.peft needs peft: pip install 'torchkeep[peft]'" in r.stdout
+
+
+def test_a_trainer_checkpoint_folder_of_a_peft_model_resolves_to_its_adapter(tmp_path) -> None:
+    # what TorchkeepTrainer leaves in checkpoint-N/ for a PEFT model: the adapter beside the state file
+    from torchkeep import kinds
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    tk.save({"optimizer": {"state": {}}}, tmp_path / "torchkeep-state.safetensors")
+    tk.save({"w": torch.ones(1)}, tmp_path / "adapter_model.safetensors")
+    assert kinds.detect(tmp_path).file == tmp_path / "adapter_model.safetensors"

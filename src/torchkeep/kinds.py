@@ -15,8 +15,10 @@ kind                             what it is
 ===============================  ==================================================================
 
 A directory is resolved to what it holds: a torchkeep distributed checkpoint, a DCP
-directory, its shard index (``model.safetensors.index.json`` first), ``model.safetensors``
-or its only ``*.safetensors`` file, or its only ``torch.save`` file (``pytorch_model.bin``).
+directory, its shard index (``model.safetensors.index.json`` first), the weights file of a
+Hugging Face model, PEFT adapter or diffusers folder (``model.safetensors``, ``adapter_model.safetensors``,
+``diffusion_pytorch_model.safetensors``, their ``.bin`` forms), or its only ``*.safetensors`` file,
+or its only ``torch.save`` file.
 
 Example:
     >>> import torch, torchkeep as tk, tempfile, os
@@ -64,8 +66,19 @@ DCP = "torch.distributed.checkpoint"
 TORCHKEEP_DCP = "torchkeep.distributed"
 KINDS = (TORCHKEEP, SAFETENSORS, SHARDED, LEGACY_ZIP, LEGACY_PICKLE, DCP, TORCHKEEP_DCP)
 
-_PREFERRED_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_PREFERRED_FILE = ("model.safetensors", "pytorch_model.bin")
+_PREFERRED_INDEX = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+)
+_PREFERRED_FILE = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+)
 #: names only choose which damaged file an error blames when a directory holds no readable checkpoint
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
