@@ -256,12 +256,23 @@ def test_help_has_no_type_noise() -> None:
 # -- -v ----------------------------------------------------------------------------------------
 
 
-def test_verbose_shows_the_traceback(f: dict[str, Path]) -> None:
+@pytest.mark.parametrize("where", ["before", "after", "at-end"])
+def test_verbose_shows_the_traceback(f: dict[str, Path], where: str) -> None:
     plain = runner.invoke(app, ["inspect", str(f["text"])])
     assert "Traceback" not in plain.output
-    loud = runner.invoke(app, ["-v", "inspect", str(f["text"])])
+    args = {
+        "before": ["-v", "inspect", str(f["text"])],
+        "after": ["inspect", "-v", str(f["text"])],
+        "at-end": ["inspect", str(f["text"]), "--verbose"],
+    }[where]
+    loud = runner.invoke(app, args)
     assert loud.exit_code == 2
     assert "Traceback (most recent call last)" in loud.stderr and "CorruptCheckpointError" in loud.stderr
+
+
+def test_v_after_a_double_dash_is_an_argument(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["inspect", "--", "-v"])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "-v" in result.stderr
 
 
 def test_an_unexpected_error_is_one_line_and_names_v(f: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,6 +104,9 @@ def _json_wanted(args: list[str]) -> bool:
     return "--json" in head
 
 
+_VERBOSE = ("-v", "--verbose")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -116,6 +119,12 @@ class _Group(TyperGroup):
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name, cmd, rest = super().resolve_command(ctx, args)
+        own = {o for p in getattr(cmd, "params", []) for o in getattr(p, "opts", [])}
+        head = rest.index("--") if "--" in rest else len(rest)
+        flags = [a for a in rest[:head] if a in _VERBOSE and a not in own]
+        if flags:  # -v after the verb (torchkeep inspect -v FILE) means what it means before it
+            ctx.meta["torchkeep.verbose"] = True
+            rest = [a for i, a in enumerate(rest) if i >= head or a not in flags]
         ctx.meta["torchkeep.command"] = cmd  # for error messages in the command's own flags
         ctx.meta["torchkeep.name"] = name
         ctx.meta["torchkeep.json"] = _json_wanted(rest)
@@ -187,14 +196,17 @@ def _root(
         False, "--version", "-V", callback=_version, is_eager=True, help="Print the torchkeep version and exit."
     ),
     verbose: bool = typer.Option(
-        False, "--verbose", "-v", help="On an error, print the full traceback instead of one line."
+        False,
+        "--verbose",
+        "-v",
+        help="On an error, print the full traceback instead of one line (also accepted after the command).",
     ),
 ) -> None:
     """Save, resume, inspect and verify PyTorch checkpoints, without pickle.
 
     Start with: torchkeep demo
     """
-    ctx.meta["torchkeep.verbose"] = verbose  # read by _Group.invoke when an error comes back
+    ctx.meta["torchkeep.verbose"] = verbose or ctx.meta.get("torchkeep.verbose", False)  # read by _Group.invoke
 
 
 app.command("inspect", no_args_is_help=True)(inspect_command)
