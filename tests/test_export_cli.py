@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_models import MLP, SmallCNN, seeded
+from export_models import MLP, SmallCNN, TinyLM, seeded
 from typer.testing import CliRunner
 
 import torchkeep as tk
@@ -223,3 +223,111 @@ def test_allow_import_finds_a_class_in_the_current_directory(tmp_path: Path) -> 
     args[2] = str(tmp_path / "net.safetensors")
     bad = subprocess.run(args, cwd=elsewhere, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "importing model failed (ModuleNotFoundError" in " ".join(bad.stderr.split())
+
+
+# -- dynamic axes, and errors as every verb reports them ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return tk.save_model(TinyLM(), tmp_path_factory.mktemp("cli-lm") / "lm.safetensors")
+
+
+def test_export_dynamic_makes_the_sequence_dynamic(lm_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lm.pt2"
+    args = ["export", str(lm_file), "-s", "2x12", "--dtype", "int64", "--dynamic", "input_ids:0=batch,1=seq"]
+    result = runner.invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "dynamic axes input_ids 0=batch,1=seq" in text and "at input shapes 2x12; 4x7" in text
+    program = torch.export.load(str(out)).module()
+    x = torch.randint(0, 50, (3, 19))
+    model = tk.load_model(lm_file).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x))
+    # without INPUT: every input (here input_ids and attention_mask), in the JSON report
+    two = ["-s", "2x12", "-s", "2x12", "--dtype", "int64", "--dynamic", "0=batch,1=seq"]
+    both = runner.invoke(app, ["export", str(lm_file), *two, "-o", str(tmp_path / "both.pt2"), "--json"])
+    assert both.exit_code == 0, both.output
+    report = _strict_json(both.stdout)
+    assert report["dynamic_axes"] == {n: {"0": "batch", "1": "seq"} for n in ("input_ids", "attention_mask")}
+    assert report["checks"][1]["name"] == "batch 4, seq 7"
+    assert report["checks"][1]["shapes"] == {"input_ids": [4, 7], "attention_mask": [4, 7]}
+
+
+def test_export_help_shows_dynamic_with_an_example() -> None:
+    text = " ".join(runner.invoke(app, ["export", "--help"]).stdout.split())
+    assert "--dynamic" in text and "--dynamic input_ids:0=batch,1=seq" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--dynamic", "ids:0=batch"], "--dynamic ids: the model has no input named 'ids'; its inputs are input_ids"),
+        (
+            ["--dynamic", "input_ids:2=x"],
+            "--dynamic input_ids: input 'input_ids' has 2 dimension(s), so it has no axis 2",
+        ),
+        (["--dynamic", "input_ids:0=n,1=n"], "give axes of different sizes different names"),
+    ],
+)
+def test_export_argument_errors_name_the_file_and_the_flag(
+    lm_file: Path, tmp_path: Path, extra: list[str], says: str
+) -> None:
+    args = ["export", str(lm_file), "-s", "2x12", "--dtype", "int64", *extra, "-o", str(tmp_path / "m.pt2")]
+    human = runner.invoke(app, args)
+    text = _one_red_line(human)
+    assert text == f"error: {lm_file}: {says}" or (text.startswith(f"error: {lm_file}: ") and says in text)
+    assert "dynamic_axes" not in text, "the flag, never the Python keyword"
+    as_json = runner.invoke(app, [*args, "--json"])
+    assert as_json.exit_code == 2
+    doc = _strict_json(as_json.stdout)
+    assert doc["ok"] is False and doc["path"] == str(lm_file) and says in doc["error"]
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_export_usage_errors_exit_2_with_valid_json(lm_file: Path, tmp_path: Path) -> None:
+    bad = ["export", str(lm_file), "-s", "2x12", "--dynamic", "input_ids:x=batch", "-o", str(tmp_path / "m.pt2")]
+    result = runner.invoke(app, [*bad, "--json"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    doc = _strict_json(result.stdout)
+    assert doc["ok"] is False and "--dynamic" in doc["error"] and "input_ids:0=batch,1=seq" in doc["error"]
+    suffix = runner.invoke(app, ["export", str(lm_file), "-s", "2x12", "-o", str(tmp_path / "m.bin"), "--json"])
+    assert suffix.exit_code == 2 and "-o" in _strict_json(suffix.stdout)["error"]
+    assert "--format" in _strict_json(suffix.stdout)["error"] and "format=" not in suffix.stdout
+    shape = runner.invoke(
+        app, ["export", str(lm_file), "-s", "2x12", "--dtype", "float32", "-o", str(tmp_path / "m.pt2"), "--json"]
+    )
+    doc = _strict_json(shape.stdout)
+    assert shape.exit_code == 2 and doc["path"] == str(lm_file) and "--input-shape" in doc["error"]
+
+
+def test_export_errors_of_the_exporter_name_the_artifact_and_flags(tmp_path: Path) -> None:
+    path = tk.save_model(RowIndex(), tmp_path / "rows.safetensors")
+    out = tmp_path / "rows.pt2"
+    result = runner.invoke(app, ["export", str(path), "-s", "2x4", "-o", str(out), "--json"])
+    doc = _strict_json(result.stdout)
+    assert result.exit_code == 2 and doc["ok"] is False and doc["path"] == str(out)
+    assert doc["error"].startswith(f"{out}: export to torch.export failed") and "--static-batch" in doc["error"]
+    assert "dynamic_batch" not in doc["error"] and not out.exists()
+    verbose = runner.invoke(app, ["-v", "export", str(path), "-s", "2x4", "-o", str(out)])
+    assert verbose.exit_code == 2 and "Traceback" in verbose.stderr and "ExportError" in verbose.stderr
+
+
+def test_quantize_errors_name_the_file_and_the_flag_with_valid_json(mlp_file: Path) -> None:
+    gru = runner.invoke(app, ["quantize", str(mlp_file), "--modules", "gru", "--json"])
+    doc = _strict_json(gru.stdout)
+    assert gru.exit_code == 2 and doc == {
+        "ok": False,
+        "error": f"{mlp_file}: MLP has no submodule of type GRU to quantize: pass --modules with the layer types it "
+        "has (linear)",
+        "path": str(mlp_file),
+    }
+    shape = runner.invoke(app, ["quantize", str(mlp_file), "-s", "2x3", "--json"])
+    doc = _strict_json(shape.stdout)
+    assert shape.exit_code == 2 and doc["path"] == str(mlp_file) and "--input-shape" in doc["error"]
+    usage = runner.invoke(app, ["quantize", str(mlp_file), "--dtype", "int4", "--json"])
+    assert usage.exit_code == 2 and "--dtype" in _strict_json(usage.stdout)["error"]
+    verbose = runner.invoke(app, ["-v", "quantize", str(mlp_file), "-s", "2x3"])
+    assert verbose.exit_code == 2 and "Traceback" in verbose.stderr and "mat1 and mat2" in verbose.stderr

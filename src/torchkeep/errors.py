@@ -526,22 +526,24 @@ class FilenameTemplateError(TorchkeepError, ValueError):
 
 
 class ExportError(TorchkeepError, RuntimeError):
-    """The exporter could not turn the model into the requested format.
+    """The exporter could not turn the model into the requested format; nothing was written.
 
     Attributes:
         format: ``"onnx"``, ``"torchscript"``, ``"torch.export"`` or ``"tensorrt"``.
-        reason: the exporter's own first line(s) of explanation.
+        reason: the exporter's own first line of explanation; ``hint``: what to do about it.
+        path: the artifact that was not written (``None`` when not known yet).
+        details / log: everything the exporter printed and its full error, and the file holding them ("" if none).
     """
 
-    def __init__(self, format: str, reason: str, hint: str = "") -> None:
-        self.format = format
-        self.reason = reason
-        hint = hint or (
-            "If a Python branch depends on tensor values, rewrite it with torch.where/torch.cond; "
-            "if the batch size is baked into the model (a reshape with a literal), pass dynamic_batch=False; "
-            "or try another format (torch.export .pt2, or TorchScript with method='script')."
-        )
-        super().__init__(f"export to {format} failed: {reason}. Nothing was written. {hint}")
+    def __init__(
+        self, format: str, reason: str, hint: str = "", *, path: Any = None, details: str = "", log: str = ""
+    ) -> None:
+        self.format, self.reason, self.hint, self.details, self.log = format, reason, hint, details, log
+        self.path = None if path is None else str(path)
+        where = f"{self.path}: " if self.path else ""
+        hint = hint or "Try another format (.pt2 for torch.export, .onnx), or see the exporter's output for the cause."
+        more = f" The exporter's full output is in {log}." if log else ""
+        super().__init__(f"{where}export to {format} failed: {reason.rstrip('.')}. Nothing was written. {hint}{more}")
 
 
 class ExportUnavailableError(TorchkeepError, ImportError):
@@ -587,9 +589,9 @@ class ExportVerificationError(TorchkeepError, RuntimeError):
         super().__init__(
             f"{self.path}: the exported model does not match the eager model: {shown}{more} "
             f"({self._tolerances(report)}). The artifact was kept there for inspection; do not ship it. "
-            "A value-dependent Python branch frozen by tracing, a batch size baked in, or an operator the runtime "
-            "computes differently are the usual causes: try method='script' or the torch.export format, "
-            "or loosen rtol/atol if the differences are expected (e.g. float16)."
+            "A value-dependent Python branch frozen by tracing, a size baked in, or an operator the runtime computes "
+            "differently are the usual causes: pass method='script' or export to another format (torch.export .pt2), "
+            "or set rtol= and set atol= looser if the differences are expected (e.g. float16)."
         )
 
     @staticmethod

@@ -79,3 +79,20 @@ def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
     return model.train()
+
+
+@tk.register_model("test-export-tiny-lm")
+class TinyLM(nn.Module):
+    """Token ids in, logits out, with a causal running mean over the sequence: its sequence length is not fixed."""
+
+    def __init__(self, vocab: int = 50, width: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.tanh(self.emb(input_ids))
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1).to(h.dtype)
+        steps = torch.arange(1, input_ids.shape[1] + 1, dtype=h.dtype).unsqueeze(-1)
+        return self.head(h.cumsum(1) / steps)

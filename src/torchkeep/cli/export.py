@@ -17,13 +17,22 @@ from rich.padding import Padding
 from rich.table import Table
 
 from torchkeep.cli.inspect import human_bytes
-from torchkeep.cli.problems import JSON_ERROR_HELP
-from torchkeep.errors import ExportVerificationError
+from torchkeep.cli.problems import JSON_ERROR_HELP, ModelInputError
+from torchkeep.errors import ArgumentTypeError, ExportVerificationError, InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["check_runs", "example_inputs", "export_command", "fail", "parse_shape", "spinner"]
+__all__ = [
+    "as_cli",
+    "check_runs",
+    "example_inputs",
+    "export_command",
+    "in_file",
+    "parse_dynamic",
+    "parse_shape",
+    "spinner",
+]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -68,28 +77,63 @@ def example_inputs(shapes: list[str], dtype: str, seed: int = 0) -> tuple[torch.
     return tuple(out)
 
 
-def fail(message: str) -> typer.Exit:
-    """Print ``error: message`` as one red line on stderr; return the exit (status 2) to raise."""
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[bold red]error:[/] {escape(' '.join(message.split()))}"
-    )
-    return typer.Exit(2)
+_DYNAMIC_FORM = "write [NAME:]AXIS=SYMBOL[,AXIS=SYMBOL...], e.g. input_ids:0=batch,1=seq (without NAME: every input)"
 
 
-def check_runs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], shapes: list[str], dtype: str) -> None:
-    """Run the model once on the example inputs (eval mode, no grad); a failure exits 2 naming shapes and dtype."""
+def parse_dynamic(specs: list[str]) -> dict[str, dict[int, str]]:
+    """``--dynamic`` values -> ``dynamic_axes``; the key ``"*"`` holds the axes given for every input.
+
+    Example:
+        >>> parse_dynamic(["input_ids:0=batch,1=seq", "0=batch"])
+        {'input_ids': {0: 'batch', 1: 'seq'}, '*': {0: 'batch'}}
+    """
+    out: dict[str, dict[int, str]] = {}
+    for spec in specs:
+        name, _, axes = spec.rpartition(":")
+        parsed: dict[int, str] = {}
+        for part in axes.split(","):
+            axis, eq, symbol = part.partition("=")
+            try:
+                index = int(axis)
+            except ValueError:
+                index = -1
+            if not eq or index < 0 or not symbol.strip().isidentifier():
+                raise typer.BadParameter(f"{spec!r}: {_DYNAMIC_FORM}", param_hint="--dynamic")
+            parsed[index] = symbol.strip()
+        out.setdefault(name.strip() or "*", {}).update(parsed)
+    return out
+
+
+def as_cli(e: BaseException, command: Any) -> str:
+    """A library message on one line, in ``command``'s flags (``pass dynamic_batch=False`` -> ``pass --static-batch``)."""
+    from torchkeep.cli import as_flags  # the root package, loaded before any command runs
+
+    return as_flags(" ".join(str(e).split()), command)
+
+
+def in_file(e: InvalidArgumentError | ArgumentTypeError, checkpoint: Path, command: Any) -> ModelInputError:
+    """A library argument error, in ``command``'s flags, as an error naming ``checkpoint``."""
+    return ModelInputError(checkpoint, as_cli(e, command))
+
+
+def check_runs(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], shapes: list[str], dtype: str, checkpoint: Path
+) -> None:
+    """Run the model once on the example inputs (eval mode, no grad); a failure is a :class:`ModelInputError`
+    naming the file, the shapes, the dtype and the flags that set them."""
+    from torchkeep.export._failures import first_line
     from torchkeep.export._inputs import eval_mode, run_eager
 
     try:
         with eval_mode(model):
             run_eager(model, (inputs, {}))
     except Exception as e:
-        first = " ".join(str(e).strip().splitlines()[:1])[:300]
         given = ", ".join(shapes)
-        raise fail(
-            f"the model cannot run example inputs of shape {given} and dtype {dtype}: {type(e).__name__}: {first}. "
-            "Check --input-shape (one per forward input, batch first) and --dtype."
-        ) from None
+        raise ModelInputError(
+            checkpoint,
+            f"the model cannot run example inputs of shape {given} and dtype {dtype}: {first_line(e)}. "
+            "Check --input-shape (one per forward input, batch first) and --dtype.",
+        ) from e
 
 
 def spinner(label: str, *, json_out: bool) -> AbstractContextManager[Any]:
@@ -120,12 +164,17 @@ def print_report(report: Any, console: Console) -> None:
         f"[bold green]exported[/] {escape(report.path)}{files}: {report.format} via {escape(report.exporter)}, "
         f"{human_bytes(report.bytes)} in {report.export_seconds:.2f} s"
     )
-    batch = "dynamic" if report.dynamic_batch else "static"
+    axes = "; ".join(
+        f"{name} " + ",".join(f"{axis}={symbol}" for axis, symbol in sorted(a.items()))
+        for name, a in report.dynamic_axes.items()
+    )
     opset = f", opset {report.opset}" if report.opset else ""
     console.print(
         f"  inputs {escape(', '.join(report.input_names))}; outputs {escape(', '.join(report.output_names))}; "
-        f"batch {batch}{opset}"
+        f"{'dynamic axes ' + escape(axes) if axes else 'static shapes'}{opset}"
     )
+    for note in report.defaults:
+        console.print(f"  [cyan]default:[/] {escape(note)}")
     for note in report.warnings:
         console.print(f"  [yellow]note:[/] {escape(note)}")
     if not report.checks:
@@ -139,11 +188,17 @@ def print_report(report: Any, console: Console) -> None:
             mark = "[green]ok[/]" if o.ok else f"[bold red]FAIL[/] {escape(o.reason)}"
             table.add_row(escape(check.name), escape(o.name), f"{o.max_abs:.2e}", f"{o.max_rel:.2e}", mark)
     verdict = "[bold green]verified[/]" if report.verified else "[bold red]NOT verified[/]"
-    console.print(f"  {verdict} against the eager model in {report.verify_seconds:.2f} s:")
+    shapes = [", ".join("x".join(map(str, s)) or "scalar" for s in c.shapes.values()) for c in report.checks]
+    seen = "; ".join(f"({s})" if "," in s else s for s in dict.fromkeys(shapes) if s)
+    console.print(
+        f"  {verdict} against the eager model{' at input shapes ' + escape(seen) if seen else ''} "
+        f"in {report.verify_seconds:.2f} s:"
+    )
     console.print(Padding(table, (0, 0, 0, 4)))
 
 
 def export_command(
+    ctx: typer.Context,
     checkpoint: Path = typer.Argument(
         ...,
         metavar="CHECKPOINT",
@@ -171,6 +226,15 @@ def export_command(
         "weights to it.",
     ),
     dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Make dim 0 a dynamic batch axis."),
+    dynamic_axes: list[str] = typer.Option(
+        None,
+        "--dynamic",
+        "-d",
+        metavar="[INPUT:]AXIS=NAME,...",
+        help="Make axes dynamic, e.g. --dynamic input_ids:0=batch,1=seq (forward's parameter names; without INPUT: "
+        "every input). Axes sharing a NAME change size together. Replaces --dynamic-batch; repeat per input.",
+        show_default=False,
+    ),
     opset: int = typer.Option(
         None, "--opset", help="ONNX opset version (default: the exporter's).", show_default=False
     ),
@@ -186,7 +250,7 @@ def export_command(
 ) -> None:
     """Export a saved model for deployment and prove the artifact matches the eager model.
 
-    Rebuilds the model from a tk.save_model file (no pickle, no training script), exports it in eval mode with a dynamic batch, loads the artifact back with its own runtime (onnxruntime, torch.jit.load, torch.export.load), runs it on random inputs of the given shape and on another batch size, and prints the largest differences from eager.
+    Rebuilds the model from a tk.save_model file (no pickle, no training script), exports it in eval mode with a dynamic batch (or the axes --dynamic names), loads the artifact back with its own runtime (onnxruntime, torch.jit.load, torch.export.load), runs it on random inputs of the given shape and at other sizes of the dynamic axes (batch and sequence together), and prints the largest differences from eager.
 
     Exits 0 when verified, 1 if the differences exceed the tolerances (the artifact is kept for inspection), 2 if the export cannot run.
 
@@ -195,17 +259,30 @@ def export_command(
       torchkeep export model.safetensors -s 1x3x32x32 -o model.onnx
       torchkeep export model.safetensors -s 8x128 --dtype int64 -o model.pt2
       torchkeep export model.safetensors -s 1x16 -s 1x4 -o model.pt --json
+      # a language model: any batch size and sequence length
+      torchkeep export lm.safetensors -s 2x12 --dtype int64 --dynamic input_ids:0=batch,1=seq -o lm.onnx
     """
-    from torchkeep.export import export
+    from torchkeep.export import export, format_for
+    from torchkeep.export._inputs import input_names_for
 
     if method not in ("trace", "script"):
         raise typer.BadParameter(f"{method!r}: use trace or script", param_hint="--method")
+    try:
+        format_for(output, format)
+    except InvalidArgumentError as e:
+        what = "--format" if format is not None else "-o"
+        raise typer.BadParameter(f"{output}: {as_cli(e, ctx.command).split(': ', 1)[-1]}", param_hint=what) from None
+    axes = parse_dynamic(dynamic_axes) if dynamic_axes else None
     inputs = example_inputs(input_shape, dtype)
     model = load_checkpoint_model(checkpoint, allow_import)
     dt = _dtype(dtype)
     if dt.is_floating_point and any(p.is_floating_point() and p.dtype != dt for p in model.state_dict().values()):
         model = model.to(dt)  # inputs and weights in the same dtype: the model as it would be deployed
-    check_runs(model, inputs, input_shape, dtype)
+    check_runs(model, inputs, input_shape, dtype, checkpoint)
+    if axes is not None and "*" in axes:  # the axes given for every input, on those that have them
+        every = axes.pop("*")
+        for name, x in zip(input_names_for(model, (inputs, {})), inputs, strict=False):
+            axes[name] = {**{a: s for a, s in every.items() if a < x.dim()}, **axes.get(name, {})}
     fmt_label = format or output.suffix.lstrip(".") or "?"
     failed: ExportVerificationError | None = None
     label = f"exporting {escape(str(checkpoint))} to {escape(fmt_label)}…"
@@ -219,6 +296,7 @@ def export_command(
                 output,
                 format=format,
                 dynamic_batch=dynamic_batch,
+                dynamic_axes=axes,
                 opset=opset,
                 verify=verify,
                 rtol=rtol,
@@ -228,15 +306,15 @@ def export_command(
             )
         except ExportVerificationError as e:
             failed, report = e, e.report
-        except (ValueError, TypeError) as e:
-            raise fail(str(e)) from None
+        except (InvalidArgumentError, ArgumentTypeError) as e:
+            raise in_file(e, checkpoint, ctx.command) from e
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2, default=str, allow_nan=False))
     else:
         print_report(report, Console(highlight=False, soft_wrap=True))
         if failed is not None:
             Console(stderr=True, highlight=False, soft_wrap=True).print(
-                f"[bold red]error:[/] {escape(' '.join(str(failed).split()))}"
+                f"[bold red]error:[/] {escape(as_cli(failed, ctx.command))}"
             )
     if failed is not None:
         raise typer.Exit(1)

@@ -11,11 +11,20 @@ from pathlib import Path
 
 from torchkeep.errors import TorchkeepError
 
-__all__ = ["JSON_ERROR_HELP", "WrongInputError", "what_is"]
+__all__ = ["JSON_ERROR_HELP", "ModelInputError", "WrongInputError", "what_is"]
 
 
 class WrongInputError(TorchkeepError, ValueError):
     """The path exists but is the wrong kind of thing for this command; the message says what to pass."""
+
+    def __init__(self, path: str | os.PathLike[str], message: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class ModelInputError(TorchkeepError, ValueError):
+    """The model in the file cannot take what the command line describes (input shapes, dtype, dynamic axes,
+    layer types); the message names the flag to change."""
 
     def __init__(self, path: str | os.PathLike[str], message: str) -> None:
         self.path = os.fspath(path)

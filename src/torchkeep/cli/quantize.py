@@ -11,10 +11,18 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from torchkeep.cli.export import check_runs, example_inputs, fail, load_checkpoint_model, print_report, spinner
+from torchkeep.cli.export import (
+    as_cli,
+    check_runs,
+    example_inputs,
+    in_file,
+    load_checkpoint_model,
+    print_report,
+    spinner,
+)
 from torchkeep.cli.inspect import human_bytes
-from torchkeep.cli.problems import JSON_ERROR_HELP
-from torchkeep.errors import ExportVerificationError
+from torchkeep.cli.problems import JSON_ERROR_HELP, ModelInputError
+from torchkeep.errors import ArgumentTypeError, ExportVerificationError, InvalidArgumentError
 
 __all__ = ["quantize_command"]
 
@@ -22,6 +30,7 @@ _MODULES = ("linear", "lstm", "gru")  # torch.nn.Linear / LSTM / GRU
 
 
 def quantize_command(
+    ctx: typer.Context,
     checkpoint: Path = typer.Argument(
         ...,
         metavar="CHECKPOINT",
@@ -83,12 +92,23 @@ def quantize_command(
     inputs = example_inputs(input_shape, input_dtype) if input_shape else None
     model = load_checkpoint_model(checkpoint, allow_import)
     if inputs is not None:
-        check_runs(model, inputs, input_shape, input_dtype)
+        check_runs(model, inputs, input_shape, input_dtype, checkpoint)
+    if not any(isinstance(m, tuple(kinds)) for name, m in model.named_modules() if name):
+        present = [
+            n
+            for n, k in zip(_MODULES, (torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU), strict=True)
+            if any(isinstance(m, k) for m in model.modules())
+        ]
+        raise ModelInputError(
+            checkpoint,
+            f"{type(model).__name__} has no submodule of type {', '.join(k.__name__ for k in kinds)} to quantize: "
+            f"pass --modules with the layer types it has ({', '.join(present) or 'none of ' + ', '.join(_MODULES)})",
+        )
     try:
         with spinner("quantizing…", json_out=json_out):
             qmodel, report = quantize(model, dtype=getattr(torch, dtype), modules=tuple(kinds), example_inputs=inputs)
-    except (ValueError, TypeError) as e:
-        raise fail(str(e)) from None
+    except (InvalidArgumentError, ArgumentTypeError) as e:
+        raise in_file(e, checkpoint, ctx.command) from e
     exported = failed = None
     if output is not None:
         with spinner(f"exporting to {escape(str(output))}…", json_out=json_out), warnings.catch_warnings():
@@ -97,8 +117,8 @@ def quantize_command(
                 exported = export(qmodel, inputs, output, format="torchscript")
             except ExportVerificationError as e:
                 failed, exported = e, e.report
-            except (ValueError, TypeError) as e:
-                raise fail(str(e)) from None
+            except (InvalidArgumentError, ArgumentTypeError) as e:
+                raise in_file(e, checkpoint, ctx.command) from e
     if json_out:
         out = report.to_dict()
         out["export"] = exported.to_dict() if exported is not None else None
@@ -121,6 +141,9 @@ def quantize_command(
         else:
             con.print("  [dim]keep the float file; quantize at load with tk.quantize(tk.load_model(path))[/]")
     if failed is not None:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(as_cli(failed, ctx.command))}"
+        )
         raise typer.Exit(1)
 
 

@@ -1,4 +1,4 @@
-"""Example inputs: normalising them to ``(args, kwargs)``, the dynamic batch axis, other batch sizes.
+"""Example inputs: normalising them to ``(args, kwargs)``, binding them to ``forward``, naming inputs and outputs.
 
 Pure torch: no exporter is imported here.
 """
@@ -19,14 +19,13 @@ __all__ = [
     "Call",
     "as_call",
     "batch_size",
+    "bound_inputs",
     "canonical",
-    "dynamic_shapes_for",
     "eval_mode",
     "flat_outputs",
     "input_names_for",
     "output_names_for",
     "run_eager",
-    "with_batch",
 ]
 
 #: ``(args, kwargs)`` of one forward call.
@@ -94,77 +93,29 @@ def batch_size(call: Call) -> int | None:
     return None
 
 
-def _is_batched(t: Any, batch: int | None) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() >= 1 and batch is not None and int(t.shape[0]) == batch
-
-
-def with_batch(call: Call, new: int, *, seed: int = 0) -> Call:
-    """The same call with batch size ``new``: rows of the batched inputs repeated cyclically.
-
-    Floating-point inputs get noise on the repeated rows so that the new rows are not copies
-    (integer inputs, such as token ids, keep valid values). Inputs whose dim 0 is not the batch
-    size (lookup tables, scalars) are left as they are.
-    """
-    batch = batch_size(call)
-    g = torch.Generator().manual_seed(seed)
-
-    def grow(t: Any) -> Any:
-        if not _is_batched(t, batch):
-            return t
-        idx = torch.arange(new) % int(t.shape[0])
-        out = t.detach()[idx].clone()
-        if out.is_floating_point() and new > t.shape[0]:
-            scale = float(t.detach().float().std()) if t.numel() > 1 else 1.0
-            noise = torch.randn(out[t.shape[0] :].shape, generator=g) * (scale if scale > 0 else 1.0) * 0.5
-            out[t.shape[0] :] += noise.to(out.dtype)
-        return out
-
-    return pytree.tree_map(grow, call)
-
-
-def dynamic_shapes_for(model: torch.nn.Module, call: Call, dim: Any) -> Any:
-    """The ``dynamic_shapes`` argument of ``torch.export`` marking dim 0 of every batched input as ``dim``.
-
-    A tuple mirroring the positional inputs when there are no keyword inputs, otherwise a dict
-    keyed by the ``forward`` parameter names.
-    """
+def bound_inputs(model: torch.nn.Module, call: Call) -> list[tuple[str, str, Any]]:
+    """``(name, kind, value)`` of each argument of the call, in ``forward``'s parameter order: ``kind`` is ``"*"`` for
+    ``*args`` (value: a tuple), ``"**"`` for ``**kwargs`` (value: a dict), else ``""``. Without a signature to bind
+    to: ``input_0, input_1, ...`` and the keyword names."""
     args, kwargs = call
-    batch = batch_size(call)
-
-    def spec(x: Any) -> Any:
-        return pytree.tree_map(lambda t: {0: dim} if _is_batched(t, batch) else None, x)
-
-    if not kwargs:
-        return tuple(spec(a) for a in args)
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        param = bound.signature.parameters[name]
-        if param.kind is param.VAR_KEYWORD:
-            out[name] = {k: spec(v) for k, v in value.items()}
-        elif param.kind is param.VAR_POSITIONAL:
-            out[name] = tuple(spec(v) for v in value)
-        else:
-            out[name] = spec(value)
-    return out
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return [(f"input_{i}", "", a) for i, a in enumerate(args)] + [(k, "", v) for k, v in kwargs.items()]
+    kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return [(name, kinds.get(bound.signature.parameters[name].kind, ""), v) for name, v in bound.arguments.items()]
 
 
 def input_names_for(model: torch.nn.Module, call: Call) -> list[str]:
     """Names of the flat tensor inputs: the ``forward`` parameter names (``x``, ``mask``), indexed when nested."""
-    args, kwargs = call
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-        named: list[tuple[str, Any]] = []
-        for name, value in bound.arguments.items():
-            param = bound.signature.parameters[name]
-            if param.kind is param.VAR_POSITIONAL:
-                named += [(f"{name}_{i}", v) for i, v in enumerate(value)]
-            elif param.kind is param.VAR_KEYWORD:
-                named += list(value.items())
-            else:
-                named.append((name, value))
-    except (TypeError, ValueError):
-        named = [(f"input_{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    named: list[tuple[str, Any]] = []
+    for name, kind, value in bound_inputs(model, call):
+        if kind == "*":
+            named += [(f"{name}_{i}", v) for i, v in enumerate(value)]
+        elif kind == "**":
+            named += list(value.items())
+        else:
+            named.append((name, value))
     names: list[str] = []
     for name, value in named:
         leaves, _ = pytree.tree_flatten_with_path(value)

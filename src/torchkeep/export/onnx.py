@@ -1,5 +1,5 @@
-"""ONNX: ``torch.onnx.export(dynamo=True)`` (the ``torch.export``-based exporter) with a dynamic
-batch through ``dynamic_shapes``; the TorchScript-based exporter only with ``legacy=True`` or as a
+"""ONNX: ``torch.onnx.export(dynamo=True)`` (the ``torch.export``-based exporter) with the dynamic
+axes through ``dynamic_shapes``, the graph's symbolic dimensions named after them (``batch``, ``seq``); the TorchScript-based exporter only with ``legacy=True`` or as a
 recorded, warned fallback when the new exporter breaks down. A model that ``torch.export`` refuses
 (a Python branch on a tensor value, a violated shape constraint) is refused here too: tracing it
 would freeze one branch silently. Verified with onnxruntime. Needs the ``torchkeep[onnx]`` extra.
@@ -11,13 +11,8 @@ old graph.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
-import logging
-import re
 import secrets
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +20,9 @@ from typing import Any
 import torch
 
 from torchkeep.errors import ExportError, ExportUnavailableError
-from torchkeep.export._inputs import Call, dynamic_shapes_for, flat_outputs
+from torchkeep.export._axes import Axes
+from torchkeep.export._failures import capture, failure, first_line, refusal
+from torchkeep.export._inputs import Call, flat_outputs
 
 __all__ = ["export_onnx", "external_data_files", "load_onnx", "require_onnx"]
 
@@ -40,136 +37,38 @@ def require_onnx(*, runtime_only: bool = False) -> None:
         raise ExportUnavailableError("onnx", missing, _INSTALL)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's progress lines and known-noise warnings (real failures still raise)."""
-    names = (
-        "torch.onnx",
-        "torch.onnx._internal.exporter._registration",
-        "torch.fx.experimental.symbolic_shapes",
-        "torch._dynamo",
-        "torch.export",
-        "torch._export",
-    )
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def _clean(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    """``e`` and its causes (``raise ... from``, then implicit context), outermost first."""
-    out: list[BaseException] = []
-    cur: BaseException | None = e
-    while cur is not None and cur not in out:
-        out.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return out
-
-
-def _first_line(e: BaseException) -> str:
-    """``Type: first line`` of the innermost cause (the exporter's wrappers only say "step 1/3 failed"),
-    without terminal colour codes.
-
-    Example:
-        >>> try:
-        ...     try:
-        ...         raise ValueError("\\x1b[96mdata-dependent\\x1b[0m guard\\nmore")
-        ...     except ValueError as inner:
-        ...         raise RuntimeError("Failed to export") from inner
-        ... except RuntimeError as e:
-        ...     _first_line(e)
-        'ValueError: data-dependent guard'
-    """
-    root = _chain(e)[-1]
-    lines = [ln.strip() for ln in _clean(str(root)).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(root).__name__}: {text[:300]}" if text else type(root).__name__
-
-
-_BRANCH_HINT = (
-    "torch.export refuses a Python branch on a tensor value (such as `if x.sum() > 0:`) because a trace would keep "
-    "only the side the example inputs take. Rewrite it with torch.where or torch.cond so that both sides are "
-    "exported, or pass legacy=True (CLI: --legacy) to trace it knowingly with the TorchScript-based exporter, "
-    "together with verify_inputs= that take the other side."
-)
-_SHAPE_HINT = (
-    "torch.export found a shape constraint the model violates: if the model fixes the batch size, pass "
-    "dynamic_batch=False (CLI: --static-batch); or pass legacy=True to trace it with the TorchScript-based exporter."
-)
-_USER_HINT = (
-    "torch.export refused the model (see https://pytorch.org/docs/stable/generated/exportdb/index.html): fix the "
-    "model, or pass legacy=True to trace it knowingly with the TorchScript-based exporter."
-)
-
-
-def _refusal(e: BaseException) -> str | None:
-    """The hint when ``torch.export`` refused the model for a reason of the model's own (not an exporter bug)."""
-    from torch.fx.experimental import symbolic_shapes
-
-    data_dependent = getattr(symbolic_shapes, "GuardOnDataDependentSymNode", ())
-    constraint = getattr(symbolic_shapes, "ConstraintViolationError", ())
-    try:
-        from torch._dynamo.exc import UserError
-    except ImportError:  # pragma: no cover - every supported torch has it
-        UserError = ()  # type: ignore[assignment,misc]
-    for c in _chain(e):
-        if data_dependent and isinstance(c, data_dependent):
-            return _BRANCH_HINT
-        if constraint and isinstance(c, constraint):
-            return _SHAPE_HINT
-        if UserError and isinstance(c, UserError):
-            kind = str(getattr(getattr(c, "error_type", None), "name", ""))
-            if "CONSTRAINT" in kind:
-                return _SHAPE_HINT
-            return _BRANCH_HINT if "data-dependent" in str(c).lower() or "CONTROL_FLOW" in kind else _USER_HINT
-    return None
-
-
 def export_onnx(
     model: torch.nn.Module,
     call: Call,
     file: Path,
     *,
-    dynamic_batch: bool,
+    axes: Axes,
     input_names: list[str],
     output_names: list[str],
     opset: int | None,
     legacy: bool = False,
+    legacy_axes: dict[str, dict[int, str]] | None = None,
 ) -> dict[str, Any]:
-    """Write ``model`` as ONNX to ``file``; returns ``exporter``, ``fallback``, ``opset`` and ``warnings``."""
+    """Write ``model`` as ONNX to ``file``; returns ``exporter``, ``fallback``, ``opset`` and ``warnings``.
+
+    ``axes``: the dynamic axes (the graph's symbolic dimensions are named after their symbols);
+    ``legacy_axes``: the same for the TorchScript-based exporter, outputs included.
+    """
     require_onnx()
     args, kwargs = call
     fallback = ""
     if not legacy:
         # a base name unique to this export: the external-data file is named after it
         unique = file.with_name(f"{file.stem}.{secrets.token_hex(4)}{file.suffix}")
+        captured = None
         try:
-            shapes = dynamic_shapes_for(model, call, torch.export.Dim("batch", min=1)) if dynamic_batch else None
-            with _quiet():
+            with capture() as captured:
                 program = torch.onnx.export(
                     model,
                     args,
                     kwargs=kwargs or None,
                     dynamo=True,
-                    dynamic_shapes=shapes,
+                    dynamic_shapes=axes.torch_shapes(model, call, names=True),
                     input_names=input_names,
                     output_names=output_names,
                     opset_version=opset,
@@ -184,19 +83,17 @@ def export_onnx(
         except ExportUnavailableError:
             raise
         except Exception as e:
-            hint = _refusal(e)
+            hint = refusal(e)
             if hint is not None:  # the model's own problem: tracing it would hide it
-                raise ExportError("onnx", _first_line(e), hint) from e
+                raise failure("onnx", e, captured, hint) from e
             # the exporter itself broke down: the documented fallback, said in the report and as a warning
-            fallback = f"the torch.export-based exporter failed ({_first_line(e)}); used the TorchScript-based one"
+            fallback = f"the torch.export-based exporter failed ({first_line(e)}); used the TorchScript-based one"
             for leftover in file.parent.iterdir():
                 if leftover.name.startswith(unique.name):
                     leftover.unlink(missing_ok=True)
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    captured = None
     try:
-        with _quiet():
+        with capture() as captured:
             torch.onnx.export(
                 model,
                 args if not kwargs else (*args, kwargs),
@@ -205,10 +102,10 @@ def export_onnx(
                 input_names=input_names,
                 output_names=output_names,
                 opset_version=opset,
-                dynamic_axes=dynamic_axes,
+                dynamic_axes=legacy_axes or None,
             )
     except Exception as e:
-        raise ExportError("onnx", _first_line(e) + (f" (after: {fallback})" if fallback else "")) from e
+        raise failure("onnx", e, captured, reason=first_line(e) + (f" (after: {fallback})" if fallback else "")) from e
     notes = ["the TorchScript-based ONNX exporter is deprecated upstream; prefer the default (legacy=False)"]
     if fallback:
         notes.insert(0, fallback)
@@ -266,9 +163,23 @@ def external_data_files(path: str | Path) -> list[str]:
 
 _RUNTIME_HINT = (
     "onnxruntime's CPU provider has no kernels for some operators in some dtypes (bfloat16 notably): export the "
-    "model in float32 (or float16) for onnxruntime, or pass verify=False (CLI: --no-verify) to write it unverified "
-    "for a runtime that supports it"
+    "model in float32 (or float16) for onnxruntime, or pass verify=False to write it unverified for a runtime that "
+    "supports it"
 )
+_SIZE_HINT = (
+    "the exported graph fixes the size of an axis that this check changed: make that axis dynamic with "
+    "dynamic_axes= (for example {'input_ids': {0: 'batch', 1: 'seq'}}), or feed the sizes of the example inputs"
+)
+
+
+def _run_hint(text: str) -> str:
+    """The hint for an onnxruntime error on some inputs: a fixed size, a missing kernel, or none."""
+    lowered = text.lower()
+    if "invalid dimensions" in lowered or "invalid rank" in lowered:
+        return _SIZE_HINT
+    if "not_implemented" in lowered or "could not find an implementation" in lowered:
+        return _RUNTIME_HINT
+    return ""
 
 
 def load_onnx(path: Path, input_names: list[str] | None = None) -> Callable[[Call], list[Any]]:
@@ -288,7 +199,7 @@ def load_onnx(path: Path, input_names: list[str] | None = None) -> Callable[[Cal
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ExportError(
-            "onnx", f"onnxruntime cannot load the exported model: {_first_line(e)}", _RUNTIME_HINT + "."
+            "onnx", f"onnxruntime cannot load the exported model: {first_line(e)}", _RUNTIME_HINT + "."
         ) from e
     graph_inputs = [i.name for i in session.get_inputs()]
 
@@ -300,8 +211,10 @@ def load_onnx(path: Path, input_names: list[str] | None = None) -> Callable[[Cal
         try:
             feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=False) if n in graph_inputs}
             outputs = session.run(None, feed)
-        except Exception as e:
-            raise RuntimeError(f"{_first_line(e)} ({_RUNTIME_HINT})") from e
+        except Exception as e:  # onnxruntime's messages are short and their later lines say which sizes: keep all
+            text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            hint = _run_hint(text)
+            raise RuntimeError(f"{text} ({hint})" if hint else text) from e
         return [torch.from_numpy(o) if hasattr(o, "dtype") else o for o in outputs]
 
     return run

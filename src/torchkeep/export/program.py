@@ -1,4 +1,4 @@
-"""torch.export (``.pt2``): ``torch.export.export`` with a dynamic batch, saved by ``torch.export.save``
+"""torch.export (``.pt2``): ``torch.export.export`` with dynamic axes, saved by ``torch.export.save``
 and loaded back by ``torch.export.load``. The recommended format for PyTorch runtimes (AOTInductor,
 ExecuTorch, TensorRT), and the path of the ONNX exporter too."""
 
@@ -11,24 +11,26 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import ExportError
-from torchkeep.export._inputs import Call, dynamic_shapes_for, flat_outputs
+from torchkeep.export._axes import Axes
+from torchkeep.export._failures import capture, failure
+from torchkeep.export._inputs import Call, flat_outputs
 
 __all__ = ["export_program", "load_program"]
 
 
-def export_program(model: torch.nn.Module, call: Call, file: Path, *, dynamic_batch: bool) -> dict[str, Any]:
-    """Write ``torch.export.export(model, ...)`` to ``file``; returns ``exporter`` and ``warnings``."""
+def export_program(model: torch.nn.Module, call: Call, file: Path, *, axes: Axes) -> dict[str, Any]:
+    """Write ``torch.export.export(model, ...)`` with the dynamic ``axes`` to ``file``; returns ``exporter`` and
+    ``warnings``. What torch prints while it works (a failed export prints its partial graph) is captured: on
+    failure it is on the :class:`ExportError` and in the log file its message names."""
     args, kwargs = call
-    shapes = dynamic_shapes_for(model, call, torch.export.Dim("batch", min=1)) if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    captured = None
+    try:
+        with capture() as captured:
+            shapes = axes.torch_shapes(model, call, names=False)
             program = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=shapes)
             torch.export.save(program, str(file))
-        except Exception as e:
-            first = " ".join(str(e).strip().splitlines()[:2])[:400]
-            raise ExportError("torch.export", f"{type(e).__name__}: {first}") from e
+    except Exception as e:
+        raise failure("torch.export", e, captured) from e
     return {"exporter": "torch.export.export", "fallback": "", "opset": None, "warnings": []}
 
 

@@ -67,12 +67,14 @@ class Check:
     """One verification run: the artifact and the eager model on one set of inputs.
 
     Attributes:
-        name: ``"example inputs (batch 2)"``, ``"batch 3"``, ``"verify_inputs[0]"``.
+        name: ``"example inputs (batch 2)"``, ``"batch 4"``, ``"batch 4, seq 7"``, ``"verify_inputs[0]"``.
         outputs: one :class:`OutputError` per output.
+        shapes: the shape of each tensor input of this run, by input name.
     """
 
     name: str
     outputs: list[OutputError]
+    shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -88,7 +90,8 @@ class ExportReport:
         format: ``"onnx"``, ``"torchscript"``, ``"torch.export"`` or ``"tensorrt"``.
         exporter: the call that produced it, e.g. ``"torch.onnx.export(dynamo=True)"``.
         fallback: why the preferred exporter was not used (empty when it was).
-        dynamic_batch: whether dim 0 of the batched inputs is dynamic in the artifact.
+        dynamic_batch: whether dim 0 of an input is dynamic in the artifact.
+        dynamic_axes: the dynamic axes, input name -> axis -> symbol (``{"input_ids": {0: "batch", 1: "seq"}}``).
         input_names / output_names: the artifact's flat input and output names.
         opset: the ONNX opset (ONNX only).
         files: every file written (an ONNX model may have an external-data file).
@@ -97,6 +100,8 @@ class ExportReport:
         checks: the verification runs (empty with ``verify=False``).
         rtol / atol: the tolerances asked for (``None``: per-dtype defaults; each output records
             the tolerances it was actually compared with).
+        defaults: what torchkeep chose for this model and how to override it (a transformers model: no cache
+            outputs, dynamic batch and sequence, a dict of tensors as output).
         warnings: notes for the user (deprecations, fallbacks).
 
     Example:
@@ -110,6 +115,7 @@ class ExportReport:
     exporter: str
     fallback: str = ""
     dynamic_batch: bool = False
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     opset: int | None = None
@@ -120,6 +126,7 @@ class ExportReport:
     checks: list[Check] = field(default_factory=list)
     rtol: float | None = None
     atol: float | None = None
+    defaults: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from torchkeep.errors import ExportError, InvalidArgumentError
+from torchkeep.errors import InvalidArgumentError
+from torchkeep.export._failures import capture, failure
 from torchkeep.export._inputs import Call, flat_outputs
 
 __all__ = ["DEPRECATION", "export_torchscript", "load_torchscript"]
@@ -63,9 +64,9 @@ def export_torchscript(
     if method not in ("trace", "script"):
         raise InvalidArgumentError("method", method, "pass 'trace' (the default) or 'script'")
     notes = [DEPRECATION]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's own deprecation and tracer warnings: ours says it once
-        try:
+    captured = None
+    try:
+        with capture() as captured:  # torch's own deprecation and tracer warnings: ours says it once
             if method == "script":
                 module = torch.jit.script(model)
             else:
@@ -81,15 +82,14 @@ def export_torchscript(
                     )
             record = {**(meta or {}), "method": method}
             module.save(str(file), _extra_files={_META: json.dumps(record)})
-        except Exception as e:
-            first = " ".join(str(e).strip().splitlines()[:1])[:300]
-            hint = (
-                "torch.jit.script needs type-annotatable Python: try method='trace' with verify_inputs=, "
-                "or format='torch.export'."
-                if method == "script"
-                else ""
-            )
-            raise ExportError("torchscript", f"{type(e).__name__}: {first}", hint) from e
+    except Exception as e:
+        hint = (
+            "torch.jit.script needs type-annotatable Python: pass method='trace' (checked on other inputs), or "
+            "export to another format (torch.export .pt2, or ONNX)."
+            if method == "script"
+            else None
+        )
+        raise failure("torchscript", e, captured, hint) from e
     return {"exporter": f"torch.jit.{method}", "fallback": "", "opset": None, "warnings": notes}
 
 
