@@ -186,9 +186,7 @@ class KeyMismatchError(TorchkeepError, KeyError):
         mismatched: Iterable[tuple[str, Any, Any]] = (),
         fix: str = "",
     ) -> None:
-        self.where = where
-        self.missing = sorted(missing)
-        self.unexpected = sorted(unexpected)
+        self.where, self.missing, self.unexpected = where, sorted(missing), sorted(unexpected)
         self.mismatched = sorted(mismatched, key=lambda m: m[0])
         lines = [f"{where}: checkpoint and target do not match"]
         if self.missing:
@@ -213,9 +211,7 @@ class DeviceUnavailableError(TorchkeepError, RuntimeError):
     """A tensor cannot be placed on the requested device (e.g. saved on CUDA, no GPU here)."""
 
     def __init__(self, path: str | Path, saved_device: str, map_location: Any, reason: str) -> None:
-        self.path = str(path)
-        self.saved_device = saved_device
-        self.map_location = map_location
+        self.path, self.saved_device, self.map_location = str(path), saved_device, map_location
         super().__init__(
             f"{self.path}: cannot place a tensor saved on {saved_device} with map_location={map_location!r}: "
             f"{reason}. Pass map_location='cpu' (the default) or a device this machine has."
