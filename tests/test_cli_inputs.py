@@ -79,6 +79,13 @@ CASES: list[Case] = [
     ("scan-otherdir", ["scan", "{otherdir}"], 2, ["a directory", "pass them"]),
     ("scan-text", ["scan", "{text}"], 2, ["unreadable"]),
     ("scan-empty", ["scan", "{empty}"], 2, ["not a pickle"]),
+    # get
+    ("get-missing", ["get", "{missing}", "w"], 2, ["no such checkpoint file"]),
+    ("get-text", ["get", "{text}", "w"], 2, ["not a checkpoint"]),
+    ("get-truncated", ["get", "{truncated}", "w"], 2, ["corrupt"]),
+    ("get-no-key", ["get", "{good}", "v"], 2, ["no 'v'", "did you mean: w", "torchkeep inspect"]),
+    ("get-out-suffix", ["get", "{good}", "w", "-o", "{dir}/w.txt"], 2, ["--out", ".npy"]),
+    ("get-unwritable", ["get", "{good}", "w", "-o", "{unwritable}/w.npy"], 2, ["notes.txt"]),
     # ls
     ("ls-missing", ["ls", "{missing}"], 2, ["no such"]),
     ("ls-file", ["ls", "{good}"], 2, ["not a run directory", "torchkeep inspect"]),
@@ -138,7 +145,7 @@ CASES: list[Case] = [
     ("quantize-o-onnx", ["quantize", "{model}", "-s", "1x8", "-o", "{dir}/q.onnx"], 2, [".pt"]),
 ]
 
-VERBS = {"inspect", "verify", "scan", "ls", "convert", "diff", "export", "quantize", "prune", "plot"}
+VERBS = {"inspect", "verify", "scan", "get", "ls", "convert", "diff", "export", "quantize", "prune", "plot"}
 # a Python keyword given as advice (``pass trust_pickle=True``, ``keep_best=2``), outside code in parentheses
 _PY_ADVICE = re.compile(r"\b(pass|use|set|give) [a-z_]+=|(?<![\w.])[a-z]+_[a-z_]+=")
 
@@ -312,6 +319,7 @@ READ_ONLY: list[tuple[str, list[str]]] = [
     ("inspect", ["inspect", "{run}/e001.safetensors"]),
     ("verify", ["verify", "{run}/e001.safetensors"]),
     ("scan", ["scan", "{run}/e001.safetensors"]),
+    ("get", ["get", "{run}/e001.safetensors", "w"]),
     ("ls", ["ls", "{run}", "--verify", "--monitor", "val_acc"]),
     ("diff", ["diff", "{run}/e001.safetensors", "{run}/e002.safetensors"]),
     ("prune-dry", ["prune", "{run}", "--keep-last", "1", "--keep-best", "1", "--monitor", "val_acc"]),
