@@ -51,3 +51,14 @@ def test_point_last_for_directory_checkpoints_and_removal(tmp_path: Path) -> Non
     run.point_last(None)
     assert not os.path.lexists(tmp_path / "last.safetensors")
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_a_link_left_half_made_by_a_killed_save_is_cleaned_on_open(tmp_path: Path) -> None:
+    with tk.CheckpointManager(tmp_path) as mgr:
+        mgr.save({"w": torch.ones(1)}, step=1)
+    os.symlink("ckpt_000001.safetensors", tmp_path / ".last.safetensors.tmp-0123456789ab")
+    (tmp_path / ".last.safetensors.tmp-fedcba987654").write_bytes(b"not a link: not ours")
+    with tk.CheckpointManager(tmp_path):
+        pass
+    assert not os.path.lexists(tmp_path / ".last.safetensors.tmp-0123456789ab")
+    assert (tmp_path / ".last.safetensors.tmp-fedcba987654").exists()

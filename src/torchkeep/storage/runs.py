@@ -128,7 +128,7 @@ class LocalRun:
         for name in os.listdir(self.directory):
             m = _TEMP.fullmatch(name)
             path = self.directory / name
-            if m and is_ours(m["target"]):
+            if m and (is_ours(m["target"]) or (m["target"] in LAST and path.is_symlink())):  # a killed point_last
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
