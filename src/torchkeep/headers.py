@@ -30,6 +30,7 @@ from torchkeep.errors import (
 )
 from torchkeep.format.header import HashState, Header, TensorSpec, parse_header
 from torchkeep.format.meta import TREE_KEY, USER_KEY
+from torchkeep.storage.files import open_regular
 from torchkeep.storage.paths import as_path
 
 __all__ = ["HeaderFile"]
@@ -82,7 +83,8 @@ class HeaderFile:
         self.path = as_path(path)
         self.verify = verify
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # a FIFO, socket or device is refused (typed) before it is read: a FIFO's open would block
+            self._fd = -1 if os.path.isdir(self.path) else open_regular(self.path)
         except FileNotFoundError:
             raise CheckpointNotFoundError(self.path) from None
         except IsADirectoryError:

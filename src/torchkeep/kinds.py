@@ -40,6 +40,7 @@ from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, Mi
 from torchkeep.format.header import is_torchkeep_file
 from torchkeep.format.shards import MAX_INDEX_SIZE, Index, looks_like_index, parse_index
 from torchkeep.storage.dcp_manifest import is_torchkeep_dcp
+from torchkeep.storage.files import open_regular
 from torchkeep.storage.paths import as_path
 
 __all__ = [
@@ -141,7 +142,9 @@ def detect(path: str | os.PathLike[str], *, operation: str = "open") -> Detected
     Raises:
         CheckpointNotFoundError: no such path (or a shard index's shard is missing: MissingShardError).
         UnsupportedSourceError: a directory without a checkpoint in it, or with several candidates.
-        CorruptCheckpointError: a file that none of the kinds can read.
+        CorruptCheckpointError: a file that none of the kinds can read, or not a regular file (a FIFO,
+            socket or device).
+        CheckpointPermissionError: a file this process may not read (a ``PermissionError``).
     """
     p = as_path(path)
     if not p.exists():
@@ -152,7 +155,8 @@ def detect(path: str | os.PathLike[str], *, operation: str = "open") -> Detected
 
 
 def _file(p: Path, given: Path) -> Detected:
-    with open(p, "rb") as fh:
+    # a FIFO, socket or device is refused before a byte is read (a FIFO's open would block)
+    with os.fdopen(open_regular(p), "rb") as fh:
         head = fh.read(8)
         if is_legacy(head):
             return Detected(LEGACY_ZIP if head.startswith(ZIP_MAGIC) else LEGACY_PICKLE, given, p)

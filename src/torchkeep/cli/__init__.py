@@ -21,7 +21,6 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperGroup
 
 from torchkeep._version import __version__
@@ -34,6 +33,7 @@ from torchkeep.cli.inspect import inspect_command
 from torchkeep.cli.quantize import quantize_command
 from torchkeep.cli.runs import ls_command, plot_command, prune_command
 from torchkeep.cli.scan import scan_command
+from torchkeep.cli.text import escape_lines
 from torchkeep.cli.verify import verify_command
 from torchkeep.errors import TorchkeepError
 
@@ -168,7 +168,7 @@ class _Group(TyperGroup):
         if ctx.meta.get("torchkeep.json"):
             doc = {"ok": False, "error": message, "path": None if path is None else str(path)}
             typer.echo(json.dumps(doc, ensure_ascii=False))
-        Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}")
+        Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold red]error:[/] {escape_lines(message)}")
         raise typer.Exit(2) from None
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.problems import JSON_ERROR_HELP
+from torchkeep.cli.text import escape
 from torchkeep.cli.verify import PROGRESS_MIN_BYTES, byte_progress
 from torchkeep.format.meta import OUTPUT_FORMATS
 from torchkeep.format.shards import is_index_name

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 from torch import nn
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchkeep as tk
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.cli.text import escape
 from torchkeep.errors import ExportUnavailableError
 from torchkeep.export import ExportReport
 

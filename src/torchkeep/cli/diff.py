@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from torchkeep.cli.problems import JSON_ERROR_HELP
+from torchkeep.cli.text import escape
 from torchkeep.cli.verify import byte_progress
 
 __all__ = ["diff_command"]

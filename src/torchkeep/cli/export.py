@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.padding import Padding
 from rich.table import Table
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.problems import JSON_ERROR_HELP, ModelInputError
+from torchkeep.cli.text import escape
 from torchkeep.errors import ArgumentTypeError, ExportVerificationError, InvalidArgumentError
 
 if TYPE_CHECKING:

@@ -9,10 +9,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.problems import JSON_ERROR_HELP, WrongInputError
+from torchkeep.cli.text import escape
 
 __all__ = ["get_command"]
 

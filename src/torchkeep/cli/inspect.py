@@ -8,12 +8,12 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
 from torchkeep.cli.problems import JSON_ERROR_HELP
+from torchkeep.cli.text import clean, escape
 from torchkeep.inspection import inspect
 
 __all__ = ["human_bytes", "inspect_command", "render"]
@@ -54,36 +54,36 @@ def _counts(node: dict[str, Any]) -> str:
 def _label(node: dict[str, Any]) -> Text:
     name = node["name"]
     kind = node["kind"]
-    label = Text(name if name else "''", style="bold")
+    label = Text(clean(name) if name else "''", style="bold")
     if kind == "per rank":  # RNG states and per_rank= entries of a distributed checkpoint
-        label.append(f"  {node['value']}", style="magenta")
+        label.append(f"  {clean(node['value'])}", style="magenta")
         return label
     if "value" in node:
         value = node["value"]
         shown = _short(value) if kind not in ("float", "dtype", "device") or not isinstance(value, str) else value
-        label.append(f" = {shown}", style="cyan")
+        label.append(f" = {clean(shown)}", style="cyan")
         return label
     if kind in ("tensor", "ndarray"):
         if node.get("missing"):
-            label.append(f"  missing from the header: {node['key']}", style="red")
+            label.append(f"  missing from the header: {clean(node['key'])}", style="red")
             return label
         shape = "[" + ", ".join(map(str, node["shape"])) + "]"
-        label.append(f"  {node['dtype']} {shape}", style="green")
+        label.append(f"  {clean(node['dtype'])} {shape}", style="green")
         label.append(f"  {human_bytes(node['bytes'])}", style="dim")
         if node.get("tied"):
-            label.append(f"  shares storage with {node['key']}", style="yellow")
+            label.append(f"  shares storage with {clean(node['key'])}", style="yellow")
         if "device" in node:
-            label.append(f"  (saved from {node['device']})", style="dim")
+            label.append(f"  (saved from {clean(node['device'])})", style="dim")
         return label
     cls = node.get("class")
     if cls:
         short = cls.rsplit(".", 1)[-1]
         shown = short if kind in ("stateful", "rng_state") or kind.split("_")[0] in short.lower() else f"{short} {kind}"
-        label.append(f"  {shown}", style="magenta")
+        label.append(f"  {clean(shown)}", style="magenta")
     elif kind in ("list", "tuple", "generator"):
-        label.append(f"  {kind}", style="magenta")
+        label.append(f"  {clean(kind)}", style="magenta")
     if kind == "generator":
-        label.append(f" ({node.get('device', 'cpu')})", style="dim")
+        label.append(f" ({clean(node.get('device', 'cpu'))})", style="dim")
     elif node["tensors"]:
         label.append(f"  {_counts(node)}", style="dim")
     omitted = node.get("children_omitted")
@@ -177,7 +177,7 @@ def _dtype_table(info: dict[str, Any], console: Console) -> None:
         table.add_column("elements", justify="right")
         table.add_column("bytes", justify="right")
         for name, d in info["dtypes"].items():
-            table.add_row(name, f"{d['tensors']:,}", f"{d['elements']:,}", human_bytes(d["bytes"]))
+            table.add_row(escape(name), f"{d['tensors']:,}", f"{d['elements']:,}", human_bytes(d["bytes"]))
         console.print()
         console.print(table)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from torchkeep.cli.export import (
     as_cli,
@@ -22,6 +21,7 @@ from torchkeep.cli.export import (
 )
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.problems import JSON_ERROR_HELP, ModelInputError
+from torchkeep.cli.text import escape
 from torchkeep.errors import ArgumentTypeError, ExportVerificationError, InvalidArgumentError
 
 __all__ = ["quantize_command"]

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
 from torchkeep.cli.inspect import human_bytes
 from torchkeep.cli.problems import JSON_ERROR_HELP, WrongInputError, what_is
+from torchkeep.cli.text import escape
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.headers import HeaderFile
 from torchkeep.storage import open_run
@@ -227,7 +227,7 @@ def prune_command(
     verb = "deleted" if yes else "would delete"
     console = Console(soft_wrap=True)
     for e in gone:
-        console.print(f"{verb} {e.file} (step {e.step}, {human_bytes(e.size)})")
+        console.print(f"{verb} {escape(e.file)} (step {e.step}, {human_bytes(e.size)})")
     freed = human_bytes(sum(e.size for e in gone))
     console.print(
         f"{verb} {len(gone)} checkpoint(s), {freed}; {kept} kept" + ("" if yes else ". Pass --yes to delete.")
@@ -282,4 +282,4 @@ def plot_command(
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output)
     plt.close(fig)
-    Console(soft_wrap=True).print(f"wrote {output}: {metric} over {len(points)} checkpoints")
+    Console(soft_wrap=True).print(f"wrote {escape(str(output))}: {escape(metric)} over {len(points)} checkpoints")

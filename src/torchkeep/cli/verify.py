@@ -10,9 +10,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from torchkeep.cli.inspect import human_bytes
+from torchkeep.cli.text import escape, escape_lines
 from torchkeep.errors import CheckpointNotFoundError, TorchkeepError
 from torchkeep.inspection import verify
 from torchkeep.kinds import detect
@@ -154,14 +154,14 @@ def verify_command(
         )
     elif code == 1 and not result["key"]:
         out.print(f"[bold red]DAMAGED[/] {name}: truncated or malformed")
-        out.print(f"[red]{escape(_for_the_cli(result['error']))}[/]")
+        out.print(f"[red]{escape_lines(_for_the_cli(result['error']))}[/]")
     elif code == 1:
         key = result["key"]
         what = "the header" if key == "<header>" else f"tensor {key!r}"
         if result.get("shard"):
             what += f" of shard {result['shard']}"
         out.print(f"[bold red]DAMAGED[/] {name}: {escape(what)} does not match its checksum")
-        out.print(f"[red]{escape(_for_the_cli(result['error']))}[/]")
+        out.print(f"[red]{escape_lines(_for_the_cli(result['error']))}[/]")
     else:
         err.print(f"[bold red]error:[/] {escape(' '.join(result['error'].split()))}", soft_wrap=True)
     raise typer.Exit(code)

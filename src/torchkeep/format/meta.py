@@ -26,10 +26,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from torchkeep._version import __version__
-from torchkeep.errors import UnsupportedObjectError
+from torchkeep.errors import InvalidArgumentError, UnsupportedObjectError
 from torchkeep.format.header import FORMAT_KEY, FORMAT_NAME, FORMAT_VERSION, HASH_NAME
 
 __all__ = [
+    "MAX_SOURCE_DATE_EPOCH",
     "MODEL_KEY",
     "OUTPUT_FORMATS",
     "TREE_KEY",
@@ -48,11 +49,38 @@ MODEL_KEY = "torchkeep.model"
 OUTPUT_FORMATS = ("torchkeep", "safetensors", "torch", "distributed", "hf")
 
 
+#: the largest ``SOURCE_DATE_EPOCH`` accepted: 9999-12-31T23:59:59Z (ISO 8601 has four-digit years)
+MAX_SOURCE_DATE_EPOCH = 253402300799
+
+
 def created() -> str:
-    """Creation time, UTC, to the second; ``SOURCE_DATE_EPOCH`` pins it for reproducible files."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
-    return when.isoformat(timespec="seconds")
+    """Creation time, UTC, to the second; ``SOURCE_DATE_EPOCH`` pins it for reproducible files.
+
+    ``SOURCE_DATE_EPOCH`` must be a decimal integer of seconds since 1970 up to
+    :data:`MAX_SOURCE_DATE_EPOCH` (year 9999); empty means unset. Anything else is an error rather
+    than a silent "now", as the reproducible-builds specification asks: a build that meant to pin
+    its time must not quietly write a different file.
+
+    Raises:
+        InvalidArgumentError: a malformed or out-of-range ``SOURCE_DATE_EPOCH`` (a ``ValueError``).
+
+    Example:
+        >>> import os
+        >>> os.environ["SOURCE_DATE_EPOCH"] = "0"; created()
+        '1970-01-01T00:00:00+00:00'
+        >>> del os.environ["SOURCE_DATE_EPOCH"]
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch:
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if not (epoch.isascii() and epoch.isdigit()) or int(epoch) > MAX_SOURCE_DATE_EPOCH:
+        raise InvalidArgumentError(
+            "SOURCE_DATE_EPOCH",
+            epoch[:40],
+            "set the environment variable to a whole number of seconds since 1970-01-01 UTC, at most "
+            f"{MAX_SOURCE_DATE_EPOCH} (year 9999), e.g. SOURCE_DATE_EPOCH=$(git log -1 --format=%ct), or unset it",
+        )
+    return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat(timespec="seconds")
 
 
 def torch_version() -> str:

@@ -2,8 +2,8 @@
 
 Write order for one save (each step durable before the next)::
 
-    free-space check -> checkpoint (temp file, fsync, rename, fsync dir) -> manifest.json (same way)
-    -> delete what retention no longer keeps
+    free-space check -> checkpoint (temp file, fsync, rename, fsync dir) -> read it back (header,
+    checksums: :mod:`.readback`) -> manifest.json (same way) -> delete what retention no longer keeps
 
 so a crash at any point leaves the previous checkpoints and a manifest that names only
 complete files; a checkpoint committed just before a crash is adopted on the next open.
@@ -45,7 +45,7 @@ from torchkeep.errors import (
     UnsupportedObjectError,
 )
 from torchkeep.manager import distributed as coll
-from torchkeep.manager import manifest, naming, retention
+from torchkeep.manager import manifest, naming, readback, retention
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.snapshot import AsyncWriter
 from torchkeep.storage import open_run
@@ -296,6 +296,8 @@ class CheckpointManager:
             InsufficientSpaceError: it does not fit (checked before writing), or the write hit
                 ENOSPC/EFBIG; nothing was written and earlier checkpoints are intact.
             MissingFilenameFieldError: the template names a field none of step/metrics/context has.
+            CorruptCheckpointError: the file just written does not read back (it is removed, nothing
+                older is deleted).
         """
         self._check_open()
         if self._dist:
@@ -406,6 +408,12 @@ class CheckpointManager:
                     raise InsufficientSpaceError(
                         self.directory, needed, self._store.free_bytes(), err=e.errno, detail=detail
                     ) from e
+                raise
+            try:  # what load would refuse never replaces the last checkpoint that loads
+                readback.check(self._store, info.file, size, head)
+            except CorruptCheckpointError:
+                with contextlib.suppress(Exception):
+                    self._store.delete(info.file)
                 raise
             digest = hashlib.sha256(head).hexdigest()
             info = CheckpointInfo(info.file, info.path, info.step, info.metrics, size, info.created, digest)

@@ -15,13 +15,27 @@ from typing import Any
 
 from torchkeep.errors import FilenameTemplateError, MissingFilenameFieldError
 
-__all__ = ["DIR_SUFFIX", "SUFFIX", "SUFFIXES", "fill", "parse", "safe", "template_pattern", "unique_name"]
+__all__ = [
+    "DIR_SUFFIX",
+    "MAX_STEM_BYTES",
+    "SUFFIX",
+    "SUFFIXES",
+    "fill",
+    "parse",
+    "safe",
+    "template_pattern",
+    "unique_name",
+]
 
 SUFFIX = ".safetensors"
 #: the suffix of a distributed (sharded, ``torchkeep.distributed``) checkpoint directory
 DIR_SUFFIX = ".dcp"
 SUFFIXES = (SUFFIX, DIR_SUFFIX)
 _UNSAFE = re.compile(r'[/\\:*?"<>|\s\x00-\x1f\x7f]')
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: longest stem (UTF-8 bytes) a template may give: with ``-vN``, the suffix and a temp file's
+#: ``.NAME.tmp-XXXXXXXXXXXX`` it stays under the 255-byte name limit of common file systems
+MAX_STEM_BYTES = 200
 
 
 def parse(template: str) -> list[tuple[str, str | None, str]]:
@@ -65,6 +79,11 @@ def parse(template: str) -> list[tuple[str, str | None, str]]:
                 f"filename template {template!r}: names a file, not a path; drop the '/' "
                 "(the directory is the CheckpointManager's)"
             )
+        if _CONTROL.search(text):
+            raise FilenameTemplateError(
+                f"filename template {template!r}: its text holds a control character "
+                f"({_CONTROL.search(text)[0]!r}), which no file name may hold; remove it"
+            )
     return pieces
 
 
@@ -83,7 +102,8 @@ def fill(template: str, values: Mapping[str, Any]) -> str:
 
     Raises:
         MissingFilenameFieldError: a field is not in ``values`` (lists the available names).
-        FilenameTemplateError: a malformed template, or a value its format spec does not fit.
+        FilenameTemplateError: a malformed template, a value its format spec does not fit, or a name
+            over :data:`MAX_STEM_BYTES` bytes (the message names the longest field).
 
     Example:
         >>> fill("{model}_e{epoch}_acc{val_acc:.2f}", {"model": "vgg16", "epoch": 100, "val_acc": 0.8512})
@@ -94,17 +114,28 @@ def fill(template: str, values: Mapping[str, Any]) -> str:
     if missing:
         raise MissingFilenameFieldError(template, missing, values)
     out: list[str] = []
+    sizes: list[tuple[int, str]] = []
     for text, field, spec in pieces:
         out.append(text)
         if field is None:
             continue
         try:
             out.append(safe(format(values[field], spec)))
+            sizes.append((len(out[-1].encode("utf-8", "surrogatepass")), field))
         except (ValueError, TypeError) as e:
             raise FilenameTemplateError(
                 f"filename template {template!r}: cannot format {field}={values[field]!r} with {spec!r} ({e})"
             ) from None
     stem = "".join(out)
+    size = len(stem.encode("utf-8", "surrogatepass"))
+    if size > MAX_STEM_BYTES:
+        big, name = max(sizes, default=(0, ""))
+        longest = f"its longest field is {{{name}}} ({big} bytes): shorten that value" if name else "shorten it"
+        raise FilenameTemplateError(
+            f"filename template {template!r} gives a {size}-byte name, over the {MAX_STEM_BYTES}-byte limit "
+            f"(file systems allow 255 bytes, with the suffix and temp names); {longest} (a string field can be "
+            "cut with a precision, e.g. {name:.40})"
+        )
     if stem.endswith(SUFFIX):
         stem = stem[: -len(SUFFIX)]
     if not stem:

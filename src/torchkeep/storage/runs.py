@@ -28,17 +28,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from torchkeep.errors import CheckpointLockedError
-from torchkeep.storage.local import AtomicFile
+from torchkeep.errors import CheckpointLockedError, CorruptCheckpointError, TargetExistsError, TorchkeepError
+from torchkeep.storage.files import kind_of, open_regular
+from torchkeep.storage.local import AtomicFile, free_bytes
 
 __all__ = ["LAST", "LOCK", "Body", "LocalRun", "RunStore", "header_length"]
 
@@ -89,6 +92,12 @@ class LocalRun:
     Locking: ``.lock`` is held with ``fcntl.flock`` for the manager's lifetime and records the
     holder's pid. The kernel drops a flock when its process dies (even by SIGKILL), so a lock
     file left by a dead process is simply locked again: no stale-lock logic.
+
+    Links: nothing here writes through a symbolic link. ``.lock`` is opened with ``O_NOFOLLOW``
+    (a link or anything but a regular file there is refused, its target untouched); checkpoints
+    and the manifest are written to fresh temp files (``O_EXCL``) renamed over the name, which
+    replaces a link rather than writing into its target; a link where a checkpoint or the
+    manifest should be is never read through.
     """
 
     adopts = True
@@ -104,7 +113,24 @@ class LocalRun:
         return self.directory / name
 
     def lock(self) -> None:
-        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        path = self.directory / LOCK
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK):
+                raise
+            fd = -1
+        mode = os.lstat(path).st_mode if fd < 0 else os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            if fd >= 0:
+                os.close(fd)
+            raise TargetExistsError(
+                path,
+                f"the run's lock file is {kind_of(mode)}, which the manager never opens (it would write into "
+                "whatever it names)",
+                f"Remove it (rm {path}); the manager creates its own lock file there",
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -142,10 +168,16 @@ class LocalRun:
         return [n for n in os.listdir(self.directory) if n not in LAST or not (self.directory / n).is_symlink()]
 
     def read(self, name: str) -> bytes | None:
+        """The bytes of the regular file ``name``; ``None`` when missing. Anything else there (a link,
+        a FIFO, a directory) reads as empty, so the manifest counts as corrupt and is rebuilt."""
         try:
-            return (self.directory / name).read_bytes()
+            fd = open_regular(self.directory / name, follow=False)
         except FileNotFoundError:
             return None
+        except CorruptCheckpointError:
+            return b""
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read()
 
     def write(self, name: str, data: bytes, *, durable: bool) -> None:
         with AtomicFile(self.directory / name, durable=durable) as f:
@@ -182,7 +214,20 @@ class LocalRun:
 
     @contextlib.contextmanager
     def local(self, name: str) -> Iterator[Path]:
-        yield self.directory / name
+        """The checkpoint's path. A file checkpoint must be the regular file the manager wrote: a
+        directory, link, FIFO... under its name raises ``CorruptCheckpointError`` (restore falls back)."""
+        path = self.directory / name
+        if not name.endswith(".dcp"):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and not stat.S_ISREG(mode):
+                raise CorruptCheckpointError(
+                    path,
+                    f"{kind_of(mode)} where the run's checkpoint file should be (the manager writes regular files)",
+                )
+        yield path
 
     def delete(self, name: str) -> None:
         """Remove a checkpoint file, or a checkpoint directory: renamed to a hidden name first (atomic),
@@ -226,11 +271,7 @@ class LocalRun:
                     os.unlink(tmp)
 
     def free_bytes(self) -> int:
-        try:
-            st = os.statvfs(self.directory)
-        except OSError:
-            return -1
-        return int(st.f_bavail) * int(st.f_frsize)
+        return free_bytes(self.directory)
 
 
 def header_length(prefix: bytes, size: int) -> int | None:
@@ -248,12 +289,14 @@ def header_length(prefix: bytes, size: int) -> int | None:
 
 
 def _file_header(path: Path) -> tuple[int, bytes] | None:
-    """``(file size, length prefix + JSON header)`` of a torchkeep file, or ``None``."""
+    """``(file size, length prefix + JSON header)`` of a torchkeep file, or ``None`` (missing, or not
+    a regular file: a link, a FIFO, a directory are never read as a checkpoint)."""
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(8)
-            n = header_length(head, size)
-            return None if n is None else (size, head + fh.read(n))
-    except (FileNotFoundError, IsADirectoryError):
+        fd = open_regular(path, follow=False)
+    except (FileNotFoundError, TorchkeepError):
         return None
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        n = header_length(head, size)
+        return None if n is None else (size, head + fh.read(n))
