@@ -78,7 +78,7 @@ def load_legacy(
     path = Path(path)
     patterns = check_allow_globals(allow_globals)
     report = scan(path, allow_globals=patterns) if patterns else scan(path)
-    if report.dangerous and (trust_pickle or patterns or report.format == "torch-tar"):
+    if report.dangerous:  # never handed to torch.load, whatever the options
         raise _dangerous(path, report.dangerous, trust_pickle)
     if report.issues and not report.dangerous:
         raise CorruptCheckpointError(path, "the pickle is malformed: " + "; ".join(report.issues[:3]))
