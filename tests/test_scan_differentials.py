@@ -210,7 +210,7 @@ def test_unusual_flag_bits_are_a_typed_refusal_and_the_cli_goes_on(
 ) -> None:
     path = tmp_path / "flags.pt"
     path.write_bytes(_zip([(b"archive/data.pkl", BENIGN)], flags=flag))
-    with pytest.raises(CorruptCheckpointError, match="flag bits|encrypted"):
+    with pytest.raises(CorruptCheckpointError, match=r"flag bits|encrypted"):
         scan(path)
     _refused_everywhere(path, marker)
     good = tmp_path / "good.pt"
