@@ -10,6 +10,7 @@ denylist can name every callable that runs code, so it never makes a file safe t
 from __future__ import annotations
 
 import re
+import sys
 
 from torchkeep.errors import ArgumentTypeError, InvalidArgumentError
 
@@ -363,14 +364,15 @@ def numpy_loadable() -> bool:
 
 # --------------------------------------------------------------------------------------------- allow_globals
 
+_WHOLE_REFUSED = frozenset({"torch", "numpy", "__builtin__", "torchvision", "transformers", "_pickle"})
 _PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\.\*)?\Z")
 
 
 def check_allow_globals(patterns: object, argument: str = "allow_globals") -> tuple[str, ...]:
     """The validated ``allow_globals`` patterns: ``"pkg.mod.Class"`` or ``"pkg.mod.*"`` (everything under it).
 
-    A pattern may not be a bare ``*``, a top-level module with ``.*`` (``"os.*"``, ``"builtins.*"``),
-    or name anything on the dangerous list: those need ``trust_pickle=True``, which says what it does.
+    A pattern may not be a bare ``*``, a whole module of Python, torch or NumPy (``"os.*"``,
+    ``"argparse.*"``, ``"torch.*"``), or name anything on the dangerous list: those need ``trust_pickle=True``, which says what it does.
 
     Raises:
         InvalidArgumentError: naming the pattern and what to pass instead.
@@ -395,10 +397,9 @@ def check_allow_globals(patterns: object, argument: str = "allow_globals") -> tu
             )
         base = p[:-2] if p.endswith(".*") else p
         why = dangerous_reason(base) or (dangerous_reason(base + ".x") if p.endswith(".*") else None)
-        if why is None and p.endswith(".*") and "." not in base:
-            why = "a whole top-level module"
-        if why is None and p.endswith(".*") and base.split(".")[0] in ("builtins", "torch", "numpy", "__builtin__"):
-            why = "a whole standard or torch module"
+        top = base.split(".")[0]
+        if why is None and p.endswith(".*") and (top in sys.stdlib_module_names or top in _WHOLE_REFUSED):
+            why = f"everything in {base}, part of Python, torch or NumPy"
         if why is not None:
             raise InvalidArgumentError(
                 argument,
