@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -126,6 +126,7 @@ def load(
     verify: bool = True,
     trust_pickle: bool = False,
     weights_only: bool | None = None,
+    allow_globals: Sequence[str] | None = None,
 ) -> Any:
     """Load a checkpoint and return its state tree (Stateful leaves come back as state dicts).
 
@@ -142,6 +143,9 @@ def load(
             ``fn(tensor, saved_device) -> tensor``.
         verify: check every checksum before returning (any flipped bit raises).
         trust_pickle: allow legacy pickles that hold more than tensors (runs their code!).
+        allow_globals: ``["mypkg.models.*", "argparse.Namespace"]``: legacy pickles may also use
+            these globals, still through torch's weights-only unpickler (for this load only);
+            anything else is refused, named. Never the dangerous ones (see docs/safety.md).
         weights_only: accepted for drop-in migration from ``torch.load``. ``True`` (or ``None``)
             is what torchkeep always does. ``False`` alone is refused: pass ``trust_pickle=True``
             (with or without it) to unpickle a legacy file fully.
@@ -173,13 +177,19 @@ def load(
             return read_buffer(data, label, place=checked_placer(label, map_location), verify=verify)
     path = as_path(path)
     with _still_there(path):
-        return _load(path, map_location=map_location, verify=verify, trust_pickle=trust_pickle)
+        return _load(
+            path, map_location=map_location, verify=verify, trust_pickle=trust_pickle, allow_globals=allow_globals
+        )
 
 
-def _load(path: Path, *, map_location: MapLocation, verify: bool, trust_pickle: bool) -> Any:
+def _load(path: Path, *, map_location: MapLocation, verify: bool, trust_pickle: bool, allow_globals: Any = None) -> Any:
     found = kinds.detect(path, operation="tk.load")
     tree, _ = read_tree(
-        found, place=checked_placer(found.target, map_location), verify=verify, trust_pickle=trust_pickle
+        found,
+        place=checked_placer(found.target, map_location),
+        verify=verify,
+        trust_pickle=trust_pickle,
+        allow_globals=allow_globals,
     )
     return tree
 
@@ -227,6 +237,7 @@ def restore(
     verify: bool = True,
     trust_pickle: bool = False,
     min_matched: int | float = MIN_MATCHED,
+    allow_globals: Sequence[str] | None = None,
 ) -> Any:
     """Load a checkpoint and ``load_state_dict`` it into each target, in place.
 
@@ -246,7 +257,7 @@ def restore(
             and warns about the rest.
         map_location: where the tensors of the returned tree that were not restored
             into a target go (targets keep their own devices). As in :func:`load`.
-        verify, trust_pickle: as in :func:`load`.
+        verify, trust_pickle, allow_globals: as in :func:`load`.
         min_matched: the fewest tensors each module target may receive, as in
             :func:`~torchkeep.load_into` (a count, or a fraction of the smaller side; ``0``: any).
             A PEFT model target takes an adapter checkpoint, also as in ``load_into``.
@@ -276,6 +287,7 @@ def restore(
             verify=verify,
             trust_pickle=trust_pickle,
             min_matched=min_matched,
+            allow_globals=allow_globals,
         )
 
 
@@ -288,6 +300,7 @@ def _restore(
     verify: bool,
     trust_pickle: bool,
     min_matched: int | float = MIN_MATCHED,
+    allow_globals: Any = None,
 ) -> Any:
     detected = kinds.detect(path, operation="tk.restore")
     if detected.kind == kinds.TORCHKEEP_DCP:
@@ -298,7 +311,7 @@ def _restore(
         return restore_distributed(detected.path, targets, strict=strict, verify=verify, trust_pickle=trust_pickle)
     if detected.kind not in (kinds.TORCHKEEP, kinds.SAFETENSORS):
         # read whole (legacy pickles, shard sets, DCP directories), then load into the targets
-        tree, _ = read_tree(detected, verify=verify, trust_pickle=trust_pickle)
+        tree, _ = read_tree(detected, verify=verify, trust_pickle=trust_pickle, allow_globals=allow_globals)
         found = _match_targets(path, tree, plan, strict, min_matched)
         for tpath, target, sub in found:
             _assign(tree, tpath, _apply(target, sub, lambda t: t))

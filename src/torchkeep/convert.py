@@ -131,7 +131,11 @@ def input_size(src: PathLike) -> int:
 
 
 def read_tree(
-    src: PathLike, *, trust_pickle: bool = False, progress: Callable[[int], None] | None = None
+    src: PathLike,
+    *,
+    trust_pickle: bool = False,
+    progress: Callable[[int], None] | None = None,
+    allow_globals: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``(state tree, user metadata)`` of any checkpoint, on the CPU, checksums verified.
 
@@ -139,11 +143,11 @@ def read_tree(
     as its whole tree (through :func:`torchkeep.distributed.load_tree`), legacy ``torch.save``
     files through ``torch.load(weights_only=True)``.
     """
-    return _read(kinds.detect(src, operation="convert"), trust_pickle, progress)
+    return _read(kinds.detect(src, operation="convert"), trust_pickle, progress, allow_globals)
 
 
 def _read(
-    found: kinds.Detected, trust_pickle: bool, progress: Callable[[int], None] | None
+    found: kinds.Detected, trust_pickle: bool, progress: Callable[[int], None] | None, allow_globals: Any = None
 ) -> tuple[Any, dict[str, Any]]:
     if found.kind == kinds.TORCHKEEP_DCP:
         from torchkeep.distributed.resume import load_tree  # torch.distributed: only for this kind
@@ -153,7 +157,7 @@ def _read(
             progress(input_size(found.path))
         with HeaderFile(found.path / TREE_FILE) as hf:
             return tree, hf.metadata
-    return read_source(found, trust_pickle=trust_pickle, progress=progress)
+    return read_source(found, trust_pickle=trust_pickle, progress=progress, allow_globals=allow_globals)
 
 
 # -- choosing the weights -----------------------------------------------------------------------
@@ -258,6 +262,7 @@ def convert(
     trust_pickle: bool = False,
     key: str | None = None,
     progress: Callable[[int], None] | None = None,
+    allow_globals: Any = None,
     max_memory: int | str | None = None,
     config: Any = None,
 ) -> Path:
@@ -289,6 +294,7 @@ def convert(
             When everything fits in one shard, a single ``dst`` file is written.
             torchkeep shards carry checksums; the tree skeleton goes in the index metadata.
         trust_pickle: allow legacy pickles that need more than plain data (runs their code!).
+        allow_globals: extra globals a legacy pickle may use, as in :func:`torchkeep.load`.
         key: for ``to="safetensors"`` and ``"hf"``: the ``/``-path of the subtree holding the weights.
         progress: called with the number of input bytes read after each batch (for progress bars);
             the calls add up to :func:`input_size` for a distributed checkpoint.
@@ -328,7 +334,7 @@ def convert(
     found = kinds.detect(src, operation="convert")
     if fmt == "hf":
         _refuse_inside(found, dst)
-        tree, user = _read(found, trust_pickle, progress)
+        tree, user = _read(found, trust_pickle, progress, allow_globals)
         return _to_hf(tree, user, dst, key, config, max_shard_size)
     if dst.is_dir() and fmt != "distributed":
         raise ConversionError(f"{dst}: is a directory; give a file name such as {dst / 'model.safetensors'}")
@@ -345,7 +351,7 @@ def convert(
             raise
         finally:
             source.close()
-    tree, user = _read(found, trust_pickle, progress)
+    tree, user = _read(found, trust_pickle, progress, allow_globals)
     return _convert_tree(found, dst, fmt, limit, key, tree, user, None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import importlib
 import math
 import os
 import pickle
@@ -29,6 +30,7 @@ from torchkeep.scan_policy import (
     NUMPY_RECONSTRUCT,
     NUMPY_SCALAR,
     PLAIN_ONLY,
+    check_allow_globals,
     numpy_dtype_problem,
     numpy_dtype_state_problem,
 )
@@ -36,22 +38,31 @@ from torchkeep.scan_policy import (
 __all__ = ["load_legacy"]
 
 
-def load_legacy(path: str | os.PathLike[str], *, map_location: Any = "cpu", trust_pickle: bool = False) -> Any:
+def load_legacy(
+    path: str | os.PathLike[str], *, map_location: Any = "cpu", trust_pickle: bool = False, allow_globals: Any = None
+) -> Any:
     """Load a ``torch.save`` file.
 
     ``weights_only=True`` is always passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
     in the environment cannot turn it off. A refused safe load is never retried unsafely:
-    only ``trust_pickle=True`` from the caller runs the full unpickler.
+    only ``trust_pickle=True`` from the caller runs the full unpickler, and that runs the file's
+    code: nothing torchkeep checks beforehand can make an untrusted pickle safe to unpickle.
 
-    Before ``torch.load`` runs, the file goes through :func:`check_zip` (zip files) and the static
-    pickle scan (:func:`torchkeep.scan.scan`): structural tricks (several PROTO opcodes, bytes
-    after STOP, a truncated pickle) are refused as corrupt, and a pickle that imports anything
-    from the dangerous set (``os.system``, ``builtins.eval``, nested deserializers, ...) is
-    refused even with ``trust_pickle=True``.
+    ``allow_globals=["mypkg.models.*", "argparse.Namespace"]`` is the middle way: the file is
+    still read by torch's weights-only unpickler, which also accepts the globals those patterns
+    name, for this one load only (a context-local addition, never a process-wide registration).
+    A file needing any other global is refused, naming it.
+
+    Before ``torch.load`` runs, the static scan (:func:`torchkeep.scan.scan`) reads the file as
+    torch will: a zip archive that two readers could see differently, or a pickle whose frames
+    the C unpickler reads differently, is refused as corrupt, as are structural tricks (several
+    PROTO opcodes, bytes after STOP, a truncated pickle); a file that imports something on the
+    dangerous list (``os.system``, ``builtins.eval``, nested deserializers, ...) or that torch
+    would read as the pre-0.4 tar format is refused whatever the options.
 
     Raises:
-        UnsafeCheckpointError: the pickle needs more than tensors and plain containers (the
-            message names the classes it imports), or imports something dangerous.
+        UnsafeCheckpointError: the pickle needs more than tensors, plain containers and the
+            allowed globals (the message names them), or imports something dangerous.
         CorruptCheckpointError: the archive is damaged or crafted to exhaust memory.
         DeviceUnavailableError: a storage was saved on a device this machine lacks and
             ``map_location`` keeps it there (e.g. ``None`` for a CUDA file without CUDA).
@@ -65,11 +76,17 @@ def load_legacy(path: str | os.PathLike[str], *, map_location: Any = "cpu", trus
             "a device, a string such as 'cpu', a dict such as {'cuda:1': 'cuda:0'} or a callable fn(tensor, saved_device)",
         )
     path = Path(path)
-    report = scan(path)
-    if report.dangerous and trust_pickle:
+    patterns = check_allow_globals(allow_globals)
+    report = scan(path, allow_globals=patterns) if patterns else scan(path)
+    if report.dangerous:  # never handed to torch.load, whatever the options
         raise _dangerous(path, report.dangerous, trust_pickle)
     if report.issues and not report.dangerous:
         raise CorruptCheckpointError(path, "the pickle is malformed: " + "; ".join(report.issues[:3]))
+    extra: dict[str, Any] = {}
+    if patterns and not trust_pickle:
+        if report.unsafe:
+            raise _not_allowed(path, report.unsafe, report.reasons, patterns)
+        extra = _resolve(path, report.allowed)
     requested = map_location
     fn = map_location if _is_tensor_fn(map_location) else None
     saved: dict[int, str] = {}
@@ -88,7 +105,7 @@ def load_legacy(path: str | os.PathLike[str], *, map_location: Any = "cpu", trus
             if trust_pickle:
                 tree = torch.load(fh, map_location=map_location, weights_only=False)
             else:
-                with _numpy_arrays() as arrays:
+                with _numpy_arrays(extra) as arrays:
                     tree = torch.load(fh, map_location=map_location, weights_only=True)
                     if arrays is not None:
                         tree = arrays.finish(tree)
@@ -181,8 +198,10 @@ def _needs(
     if not convert:
         return head + "`torchkeep scan FILE` lists everything it imports"
     return (
-        head + "If you trust the file, tk.convert(path, 'model.safetensors', trust_pickle=True) turns it into "
-        "a safe file once; `torchkeep scan FILE` lists everything it imports"
+        head + f"If those are classes you know to be plain data, allow_globals=[{unsafe[0]!r}, ...] loads it "
+        "without running other code; if you trust the whole file (trust_pickle=True runs any code it holds), "
+        "tk.convert(path, 'model.safetensors', trust_pickle=True) turns it into a safe file once; "
+        "`torchkeep scan FILE` lists everything it imports"
     )
 
 
@@ -194,7 +213,7 @@ def _dangerous(path: Path, dangerous: Mapping[str, str], trust_pickle: bool) -> 
     err.dangerous = dict(dangerous)  # type: ignore[attr-defined]
     err.unsafe_globals = sorted(dangerous)  # type: ignore[attr-defined]
     even = " even with trust_pickle=True" if trust_pickle else ""
-    # the usual "pass trust_pickle=True" advice would be wrong here: nothing unlocks these
+    # the usual "pass trust_pickle=True" advice would be wrong here: torchkeep never unpickles these
     err.args = (
         f"{path}: refused to unpickle{even}: it imports {', '.join(shown)}{more}. "
         "Checkpoints never need these; malicious files do, and trust_pickle=True does not unlock them. "
@@ -202,6 +221,48 @@ def _dangerous(path: Path, dangerous: Mapping[str, str], trust_pickle: bool) -> 
         "`torchkeep scan FILE` lists everything the file imports; if the file is yours, re-save its state_dict().",
     )
     return err
+
+
+def _not_allowed(
+    path: Path, unsafe: list[str], reasons: Mapping[str, str], patterns: tuple[str, ...]
+) -> UnsafeCheckpointError:
+    """The error for a pickle that needs globals beyond torch's allowlist and the user's ``allow_globals``."""
+    err = UnsafeCheckpointError(path, _needs(unsafe, "", reasons, convert=False))
+    err.unsafe_globals = list(unsafe)  # type: ignore[attr-defined]
+    err.args = (
+        f"{path}: refused to unpickle: it needs {len(unsafe)} global(s) that neither torch's weights-only "
+        f"allowlist nor allow_globals={list(patterns)!r} accepts: {format_names(unsafe)}. Nothing was executed. "
+        "Add the classes you know to be plain data to allow_globals (e.g. allow_globals=[..., "
+        f"{unsafe[0]!r}]); trust_pickle=True would run any code the file holds.",
+    )
+    return err
+
+
+def _resolve(path: Path, names: list[str]) -> dict[str, Any]:
+    """``{"module.name": object}`` for the allowed globals a file needs, importing only their modules."""
+    out: dict[str, Any] = {}
+    for full in names:
+        parts = full.split(".")
+        for i in range(len(parts) - 1, 0, -1):  # the longest importable module prefix, then attributes
+            try:
+                obj: Any = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                continue
+            out[full] = obj
+            break
+        else:
+            err = UnsafeCheckpointError(path, f"it needs {full}, which allow_globals names but cannot be imported")
+            err.args = (
+                f"{path}: refused to unpickle: it needs {full}, which allow_globals names but which cannot be "
+                "imported here; import the package that defines it (is it installed?) and load again.",
+            )
+            raise err
+    return out
 
 
 def _is_tensor_fn(map_location: Any) -> bool:
@@ -421,6 +482,7 @@ class _NumpyLoad:
 
     def __init__(self) -> None:
         self.proxies: list[_Proxy] = []
+        self.extra: dict[str, Any] = {}
 
     def finish(self, tree: Any) -> Any:
         if not self.proxies:
@@ -479,16 +541,19 @@ def _scoped_user_globals() -> dict[str, Any]:
     """torch's user-allowed globals, plus :data:`_STAND_INS` inside a torchkeep load in this context."""
     assert _torch_user_globals is not None
     found = _torch_user_globals()
-    if _IN_LOAD.get() is not None:
+    load = _IN_LOAD.get()
+    if load is not None:
+        found.update(load.extra)  # this load's allow_globals
         found.update(_STAND_INS)  # ours win over a user's own numpy registrations, as the scan assumes
     return found
 
 
 @contextlib.contextmanager
-def _numpy_arrays() -> Iterator[_NumpyLoad | None]:
-    """Accept plain NumPy arrays in the ``torch.load(weights_only=True)`` calls made in this block.
+def _numpy_arrays(extra: Mapping[str, Any] | None = None) -> Iterator[_NumpyLoad | None]:
+    """Accept plain NumPy arrays (and ``extra``: allow_globals) in the ``torch.load(weights_only=True)`` calls here.
 
-    Yields ``None`` (arrays stay refused) on a torch without ``_get_user_allowed_globals``.
+    Yields ``None`` (arrays stay refused) on a torch without ``_get_user_allowed_globals``; then
+    ``extra`` cannot be scoped to this load either, and a load that needs it is refused.
     """
     global _patch_users, _torch_user_globals
     try:
@@ -496,6 +561,10 @@ def _numpy_arrays() -> Iterator[_NumpyLoad | None]:
 
         current = wou._get_user_allowed_globals
     except (ImportError, AttributeError):
+        if extra:
+            raise pickle.UnpicklingError(
+                "allow_globals needs torch._weights_only_unpickler._get_user_allowed_globals"
+            ) from None
         yield None
         return
     with _PATCH_LOCK:
@@ -504,6 +573,7 @@ def _numpy_arrays() -> Iterator[_NumpyLoad | None]:
             wou._get_user_allowed_globals = _scoped_user_globals
         _patch_users += 1
     load = _NumpyLoad()
+    load.extra = dict(extra or {})
     token = _IN_LOAD.set(load)
     try:
         yield load

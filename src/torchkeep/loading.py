@@ -182,6 +182,7 @@ def load_into(
     verify: bool = True,
     min_matched: int | float = MIN_MATCHED,
     adapter: str | None = None,
+    allow_globals: Any = None,
 ) -> LoadReport:
     """Load weights from any source into ``model``, in place, and report what happened.
 
@@ -226,6 +227,7 @@ def load_into(
             (a prefix, another model) from "succeeding" with nothing loaded; ``0`` accepts any load.
         adapter: the PEFT adapter to load an adapter checkpoint into, when the model holds
             several (by default its active one).
+        allow_globals: extra globals a legacy pickle source may use, as in :func:`torchkeep.load`.
 
     Returns:
         A :class:`LoadReport`.
@@ -265,7 +267,7 @@ def load_into(
         )
     check_min_matched(min_matched)
     place = _placement(map_location)
-    with open_source(source, verify=verify) as src:
+    with open_source(source, verify=verify, allow_globals=allow_globals) as src:
         label = src.label if isinstance(source, (str, os.PathLike)) else "<memory>"
         chosen, sd = _choose(src.tree, model, key, label, adapter)
         report = LoadReport(source=label, key=chosen)

@@ -2,9 +2,12 @@
 
 Nothing from the file is ever imported or executed: the pickle's opcodes are walked with
 :func:`pickletools.genops` over an abstract stack and memo, so ``STACK_GLOBAL`` operands that
-arrive through the memo (``BINGET``) are still resolved. Safety is an allowlist: every global
-outside the set ``torch.load(weights_only=True)`` accepts is *unsafe*; a second, explicit list
-marks the *dangerous* ones (code execution, imports, nested deserializers, ...) with a reason.
+arrive through the memo (``BINGET``) are still resolved. The walk is checked against how the C
+unpickler reads the same bytes (frames, raw ``GLOBAL`` lines, string decoding) and zip archives are
+read as torch's reader reads them (:func:`torchkeep.container.read_zip`): where two readers could
+disagree the file is refused, never called clean. Safety is an allowlist: every global outside
+the set ``torch.load(weights_only=True)`` accepts (plus the user's ``allow_globals``) is *unsafe*;
+a second list marks some *dangerous* ones with a reason, as defence in depth only.
 
 Example:
     >>> import torch, tempfile, os
@@ -20,20 +23,21 @@ from __future__ import annotations
 import io
 import os
 import pickletools
-import zipfile
+import tarfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torchkeep import kinds
-from torchkeep.container import check_zip, is_legacy
+from torchkeep.container import ZipView, is_legacy, read_zip
 from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedSourceError
 from torchkeep.scan_policy import (
     NUMPY_GLOBALS,
     NUMPY_RECONSTRUCT,
     NUMPY_SCALAR,
+    allowed_by,
+    check_allow_globals,
     dangerous_reason,
     numpy_dtype_problem,
     numpy_dtype_state_problem,
@@ -41,6 +45,7 @@ from torchkeep.scan_policy import (
     reached_through,
     safe_globals,
 )
+from torchkeep.scan_report import ScanReport
 from torchkeep.storage.paths import as_path
 
 __all__ = ["ScanReport", "dangerous_reason", "safe_globals", "scan"]
@@ -52,103 +57,6 @@ _STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE"
 _BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER: the pre-1.6 (non-zip) format
 _UNRESOLVED = "<unresolvable STACK_GLOBAL>"
-
-# --------------------------------------------------------------------------------------------- the report
-
-
-@dataclass
-class ScanReport:
-    """What a file's pickles import, and whether ``torch.load(weights_only=True)`` would accept it.
-
-    Attributes:
-        path: the file scanned.
-        format: ``"torch-zip"``, ``"torch-legacy"`` (pre-1.6 non-zip torch.save), ``"pickle"`` or
-            ``"safetensors"`` (no pickle at all).
-        globals: every ``"module.name"`` the pickles import, sorted.
-        unsafe: those outside the weights-only allowlist (dangerous ones included), sorted.
-            The NumPy globals of plain arrays and scalars (:data:`torchkeep.scan_policy.NUMPY_GLOBALS`)
-            count as safe, as ``tk.load`` accepts them, unless the file uses them for anything else
-            (an object dtype, say): then they are unsafe, and ``reasons`` says why.
-        reasons: ``{name: why}`` for unsafe globals that are unsafe only because of how this file uses them.
-        dangerous: the explicitly dangerous ones, ``{name: reason}``.
-        issues: structural problems (several PROTO, bytes after STOP, unresolvable STACK_GLOBAL,
-            a truncated or malformed pickle).
-        calls: how often each call/build opcode appears (``REDUCE``, ``BUILD``, ``NEWOBJ``, ...).
-        called: the globals actually invoked by those opcodes, sorted.
-        pickles: the pickles scanned (zip entry names, or ``"pickle@offset"``).
-        complete: False when a pickle could not be parsed to its end.
-
-    Example:
-        >>> import torch, torchkeep as tk, tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "w.pt"); torch.save({"w": torch.ones(2)}, p)
-        >>> report = tk.scan(p)
-        >>> report.format, report.ok, report.unsafe
-        ('torch-zip', True, [])
-    """
-
-    path: str
-    format: str = "pickle"
-    globals: list[str] = field(default_factory=list)
-    unsafe: list[str] = field(default_factory=list)
-    dangerous: dict[str, str] = field(default_factory=dict)
-    reasons: dict[str, str] = field(default_factory=dict)
-    issues: list[str] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)
-    called: list[str] = field(default_factory=list)
-    pickles: list[str] = field(default_factory=list)
-    complete: bool = True
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing is unsafe, nothing dangerous, and the pickles are well formed."""
-        return not self.unsafe and not self.dangerous and not self.issues
-
-    @property
-    def verdict(self) -> str:
-        """``"clean"``, ``"UNSAFE"`` or ``"unreadable"`` (a truncated pickle with nothing dangerous in it)."""
-        if self.ok:
-            return "clean"
-        if self.dangerous or self.unsafe or self.complete:
-            return "UNSAFE"
-        return "unreadable"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field plus ``ok`` and ``verdict``."""
-        return {
-            "path": self.path,
-            "format": self.format,
-            "ok": self.ok,
-            "verdict": self.verdict,
-            "globals": list(self.globals),
-            "unsafe": list(self.unsafe),
-            "dangerous": dict(sorted(self.dangerous.items())),
-            "reasons": dict(sorted(self.reasons.items())),
-            "issues": list(self.issues),
-            "calls": dict(self.calls),
-            "called": list(self.called),
-            "pickles": list(self.pickles),
-            "complete": self.complete,
-        }
-
-    def __str__(self) -> str:
-        lines = [f"{self.path}: {self.verdict} ({self.format}, {len(self.globals)} globals)"]
-        for name in self.globals:
-            if name in self.dangerous:
-                lines.append(f"  DANGEROUS {name}: {self.dangerous[name]}")
-            elif name in self.reasons:
-                lines.append(f"  unsafe    {name}: {self.reasons[name]}")
-            elif name in self.unsafe:
-                lines.append(f"  unsafe    {name}")
-            else:
-                lines.append(f"  ok        {name}")
-        for name, why in sorted(self.dangerous.items()):
-            if name not in self.globals:
-                lines.append(f"  DANGEROUS {name}: {why}")
-        lines.extend(f"  issue: {issue}" for issue in self.issues)
-        if self.calls:
-            lines.append("  calls: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.calls.items())))
-        return "\n".join(lines)
-
 
 # --------------------------------------------------------------------------------------------- the opcode walker
 
@@ -199,6 +107,9 @@ class _Bounded:
     def tell(self) -> int:
         return self._fh.tell()
 
+    def seek(self, pos: int) -> int:
+        return self._fh.seek(pos)
+
 
 class _Acc:
     """What the walk of all pickles in one file has found."""
@@ -230,12 +141,29 @@ class _Acc:
         return full
 
 
-def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
-    """Walk one pickle from the stream's position to its STOP; return (offset after STOP, top value)."""
+def _raw(stream: Any, start: int, end: int) -> bytes:
+    """The bytes ``[start, end)`` of the stream, its position kept."""
+    here = stream.tell()
+    stream.seek(start)
+    data = stream.read(end - start)
+    stream.seek(here)
+    return bytes(data)
+
+
+def _walk(stream: Any, where: str, acc: _Acc, size: int) -> tuple[int, Any]:
+    """Walk one pickle from the stream's position to its STOP; return (offset after STOP, top value).
+
+    ``size`` is where the stream ends. The C unpickler reads a FRAME's bytes into a buffer and drops
+    what is left of it when an opcode reaches past its end (it reads that opcode's argument afresh
+    from after the frame), while genops reads straight on: an opcode straddling a frame's end, a
+    FRAME before the last one ended or past the end of the data, or a frame running past STOP,
+    make the two see different opcodes, and are issues.
+    """
     stack: list[Any] = []
     memo: dict[Any, Any] = {}
     protos = 0
     first = True
+    frame_end: int | None = None
 
     def pop() -> Any:
         return stack.pop() if stack else _UNKNOWN
@@ -258,6 +186,20 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
     try:
         for op, arg, pos in pickletools.genops(stream):
             name = op.name
+            end = stream.tell()  # genops yields an opcode once its argument is read
+            if frame_end is not None and pos >= frame_end:
+                frame_end = None
+            if frame_end is not None and end > frame_end:
+                acc.issues.append(
+                    f"{where}: the {name} opcode at byte {pos} runs past the end of its frame "
+                    "(the C unpickler reads it differently)"
+                )
+            if name == "FRAME":
+                if frame_end is not None:
+                    acc.issues.append(f"{where}: a FRAME at byte {pos} starts before the previous frame ends")
+                frame_end = end + arg
+                if frame_end > size:
+                    acc.issues.append(f"{where}: the FRAME at byte {pos} claims {arg:,} bytes, past the end")
             if name in CALL_OPCODES:
                 acc.calls[name] += 1
             if name == "PROTO":
@@ -266,6 +208,9 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
                     acc.issues.append(f"{where}: a PROTO opcode at byte {pos} (only one, first, is valid)")
             elif name in ("GLOBAL", "INST"):
                 module, _, qual = str(arg).partition(" ")
+                if _raw(stream, pos + 1, end) != f"{module}\n{qual}\n".encode():
+                    # genops escape-decodes these lines; the C unpickler reads them as they are
+                    acc.issues.append(f"{where}: {name} at byte {pos} has escapes or spaces in its module or name")
                 ref = _Global(acc.add_global(module, qual))
                 if name == "INST":
                     pop_mark()
@@ -283,7 +228,9 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
                     acc.issues.append(f"{where}: STACK_GLOBAL at byte {pos} with operands that are not plain strings")
                     stack.append(_UNKNOWN)
             elif name in _STRING_OPS or name in _BYTES_OPS:
-                stack.append(arg)
+                # genops decodes protocol 0-2 strings as latin-1, torch's unpickler as UTF-8: same only if ASCII
+                ascii_ok = name not in ("STRING", "BINSTRING", "SHORT_BINSTRING") or str(arg).isascii()
+                stack.append(arg if ascii_ok else _UNKNOWN)
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
                 memo[arg] = stack[-1] if stack else _UNKNOWN
             elif name == "MEMOIZE":
@@ -345,6 +292,8 @@ def _walk(stream: Any, where: str, acc: _Acc) -> tuple[int, Any]:
             elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
                 stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
             elif name == "STOP":
+                if frame_end is not None and frame_end > pos + 1:
+                    acc.issues.append(f"{where}: a frame runs past the STOP opcode at byte {pos}")
                 last = pop()
                 return pos + 1, last
             elif name == "FRAME":
@@ -422,11 +371,13 @@ def _reduced(target: Any, args: Any, acc: _Acc) -> Any:
 # --------------------------------------------------------------------------------------------- the entry point
 
 
-def scan(path: str | os.PathLike[str]) -> ScanReport:
+def scan(path: str | os.PathLike[str], *, allow_globals: Any = None) -> ScanReport:
     """Statically scan a ``torch.save`` file (zip or pre-1.6) or a raw pickle; never executes it.
 
-    Zip files first pass :func:`torchkeep.container.check_zip`; then every ``*.pkl`` entry is
-    walked. A pre-1.6 ``torch.save`` file is five pickles followed by raw storage bytes: the five
+    Zip files are first read as torch reads them (:func:`torchkeep.container.read_zip`, which
+    refuses any archive two readers could see differently); then every ``*.pkl`` entry is
+    walked. A file torch would open as the pre-0.4 tar format is reported with a dangerous
+    ``<legacy tar archive>`` entry: its pickles cannot be checked. A pre-1.6 ``torch.save`` file is five pickles followed by raw storage bytes: the five
     are walked. A raw pickle is walked, and bytes after its STOP are reported. A safetensors
     file holds no pickle and is clean.
 
@@ -435,10 +386,12 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
 
     Args:
         path: the file or directory.
+        allow_globals: ``["mypkg.models.*", "argparse.Namespace"]``: globals to count as safe
+            besides torch's allowlist (never the dangerous ones); listed in ``report.allowed``.
 
     Returns:
         A :class:`ScanReport`; ``report.ok`` is True when ``torch.load(weights_only=True)``
-        would accept every global and the pickles are well formed.
+        (with ``allow_globals``) would accept every global and the pickles are well formed.
 
     Raises:
         CheckpointNotFoundError: no such file.
@@ -455,11 +408,12 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         (False, {'posix.system': 'runs shell commands or touches the process'})
     """
     path = as_path(path)
+    patterns = check_allow_globals(allow_globals)
     if not path.exists():
         raise CheckpointNotFoundError(path)
     if path.is_dir() or _starts_with_brace(path):
-        return _scan_detected(path)
-    return _scan_file(path)
+        return _scan_detected(path, patterns)
+    return _scan_file(path, patterns)
 
 
 def _starts_with_brace(path: Path) -> bool:
@@ -467,7 +421,7 @@ def _starts_with_brace(path: Path) -> bool:
         return fh.read(64).lstrip()[:1] == b"{"
 
 
-def _scan_detected(path: Path) -> ScanReport:
+def _scan_detected(path: Path, patterns: tuple[str, ...] = ()) -> ScanReport:
     """A directory or shard index is what :func:`torchkeep.kinds.detect` finds: one file, or every shard."""
     found = kinds.detect(path, operation="scan")
     if found.kind in (kinds.DCP, kinds.TORCHKEEP_DCP):
@@ -480,8 +434,8 @@ def _scan_detected(path: Path) -> ScanReport:
         )
     if found.index is None:
         assert found.file is not None  # detect() names the one file of a non-sharded directory
-        return _scan_file(found.file)
-    parts = [_scan_file(f) for f in found.shards]
+        return _scan_file(found.file, patterns)
+    parts = [_scan_file(f, patterns) for f in found.shards]
     calls: dict[str, int] = {}
     for r in parts:
         for k, n in r.calls.items():
@@ -499,31 +453,26 @@ def _scan_detected(path: Path) -> ScanReport:
         called=sorted({g for r in parts for g in r.called}),
         pickles=[f"{Path(r.path).name}:{p}" for r in parts for p in r.pickles],
         complete=all(r.complete for r in parts),
+        allowed=sorted({g for r in parts for g in r.allowed}),
     )
 
 
-def _scan_file(path: Path) -> ScanReport:
+def _scan_file(path: Path, patterns: tuple[str, ...] = ()) -> ScanReport:
     size = path.stat().st_size
     acc = _Acc()
     pickles: list[str] = []
     with open(path, "rb") as fh:
         head = fh.read(16)
-        if head.startswith(b"PK\x03\x04"):
+        if head.startswith(b"PK\x03\x04"):  # torch.load's own test: a zip is what starts so
             fmt = "torch-zip"
-            check_zip(path)
-            with zipfile.ZipFile(path) as zf:
-                infos = [i for i in zf.infolist() if i.filename.endswith(".pkl")]
-                if any("/code/" in i.filename or i.filename.startswith("code/") for i in zf.infolist()):
-                    acc.dangerous["<TorchScript archive>"] = "code/ entries are compiled and run by torch.jit.load"
-                for info in infos:
-                    try:
-                        data = zf.read(info)
-                    except (zipfile.BadZipFile, OSError, ValueError) as e:
-                        raise CorruptCheckpointError(path, f"zip entry {info.filename!r} is damaged ({e})") from None
-                    pickles.append(info.filename)
-                    end, _ = _walk(io.BytesIO(data), info.filename, acc)
-                    if end >= 0 and end < len(data):
-                        acc.issues.append(f"{info.filename}: {len(data) - end:,} bytes after the STOP opcode")
+            _scan_zip(path, fh, read_zip(path), acc, pickles)
+        elif _is_tar(fh):
+            # torch.load tries tarfile first on any file that is not a zip: whatever else the bytes
+            # look like, torch reads them as the pre-0.4 format, whose pickles interleave raw storage data
+            fmt = "torch-tar"
+            acc.dangerous["<legacy tar archive>"] = (
+                "torch.load reads it as the pre-0.4 tar format, whose pickles torchkeep cannot check"
+            )
         elif _looks_like_safetensors(head, size) and not is_legacy(head[:8]):
             fmt = "safetensors"
         elif head[:1] and head[0] in _OPCODE_BYTES:
@@ -531,14 +480,14 @@ def _scan_file(path: Path) -> ScanReport:
             stream = _Bounded(fh, size)
             fh.seek(0)
             pickles.append("pickle@0")
-            end, top = _walk(stream, "pickle@0", acc)
+            end, top = _walk(stream, "pickle@0", acc, size)
             if end >= 0 and top == _TORCH_MAGIC and not isinstance(top, bool):
                 # pre-1.6 torch.save: magic, protocol version, sys info, the data, storage keys; then raw bytes
                 fmt = "torch-legacy"
                 for _ in range(4):
                     fh.seek(end)
                     pickles.append(f"pickle@{end}")
-                    end, _ = _walk(stream, f"pickle@{end}", acc)
+                    end, _ = _walk(stream, f"pickle@{end}", acc, size)
                     if end < 0:
                         break
             elif end >= 0 and end < size:
@@ -550,7 +499,8 @@ def _scan_file(path: Path) -> ScanReport:
     allowed = safe_globals() if acc.globals else frozenset()  # torch's allowlist only when there is a global to judge
     if acc.globals & NUMPY_GLOBALS and numpy_loadable():
         allowed = allowed | NUMPY_GLOBALS  # tk.load accepts plain NumPy arrays (torchkeep.legacy)
-    unsafe = {g for g in acc.globals if g not in allowed} | set(acc.dangerous) | set(acc.numpy)
+    by_user = {g for g in acc.globals if g not in allowed and g not in acc.dangerous and allowed_by(patterns, g)}
+    unsafe = {g for g in acc.globals if g not in allowed and g not in by_user} | set(acc.dangerous) | set(acc.numpy)
     return ScanReport(
         path=str(path),
         format=fmt,
@@ -563,7 +513,42 @@ def _scan_file(path: Path) -> ScanReport:
         called=sorted(acc.called),
         pickles=pickles,
         complete=acc.complete,
+        allowed=sorted(by_user),
     )
+
+
+def _scan_zip(path: Path, fh: Any, view: ZipView, acc: _Acc, pickles: list[str]) -> None:
+    """Walk every ``.pkl`` record of the archive torch's reader sees (names ASCII case folded, as it looks up)."""
+    records = [r.lower() for r in view.records()]
+    if "constants.pkl" in records or any(r.startswith("code/") for r in records):
+        acc.dangerous["<TorchScript archive>"] = (
+            "torch.load hands it to torch.jit.load, which compiles and runs its code"
+        )
+    for entry in view.entries:
+        if not entry.raw.lower().endswith(b".pkl"):
+            continue
+        fh.seek(entry.offset)
+        data = fh.read(entry.size)
+        if len(data) != entry.size:
+            raise CorruptCheckpointError(path, f"zip entry {entry.name!r} is cut short")
+        pickles.append(entry.name)
+        end, _ = _walk(io.BytesIO(data), entry.name, acc, len(data))
+        if end >= 0 and end < len(data):
+            acc.issues.append(f"{entry.name}: {len(data) - end:,} bytes after the STOP opcode")
+
+
+def _is_tar(fh: Any) -> bool:
+    """Whether ``torch.load`` would take the file for its legacy tar format (it asks ``tarfile``, as here)."""
+    fh.seek(0)
+    try:
+        tarfile.open(fileobj=fh, mode="r:").close()
+    except tarfile.TarError:
+        return False
+    except Exception:  # tarfile failing otherwise makes torch.load fail too: nothing of it runs
+        return False
+    finally:
+        fh.seek(0)
+    return True
 
 
 _OPCODE_BYTES = frozenset(op.code.encode("latin-1")[0] for op in pickletools.opcodes)

@@ -1,16 +1,23 @@
-"""Which globals a pickle may import: torch's weights-only allowlist, and the ones only malicious files need.
+"""Which globals a pickle may import: torch's weights-only allowlist, the user's ``allow_globals``, and a denylist.
 
-:mod:`torchkeep.scan` judges every global a pickle imports by these two tables. The allowlist
-is torch's own (read from the installed torch, only when a pickle imports something), so the
-scan and ``torch.load(weights_only=True)`` agree.
+:mod:`torchkeep.scan` judges every global a pickle imports by these tables. The allowlist is
+torch's own (read from the installed torch, only when a pickle imports something), so the scan
+and ``torch.load(weights_only=True)`` agree; :func:`check_allow_globals` / :func:`allowed_by`
+add the classes a user names for one load. The *dangerous* table is defence in depth only: no
+denylist can name every callable that runs code, so it never makes a file safe to unpickle.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+
+from torchkeep.errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = [
     "NUMPY_GLOBALS",
+    "allowed_by",
+    "check_allow_globals",
     "dangerous_reason",
     "numpy_dtype_problem",
     "numpy_dtype_state_problem",
@@ -51,6 +58,25 @@ _DANGEROUS_MODULES: dict[str, str] = {
     "numpy.testing": _EVAL,  # numpy.testing._private.utils.runstring is exec()
     "numpy.f2py": _NATIVE,
     "numpy.distutils": _NATIVE,
+    "numpy.ctypeslib": _NATIVE,
+    "antigravity": _NET,  # importing it opens a web browser
+    "this": "prints on import",
+    "platform": _SHELL,
+    "commands": _SHELL,
+    "popen2": _SHELL,
+    "_io": _FILES,
+    "io": _FILES,
+    "fileinput": _FILES,
+    "zipfile": _FILES,
+    "tarfile": _FILES,
+    "mmap": _FILES,
+    "sqlite3": _FILES,
+    "dbm": _FILES,
+    "IPython": _EVAL,
+    "jinja2": _EVAL,
+    "torch.utils.collect_env": _SHELL,
+    "torch.utils.benchmark": _EVAL,
+    "torch.distributed.rpc": _NET,
 }
 
 #: Single names inside otherwise ordinary modules.
@@ -78,6 +104,56 @@ _DANGEROUS_NAMES: dict[str, str] = {
     "numpy.lib.npyio.load": _NESTED,
     "numpy.lib._npyio_impl.load": _NESTED,
     "numpy.core.numeric.load": _NESTED,
+    # callables outside the modules above that run commands, exec code or write files when called
+    # with arguments from the file (found by trying them; the list can never be complete)
+    "torch.utils.collect_env.run": _SHELL,
+    "torch.utils.collect_env.run_and_read_all": _SHELL,
+    "torch.utils.collect_env.run_and_parse_first_match": _SHELL,
+    "torch.fx.graph_module.reduce_graph_module": _EVAL,
+    "torch.fx.graph_module.reduce_package_graph_module": _EVAL,
+    "torch.fx.graph_module._forward_from_src": _EVAL,
+    "torch.fx.graph_module._exec_with_source": _EVAL,
+    "torch.save": _FILES,
+    "torch.serialization.save": _FILES,
+    "torch._C._load_for_lite_interpreter": _JIT,
+    "logging.config.dictConfig": _EVAL,
+    "logging.config.fileConfig": _EVAL,
+    "logging.config.listen": _NET,
+    "logging.config.valueToStr": _EVAL,
+    "uuid._get_command_stdout": _SHELL,
+    "numpy.lib.format.read_array": _NESTED,
+    "numpy.lib.format.read_array_header_1_0": _NESTED,
+    "numpy.save": _FILES,
+    "numpy.savez": _FILES,
+    "numpy.fromfile": _FILES,
+    "numpy.memmap": _FILES,
+    "numpy.lib.format.open_memmap": _FILES,
+    **dict.fromkeys(
+        [
+            f"pathlib.{c}.{m}"
+            for c in ("Path", "PosixPath", "WindowsPath")
+            for m in (
+                "write_text",
+                "write_bytes",
+                "unlink",
+                "rename",
+                "replace",
+                "rmdir",
+                "touch",
+                "mkdir",
+                "symlink_to",
+                "hardlink_to",
+                "open",
+                "chmod",
+            )
+        ],
+        _FILES,
+    ),
+    "builtins.print": _FILES,
+    "site.addsitedir": _IMPORT,
+    "torch.cuda.memory._record_memory_history": _FILES,
+    "torch.cuda.memory._dump_snapshot": _FILES,
+    "antigravity.geohash": _NET,
 }
 
 
@@ -284,3 +360,67 @@ def numpy_loadable() -> bool:
         return callable(getattr(wou, "_get_user_allowed_globals", None))
     except Exception:
         return False
+
+
+# --------------------------------------------------------------------------------------------- allow_globals
+
+_WHOLE_REFUSED = frozenset({"torch", "numpy", "__builtin__", "torchvision", "transformers", "_pickle"})
+_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\.\*)?\Z")
+
+
+def check_allow_globals(patterns: object, argument: str = "allow_globals") -> tuple[str, ...]:
+    """The validated ``allow_globals`` patterns: ``"pkg.mod.Class"`` or ``"pkg.mod.*"`` (everything under it).
+
+    A pattern may not be a bare ``*``, a whole module of Python, torch or NumPy (``"os.*"``,
+    ``"argparse.*"``, ``"torch.*"``), or name anything on the dangerous list: those need ``trust_pickle=True``, which says what it does.
+
+    Raises:
+        InvalidArgumentError: naming the pattern and what to pass instead.
+
+    Example:
+        >>> check_allow_globals(["argparse.Namespace", "mypkg.models.*"])
+        ('argparse.Namespace', 'mypkg.models.*')
+    """
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str) or not hasattr(patterns, "__iter__"):
+        raise ArgumentTypeError(argument, patterns, 'a list of "module.Name" or "module.*" strings')
+    out = []
+    for p in patterns:  # type: ignore[attr-defined]
+        if not isinstance(p, str):
+            raise ArgumentTypeError(argument, p, 'a list of "module.Name" or "module.*" strings')
+        if _PATTERN.match(p) is None or "." not in p:
+            raise InvalidArgumentError(
+                argument,
+                p,
+                'pass full names such as "argparse.Namespace", or "mypkg.models.*" for everything under a module',
+            )
+        base = p[:-2] if p.endswith(".*") else p
+        why = dangerous_reason(base) or (dangerous_reason(base + ".x") if p.endswith(".*") else None)
+        top = base.split(".")[0]
+        if why is None and p.endswith(".*") and (top in sys.stdlib_module_names or top in _WHOLE_REFUSED):
+            why = f"everything in {base}, part of Python, torch or NumPy"
+        if why is not None:
+            raise InvalidArgumentError(
+                argument,
+                p,
+                f"it allows {why}; name the classes the file needs instead, "
+                "or, if you trust the file completely, pass trust_pickle=True",
+            )
+        out.append(p)
+    return tuple(out)
+
+
+def allowed_by(patterns: tuple[str, ...], name: str) -> bool:
+    """Whether ``"module.name"`` matches one of the (validated) ``allow_globals`` patterns.
+
+    Example:
+        >>> allowed_by(("mypkg.models.*",), "mypkg.models.net.Net"), allowed_by(("mypkg.models.*",), "mypkg.data.X")
+        (True, False)
+    """
+    for p in patterns:
+        if p.endswith(".*") and name.startswith(p[:-1]):
+            return True
+        if name == p:
+            return True
+    return False

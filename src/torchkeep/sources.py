@@ -134,12 +134,13 @@ class Source:
         self.close()
 
 
-def open_source(source: Any, *, verify: bool = True) -> Source:
+def open_source(source: Any, *, verify: bool = True, allow_globals: Any = None) -> Source:
     """Open ``source`` (a path, a module, a state dict or any state tree) for :func:`load_into`.
 
     Args:
         source: a file or directory path, an ``nn.Module``, or a (nested) dict of tensors.
         verify: check checksums of torchkeep files before their tensors are used.
+        allow_globals: extra globals a legacy pickle may use (see :func:`torchkeep.load`).
 
     Raises:
         CheckpointNotFoundError, MissingShardError, CorruptCheckpointError, UnsafeCheckpointError.
@@ -156,8 +157,8 @@ def open_source(source: Any, *, verify: bool = True) -> Source:
     if found.kind in (kinds.DCP, kinds.TORCHKEEP_DCP):
         return Source(read_dcp(found.path), str(found.path), kind=found.kind)
     if found.kind == kinds.SHARDED:
-        return _open_index(found, verify)
-    return _open_file(found.target, verify, found.kind)
+        return _open_index(found, verify, allow_globals)
+    return _open_file(found.target, verify, found.kind, allow_globals)
 
 
 def _states(tree: Any, depth: int = 0) -> Any:
@@ -171,7 +172,7 @@ def _states(tree: Any, depth: int = 0) -> Any:
     return tree
 
 
-def _open_file(path: Path, verify: bool, kind: str) -> Source:
+def _open_file(path: Path, verify: bool, kind: str, allow_globals: Any = None) -> Source:
     if kinds.is_legacy_kind(kind):
         saved: dict[int, str] = {}
 
@@ -179,7 +180,7 @@ def _open_file(path: Path, verify: bool, kind: str) -> Source:
             saved[id(t)] = device  # read onto the CPU; load_into places each tensor itself
             return t
 
-        tree = load_legacy(path, map_location=remember)
+        tree = load_legacy(path, map_location=remember, allow_globals=allow_globals)
         return Source(_wrap_loaded(tree, saved), str(path), kind=kind)
     ck = Checkpoint(path, verify=verify)
     try:
@@ -298,7 +299,7 @@ def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
         raise CorruptCheckpointError(where, f"malformed tree: {e}") from None
 
 
-def _open_index(found: kinds.Detected, verify: bool) -> Source:
+def _open_index(found: kinds.Detected, verify: bool, allow_globals: Any = None) -> Source:
     """A sharded checkpoint: every shard opened lazily, tensors by the index's ``weight_map``."""
     assert found.index is not None and found.file is not None  # detect() sets both for SHARDED
     index, root = found.index, found.file.parent
@@ -306,7 +307,7 @@ def _open_index(found: kinds.Detected, verify: bool) -> Source:
     closers: list[Callable[[], None]] = []
     try:
         for fname in index.shards:
-            shard = _open_file(root / fname, verify, found.shard_kinds[fname])
+            shard = _open_file(root / fname, verify, found.shard_kinds[fname], allow_globals)
             closers.append(shard.close)
             flat = shard.tree
             names = index.names_in(fname)
@@ -337,6 +338,7 @@ def read_tree(
     verify: bool = True,
     trust_pickle: bool = False,
     progress: Callable[[int], None] | None = None,
+    allow_globals: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``(state tree, user metadata)`` of a detected checkpoint, read whole into memory, checksums verified.
 
@@ -351,12 +353,17 @@ def read_tree(
         return (flat if place is None else {k: place(t, None) for k, t in flat.items()}), {}
     if found.legacy:
         assert found.file is not None
-        tree = load_legacy(found.file, map_location=place if place is not None else "cpu", trust_pickle=trust_pickle)
+        tree = load_legacy(
+            found.file,
+            map_location=place if place is not None else "cpu",
+            trust_pickle=trust_pickle,
+            allow_globals=allow_globals,
+        )
         if progress is not None:
             progress(found.file.stat().st_size)
         return tree, {}
     if found.kind == kinds.SHARDED:
-        return _read_sharded(found, place, verify, progress, trust_pickle)
+        return _read_sharded(found, place, verify, progress, trust_pickle, allow_globals)
     assert found.file is not None
     with paused_gc(), Checkpoint(found.file, verify=verify) as ck:
         tensors = _read_all(ck, progress)
@@ -456,6 +463,7 @@ def _read_sharded(
     verify: bool,
     progress: Callable[[int], None] | None,
     trust_pickle: bool = False,
+    allow_globals: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     assert found.index is not None and found.file is not None
     index, root = found.index, found.file.parent
@@ -464,7 +472,9 @@ def _read_sharded(
         for fname in index.shards:
             wanted = index.names_in(fname)
             if kinds.is_legacy_kind(found.shard_kinds[fname]):  # pytorch_model-0000N-of-0000M.bin shards
-                got = load_legacy(root / fname, map_location="cpu", trust_pickle=trust_pickle)
+                got = load_legacy(
+                    root / fname, map_location="cpu", trust_pickle=trust_pickle, allow_globals=allow_globals
+                )
                 if progress is not None:
                     progress((root / fname).stat().st_size)
                 _check_shard(found, fname, got.keys() if isinstance(got, Mapping) else ())

@@ -77,6 +77,13 @@ def convert_command(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow a legacy pickle that needs more than plain data. RUNS ITS CODE."
     ),
+    allow_global: list[str] = typer.Option(
+        [],
+        "--allow-global",
+        metavar="PATTERN",
+        help="A global a legacy pickle may use besides torch's allowlist (mypkg.models.Net or mypkg.models.*), "
+        "still through the weights-only unpickler. Repeatable.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON. " + JSON_ERROR_HELP),
 ) -> None:
     """Convert a checkpoint; the output is written atomically and SRC is never modified.
@@ -110,6 +117,7 @@ def convert_command(
             to=to,
             max_shard_size=max_shard_size,
             trust_pickle=trust_pickle,
+            allow_globals=allow_global or None,
             key=key,
             progress=progress,
             max_memory=max_memory,

@@ -13,6 +13,7 @@ from rich.table import Table
 from torchkeep.cli.problems import what_is
 from torchkeep.errors import TorchkeepError
 from torchkeep.scan import ScanReport, scan
+from torchkeep.scan_policy import check_allow_globals
 
 __all__ = ["scan_command"]
 
@@ -22,6 +23,8 @@ def _row_style(report: ScanReport, name: str) -> tuple[str, str]:
         return "[bold red]DANGEROUS[/]", escape(report.dangerous[name])
     if name in report.unsafe:
         return "[yellow]unsafe[/]", "outside the weights_only allowlist"
+    if name in report.allowed:
+        return "[cyan]allowed[/]", "named by --allow-global"
     return "[green]ok[/]", ""
 
 
@@ -51,6 +54,13 @@ def _print_report(out: Console, report: ScanReport) -> None:
 
 def scan_command(
     paths: list[Path] = typer.Argument(..., metavar="PATH...", help="Files to scan.", show_default=False),
+    allow_global: list[str] = typer.Option(
+        [],
+        "--allow-global",
+        metavar="PATTERN",
+        help="Count this global as safe too (mypkg.models.Net, or mypkg.models.* for a whole module), "
+        "as tk.load(allow_globals=...) would accept it. Repeatable.",
+    ),
     json_out: bool = typer.Option(
         False,
         "--json",
@@ -68,11 +78,15 @@ def scan_command(
     """
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        check_allow_globals(allow_global, "--allow-global")
+    except TorchkeepError as e:
+        raise typer.BadParameter(str(e), param_hint="--allow-global") from None
     results: list[dict] = []
     code = 0
     for path in paths:
         try:
-            report = scan(path)
+            report = scan(path, allow_globals=allow_global or None)
         except (TorchkeepError, OSError) as e:
             message = " ".join(str(e).split())
             if path.is_dir():  # not "a directory checkpoint": say what it is and what scan takes
