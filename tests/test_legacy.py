@@ -131,8 +131,9 @@ def test_planted_code_is_refused_even_with_force_no_weights_only(
     assert isinstance(info.value, TorchkeepError) and isinstance(info.value, RuntimeError)
     assert "trust_pickle=True" in str(info.value)
     assert str(path) in str(info.value)
-    # exactly one attempt, weights_only=True passed explicitly; never retried unsafely
-    assert len(load_spy) == 1 and load_spy[0].get("weights_only") is True
+    # refused by the scan before torch.load is reached (a dangerous global), or by torch.load with
+    # weights_only=True passed explicitly: at most one attempt, never retried unsafely
+    assert len(load_spy) <= 1 and all(call.get("weights_only") is True for call in load_spy)
     with pytest.raises(UnsafeCheckpointError):
         tk.restore(path, {"model": torch.nn.Linear(1, 1)})
     assert not marker.exists()

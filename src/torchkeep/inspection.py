@@ -16,13 +16,13 @@ import json
 import math
 import os
 import re
-import zipfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from torchkeep import kinds, pickle_view
+from torchkeep.container import read_zip
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, MissingShardError
 from torchkeep.format.dtypes import ST_TO_NAME
 from torchkeep.format.header import FORMAT_KEY, TensorSpec
@@ -35,7 +35,7 @@ from torchkeep.summary import summarise
 
 __all__ = ["inspect", "verify"]
 
-_STORAGE_ENTRY = re.compile(r"^[^/]+/data/\d+$")
+_STORAGE_ENTRY = re.compile(r"^data/\d+$")
 _DTYPE_NAMES = ST_TO_NAME
 
 
@@ -53,14 +53,12 @@ def _legacy_summary(path: Path, kind: str, depth: int | None = None) -> dict[str
         "hint": "a legacy pickle-based file, inspected without unpickling it. " + _convert_hint(path),
     }
     if kind == kinds.LEGACY_ZIP:
-        # The zip directory lists one entry per tensor storage; reading it runs no pickle code.
-        try:
-            with zipfile.ZipFile(path) as z:
-                storages = [i for i in z.infolist() if _STORAGE_ENTRY.match(i.filename)]
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CorruptCheckpointError(path, f"a damaged torch.save zip archive ({e})") from None
+        # The zip directory, read as torch's reader reads it (an ambiguous archive is refused), lists
+        # one entry per tensor storage; reading it runs no pickle code.
+        archive = read_zip(path)
+        storages = [e for e, r in zip(archive.entries, archive.records(), strict=True) if _STORAGE_ENTRY.match(r)]
         out["storages"] = len(storages)
-        out["storage_bytes"] = sum(i.file_size for i in storages)
+        out["storage_bytes"] = sum(e.size for e in storages)
         seen = pickle_view.view(path)  # keys, dtypes and shapes from the pickle's opcodes, nothing run
         if seen is not None:
             skeleton, specs = seen

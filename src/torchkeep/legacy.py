@@ -198,8 +198,8 @@ def _needs(
     if not convert:
         return head + "`torchkeep scan FILE` lists everything it imports"
     return (
-        head + f"If those are classes you know to be plain data, allow_globals=[{unsafe[0]!r}, ...] loads it "
-        "without running other code; if you trust the whole file (trust_pickle=True runs any code it holds), "
+        head + f"If those are classes you know to be plain data, pass allow_globals=[{unsafe[0]!r}] (one entry per "
+        "class) to load it without running other code; if you trust the whole file (trust_pickle=True runs any code it holds), "
         "tk.convert(path, 'model.safetensors', trust_pickle=True) turns it into a safe file once; "
         "`torchkeep scan FILE` lists everything it imports"
     )

@@ -12,8 +12,9 @@ tensor table, so ``inspect`` summarises a ``.pth`` like any other checkpoint. To
 Example:
     >>> import io, pickle, zipfile, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "x.pth")
-    >>> with zipfile.ZipFile(p, "w") as z:
-    ...     z.writestr("x/data.pkl", pickle.dumps({"epoch": 3, "lr": 0.1}))
+    >>> torch_free = {"epoch": 3, "lr": 0.1}
+    >>> with zipfile.ZipFile(p, "w") as z:  # what torch.save writes: stored records in one folder
+    ...     z.writestr("x/data.pkl", pickle.dumps(torch_free))
     >>> skeleton, specs = view(p)
     >>> skeleton, specs
     ({'d': {'epoch': 3, 'lr': 0.1}}, {})
@@ -24,9 +25,9 @@ from __future__ import annotations
 import math
 import os
 import pickletools
-import zipfile
 from typing import Any
 
+from torchkeep.container import read_zip
 from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.header import TensorSpec
 
@@ -348,19 +349,19 @@ def view(path: str | os.PathLike[str]) -> tuple[Any, dict[str, TensorSpec]] | No
     """``(skeleton, tensor specs)`` of a ``torch.save`` zip's pickle, or ``None`` when it cannot be
     followed (a foreign layout, an oversized or damaged pickle). Offsets in the specs are dummies."""
     try:
-        with zipfile.ZipFile(path) as z:
-            entry = next(
-                (i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None
-            )
-            if entry is None or entry.file_size > MAX_PICKLE_BYTES:
-                return None
-            data = z.read(entry)
+        archive = read_zip(path)  # the records as torch's reader will see them, or a refusal
+        entry = archive.find("data.pkl")
+        if entry is None or entry.size > MAX_PICKLE_BYTES:
+            return None
+        with open(path, "rb") as fh:
+            fh.seek(entry.offset)
+            data = fh.read(entry.size)
         top = _walk(data)
         if _expanded(top, {}, 0) > _MAX_NODES:
             return None
         skeleton = _Skeleton()
         return skeleton.node(top, 0), skeleton.specs
-    except (_Unreadable, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (_Unreadable, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
     except RecursionError:
         return None

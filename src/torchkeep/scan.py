@@ -46,6 +46,7 @@ from torchkeep.scan_policy import (
     safe_globals,
 )
 from torchkeep.scan_report import ScanReport
+from torchkeep.storage.files import open_regular
 from torchkeep.storage.paths import as_path
 
 __all__ = ["ScanReport", "dangerous_reason", "safe_globals", "scan"]
@@ -417,7 +418,7 @@ def scan(path: str | os.PathLike[str], *, allow_globals: Any = None) -> ScanRepo
 
 
 def _starts_with_brace(path: Path) -> bool:
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:  # a FIFO or device: a typed error, never a hang
         return fh.read(64).lstrip()[:1] == b"{"
 
 
@@ -458,10 +459,10 @@ def _scan_detected(path: Path, patterns: tuple[str, ...] = ()) -> ScanReport:
 
 
 def _scan_file(path: Path, patterns: tuple[str, ...] = ()) -> ScanReport:
-    size = path.stat().st_size
     acc = _Acc()
     pickles: list[str] = []
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
         head = fh.read(16)
         if head.startswith(b"PK\x03\x04"):  # torch.load's own test: a zip is what starts so
             fmt = "torch-zip"

@@ -72,10 +72,12 @@ def as_flags(message: str, command: Any) -> str:
 
     def flag(m: re.Match[str]) -> str:
         verb, name, value = m.group(1), m.group(2), m.group(3)
-        p = options.get(name)
+        p = options.get(name) or (options.get(name[:-1]) if name.endswith("s") else None)  # allow_globals
         if p is None:
             return m.group(0)
         long = max(p.opts, key=len)
+        if value is not None and value.startswith("[") and value.endswith("]"):  # a list: the flag repeated
+            return f"{verb} " + " ".join(f"{long} {item}" for item in re.findall(r"'([^']*)'", value))
         if value in ("True", "False") and getattr(p, "is_flag", False):
             if value == "False":
                 off = [o for o in getattr(p, "secondary_opts", []) if o.startswith("--")]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from torchkeep.cli.problems import what_is
+from torchkeep.cli.text import escape
 from torchkeep.errors import TorchkeepError
 from torchkeep.scan import ScanReport, scan
 from torchkeep.scan_policy import check_allow_globals
