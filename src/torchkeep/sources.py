@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ from torchkeep.errors import (
     UnsupportedSourceError,
 )
 from torchkeep.format.header import parse_header
+from torchkeep.format.limits import view_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY
 from torchkeep.hashing import Digests
 from torchkeep.legacy import load_legacy
@@ -255,11 +257,10 @@ def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
             raise CorruptCheckpointError(where, f"the tree refers to tensor {key!r}, which the file lacks")
         if v is None:
             return LazyTensor(base.shape, base.dtype, dev, base.fetch, key, base.verify)
-        try:
-            off, shape, stride = v
-            shape, stride = tuple(int(s) for s in shape), tuple(int(s) for s in stride)
-        except (TypeError, ValueError):
-            raise CorruptCheckpointError(where, f"bad view {v!r} of tensor {key!r}") from None
+        problem = view_error(math.prod(base.shape), *v) if isinstance(v, list) and len(v) == 3 else "not a view"
+        if problem:  # checked before anything is read: a view never reaches past the tensor it views
+            raise CorruptCheckpointError(where, f"bad view {str(v)[:80]} of tensor {key!r}: {problem}")
+        off, shape, stride = v[0], tuple(v[1]), tuple(v[2])
 
         def fetch() -> torch.Tensor:
             t = base.fetch()
