@@ -3,7 +3,7 @@
 :func:`open_source` turns a source into a :class:`Source`: a tree whose tensor leaves are
 either tensors (in-memory and legacy sources) or :class:`LazyTensor` handles that know
 their shape and dtype and read their bytes only when asked (torchkeep and safetensors
-files, through a verified memory map). :func:`candidates` lists the state dicts inside
+files, read into memory of their own and verified there). :func:`candidates` lists the state dicts inside
 that tree; :mod:`torchkeep.loading` picks the one that fits the model.
 
 What a path is comes from :func:`torchkeep.kinds.detect` (by content, never by suffix);
@@ -54,9 +54,8 @@ from torchkeep.format.limits import view_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY
 from torchkeep.hashing import Digests
 from torchkeep.legacy import load_legacy
-from torchkeep.mapped import MappedCheckpoint
 from torchkeep.placement import Placer
-from torchkeep.reader import Checkpoint, check_digests
+from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
 
@@ -85,10 +84,13 @@ class LazyTensor:
         shape: the tensor's shape.
         dtype: its dtype.
         device: the device it was saved from (``None`` when the file does not say).
-        fetch: returns the tensor (a read-only view over a memory map: only copy from it).
+        fetch: returns the tensor, in memory of its own whose bytes were verified (when the
+            source verifies): what was checked is what is used.
         stored: the name of the stored tensor it reads (a view of it, for tied weights).
-        verify: ``verify(stored_names)`` checks those tensors' checksums in the file this
-            one lives in (each once); raises on damage. Shared by all tensors of a file.
+        verify: ``verify(stored_names)`` reads those tensors of the file this one lives in into
+            memory of their own and checks their checksums there (each once, many in parallel),
+            so a later :meth:`load` hands out those very bytes; raises on damage. Shared by all
+            tensors of a file.
     """
 
     shape: tuple[int, ...]
@@ -185,7 +187,7 @@ def _open_file(path: Path, verify: bool, kind: str) -> Source:
         return Source(_wrap_loaded(tree, saved), str(path), kind=kind)
     ck = Checkpoint(path, verify=verify)
     try:
-        tree = _lazy_tree(ck, verify)
+        tree = _lazy_tree(ck)
     except BaseException:
         ck.close()
         raise
@@ -203,40 +205,32 @@ def _wrap_loaded(tree: Any, saved: dict[int, str]) -> Any:
     return tree
 
 
-def _mapper(ck: Checkpoint, verify: bool) -> tuple[Callable[[str], torch.Tensor], Callable[[list[str]], None]]:
-    """``(view(key), verify(keys))`` over a lazily created memory map of ``ck``.
+def _private(ck: Checkpoint) -> tuple[Callable[[str], torch.Tensor], Callable[[list[str]], None]]:
+    """``(get(key), read(keys))``: stored tensors read into memory of their own, checksums verified there.
 
-    ``verify`` hashes only the tensors asked for (each once), so loading one model out of
-    a checkpoint that also holds an optimizer reads and checks only the model's bytes.
+    The bytes hashed are the bytes handed out: each tensor is read (``preadv``) into fresh memory and
+    hashed in that memory, never in a shared mapping another process could rewrite between the check
+    and the copy. ``read`` reads many at once (in parallel, before any is used); ``get`` reads one
+    that was not read yet. Each tensor is read once, so loading one model out of a checkpoint that
+    also holds an optimizer reads and checks only the model's bytes.
     """
-    state: dict[str, Any] = {}
-    verified: set[str] = set()
+    cache: dict[str, torch.Tensor] = {}
 
-    def mapped() -> MappedCheckpoint:
-        if "m" not in state:
-            state["m"] = MappedCheckpoint(ck)
-        return state["m"]
+    def read(keys: list[str]) -> None:
+        todo = sorted(set(keys) - cache.keys(), key=lambda k: ck.spec(k).start)
+        if todo:
+            cache.update(ck.read(todo))
 
-    def check(keys: list[str]) -> None:
-        sums = ck.header.checksums
-        if not verify or sums is None:
-            return
-        todo = sorted(set(keys) - verified, key=lambda k: ck.spec(k).start)
-        if not todo:
-            return
-        bufs = [buffer_of(mapped().view(k)) for k in todo]
-        with ThreadPoolExecutor(2) as pool:
-            check_digests(ck.path, [ck.spec(k) for k in todo], bufs, sums, pool)
-        verified.update(todo)
+    def get(key: str) -> torch.Tensor:
+        if key not in cache:
+            read([key])
+        return cache[key]
 
-    def view(key: str) -> torch.Tensor:
-        return mapped().view(key)
-
-    return view, check
+    return get, read
 
 
-def _lazy_tree(ck: Checkpoint, verify: bool) -> Any:
-    view, check = _mapper(ck, verify)
+def _lazy_tree(ck: Checkpoint) -> Any:
+    view, check = _private(ck)
     specs = ck.header.tensors
     stored: dict[str, LazyTensor] = {}
     for key, spec in specs.items():
@@ -387,17 +381,17 @@ def read_buffer(data: bytes | bytearray | memoryview, label: str, *, place: Plac
         )
     header = parse_header(lambda off, n: bytes(view[off : off + n]), view.nbytes, label)
     specs = list(header.tensors.values())
-    parts = [view[header.size + s.start : header.size + s.end] for s in specs]
+    tensors = {}
+    for s in specs:  # copied first, then hashed in the copies: the bytes checked are the bytes returned
+        t = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype])
+        buffer_of(t)[:] = view[header.size + s.start : header.size + s.end]
+        tensors[s.name] = t
     if verify and header.checksums is not None:
+        bufs = [buffer_of(tensors[s.name]) for s in specs]
         with ThreadPoolExecutor(1) as pool:
-            for s, h in zip(specs, Digests(parts, pool).result(), strict=True):
+            for s, h in zip(specs, Digests(bufs, pool).result(), strict=True):
                 if h != header.checksums[s.name]:
                     raise ChecksumMismatchError(label, s.name, header.checksums[s.name], h)
-    tensors = {}
-    for s, part in zip(specs, parts, strict=True):
-        t = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype])
-        buffer_of(t)[:] = part
-        tensors[s.name] = t
     raw = header.metadata.get(TREE_KEY)
     try:
         skeleton = json.loads(raw) if raw is not None else None
