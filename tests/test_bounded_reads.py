@@ -28,7 +28,7 @@ from torchkeep.writer import provenance_metadata, write_checksummed
 
 def _craft(path: Path, tensors: dict[str, torch.Tensor], skeleton: Any) -> Path:
     """A well-sealed torchkeep file (valid checksums) holding ``tensors`` and any ``skeleton``."""
-    meta = {**provenance_metadata(), TREE_KEY: json.dumps(skeleton)}
+    meta = {**provenance_metadata(), TREE_KEY: skeleton if isinstance(skeleton, str) else json.dumps(skeleton)}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         write_checksummed(fd, tensors, meta)
@@ -159,6 +159,16 @@ def test_skeleton_numbers_out_of_range_are_typed(tmp_path: Path, node: Any) -> N
     except CorruptCheckpointError:
         return
     assert "x" in got  # what loads is a value, never a bare OverflowError / RuntimeError
+
+
+def test_deeply_nested_tree_is_a_typed_error(tmp_path: Path) -> None:
+    node = '{"l":[' * 900 + '{"T":"w"}' + "]}" * 900  # as JSON text: too deep for json.dumps here
+    path = _craft(tmp_path / "deep.safetensors", {"w": torch.ones(1)}, node)
+    for call in (lambda: tk.load(path), lambda: tk.load_into(torch.nn.Module(), path, strict=False, min_matched=0)):
+        try:
+            call()
+        except CorruptCheckpointError:
+            pass
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ __all__ = [
     "LazyTensor",
     "Source",
     "candidates",
+    "decode_lazy",
     "lookup",
     "open_source",
     "read_buffer",
@@ -237,10 +238,10 @@ def _lazy_tree(ck: Checkpoint) -> Any:
         stored[key] = LazyTensor(
             tuple(spec.shape), ST_TO_DTYPE[spec.dtype], None, lambda key=key: view(key), key, check
         )
-    return _decode(ck.path, ck.skeleton if ck.has_tree else None, stored)
+    return decode_lazy(ck.path, ck.skeleton if ck.has_tree else None, stored)
 
 
-def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
+def decode_lazy(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
     """The tree of ``skeleton`` whose tensor leaves are (views of) the ``stored`` lazy tensors; flat without one."""
     if skeleton is None:
         return dict(stored)
@@ -289,8 +290,8 @@ def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
 
     try:
         return dec(skeleton)
-    except (SkeletonError, TypeError, ValueError, KeyError, AttributeError) as e:
-        raise CorruptCheckpointError(where, f"malformed tree: {e}") from None
+    except (SkeletonError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RecursionError) as e:
+        raise CorruptCheckpointError(where, f"malformed tree: {str(e)[:200]}") from None
 
 
 def _open_index(found: kinds.Detected, verify: bool) -> Source:
@@ -317,7 +318,7 @@ def _open_index(found: kinds.Detected, verify: bool) -> Source:
                 tree[n] = flat[n]
         skeleton = index.metadata.get(TREE_KEY)  # torchkeep shard sets keep their state tree in the index
         if skeleton is not None:
-            tree = _decode(found.file, skeleton, tree)
+            tree = decode_lazy(found.file, skeleton, tree)
     except BaseException:
         for c in reversed(closers):
             c()
