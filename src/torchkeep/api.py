@@ -23,7 +23,7 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.loading import MIN_MATCHED, copy_plan, plan_into
-from torchkeep.mapped import MappedCheckpoint, adopt
+from torchkeep.mapped import adopt
 from torchkeep.placement import MapLocation, checked_placer
 from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
@@ -243,9 +243,10 @@ def restore(
 
     Checksums are verified and every target is checked (keys, shapes, optimizer
     groups) before any is modified, so a failed restore leaves your objects as they
-    were. The data is copied straight from the file's pages into the targets' existing
-    memory (model parameters, an optimizer's existing state), without staging the
-    whole checkpoint in fresh memory.
+    were. The file is read into memory of its own and verified there, then copied into
+    the targets' existing memory (model parameters, an optimizer's existing state): the
+    bytes checked are the bytes restored, even if another process rewrites the file
+    meanwhile. Tensors of the tree that no target takes are returned in that memory.
 
     Args:
         path: the checkpoint.
@@ -319,44 +320,35 @@ def _restore(
     path = detected.target
     place = checked_placer(path, map_location)
     with paused_gc(), Checkpoint(path, verify=verify) as ck:
-        mapped = MappedCheckpoint(ck)
-        if verify:
-            mapped.verify()
+        # read into memory of our own and verified there, before any target is touched: the bytes
+        # checked are the bytes copied (a file rewritten in place meanwhile cannot slip others in)
+        stored = ck.read()
         skeleton = ck.skeleton
         try:
-            views = unflatten(skeleton, mapped.view) if ck.has_tree else {k: mapped.view(k) for k in ck.keys()}
+            views = unflatten(skeleton, stored.__getitem__) if ck.has_tree else dict(stored)
         except SkeletonError as e:
             raise CorruptCheckpointError(path, str(e)) from None
         found = _match_targets(path, views, plan, strict, min_matched)
         # targets torchkeep cannot pre-check (schedulers, user objects) go first, so that if
         # one of them raises, the pre-checked modules and optimizers are still untouched
         found.sort(key=lambda f: isinstance(f[1], (torch.nn.Module, torch.optim.Optimizer)))
-        results = [(tpath, _apply(target, sub, _clone)) for tpath, target, sub in found]
-        # the rest of the tree, in memory of its own: restored subtrees are not copied again
-        owned: dict[str, torch.Tensor] = {}
-
-        def get(key: str) -> torch.Tensor:
-            if key not in owned:
-                owned[key] = _clone(mapped.view(key))
-            return owned[key]
-
+        results = [(tpath, _apply(target, sub, _own)) for tpath, target, sub in found]
+        # the rest of the tree: the tensors read above, which are already ours (no second copy)
         if not ck.has_tree:
             done = {tp[0] for tp, _ in results}
-            tree: Any = {k: (place(get(k), None) if place else get(k)) for k in ck.keys() if k not in done}
+            tree: Any = {k: (place(t, None) if place else t) for k, t in stored.items() if k not in done}
         else:
             pruned = skeleton
             for tpath, _ in results:
                 pruned = _replace_at(pruned, tpath)
-            tree = unflatten(pruned, get, place)
+            tree = unflatten(pruned, stored.__getitem__, place)
     for tpath, value in results:
         _assign(tree, tpath, value)
     return tree
 
 
-def _clone(t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(t.shape, dtype=t.dtype)
-    out.copy_(t)
-    return out
+def _own(t: torch.Tensor) -> torch.Tensor:
+    return t  # read into memory of its own already (Checkpoint.read)
 
 
 def _match_targets(
@@ -415,8 +407,8 @@ def _apply(target: Any, sub: Any, own: Callable[[torch.Tensor], torch.Tensor]) -
             warnings.warn(f"loaded what matched (strict=False): {report}", stacklevel=3)
         return target.state_dict()
     if isinstance(target, torch.optim.Optimizer):
-        sub = adopt(target.state_dict(), sub, own)  # reuse the optimizer's existing state memory
-        target.load_state_dict(sub)
+        # the loaded tensors are memory of their own: the optimizer keeps them, no copy into its old state
+        target.load_state_dict(adopt({}, sub, own))
         return target.state_dict()
     sub = adopt({}, sub, own)
     # schedulers pop keys from the dict they get: hand them a copy, keep ours intact

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import warnings
@@ -32,8 +33,10 @@ from typing import Any
 import torch
 
 from torchkeep.errors import CorruptCheckpointError, MissingShardError, UnsafeCheckpointError
+from torchkeep.format.limits import shape_error
 
 __all__ = [
+    "check_chunks",
     "check_complete",
     "check_ranges",
     "dcp_errors",
@@ -151,6 +154,102 @@ def check_ranges(where: Any, md: Any, size: Any) -> None:
         )
 
 
+#: the most a compressed (transformed) DCP chunk may expand: the documented cap on allocation for such files
+_MAX_TRANSFORM_RATIO = 1024
+
+
+def check_chunks(where: Any, md: Any) -> None:
+    """Raise unless every tensor's chunks cover it exactly and read bytes of their own.
+
+    Checked before anything is allocated or read: each chunk lies inside its tensor, has
+    stored data, no two chunks overlap and together they cover every element (so a tensor is
+    never handed out with memory no chunk wrote); no two chunks read the same bytes, and every
+    tensor's elements fit in the bytes stored for it (so no file asks for more memory than it
+    holds: a stored chunk is a ``torch.save`` of at least its values).
+
+    Raises:
+        CorruptCheckpointError: naming the tensor and what is wrong.
+    """
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    storage = md.storage_data or {}
+    used: dict[str, list[tuple[int, int, str]]] = {}
+    for fqn, m in md.state_dict_metadata.items():
+        if not isinstance(m, TensorStorageMetadata):
+            continue
+        name = str(fqn)[:200]
+        size = tuple(m.size)
+        itemsize = torch.empty((), dtype=m.properties.dtype).element_size()
+        problem = shape_error(list(size), itemsize)
+        if problem:
+            raise CorruptCheckpointError(where, f"tensor {name!r}: {problem}")
+        boxes = []
+        stored = 0
+        transformed = False
+        for chunk in m.chunks:
+            off, sz = tuple(chunk.offsets), tuple(chunk.sizes)
+            if (
+                len(off) != len(size)
+                or len(sz) != len(size)
+                or shape_error(list(off)) is not None
+                or shape_error(list(sz)) is not None
+                or any(o + n > d for o, n, d in zip(off, sz, size, strict=True))
+            ):
+                raise CorruptCheckpointError(
+                    where, f"tensor {name!r} of shape {list(size)} has a chunk at {list(off)} of {list(sz)} outside it"
+                )
+            info = storage.get(MetadataIndex(fqn, torch.Size(off)))
+            if info is None:
+                raise CorruptCheckpointError(where, f"tensor {name!r} has a chunk at {list(off)} with no data stored")
+            length = int(info.length)
+            transformed = transformed or bool(getattr(info, "transform_descriptors", None))
+            used.setdefault(str(info.relative_path), []).append((int(info.offset), length, name))
+            stored += length
+            if math.prod(sz):
+                boxes.append((off, sz))
+        covered = sum(math.prod(sz) for _, sz in boxes)
+        numel = math.prod(size)
+        if covered != numel or _overlap(boxes):
+            raise CorruptCheckpointError(
+                where,
+                f"the chunks of tensor {name!r} cover {covered:,} of its {numel:,} elements"
+                + (", overlapping" if covered >= numel else "")
+                + ": they must cover it exactly, once (a damaged or crafted .metadata)",
+            )
+        # a chunk is stored as a torch.save of at least its values; compressed (transformed) chunks up to a cap
+        ratio = _MAX_TRANSFORM_RATIO if transformed else 1
+        if numel * itemsize > stored * ratio:
+            raise CorruptCheckpointError(
+                where, f"tensor {name!r} declares {numel * itemsize:,} bytes but its chunks store {stored:,}"
+            )
+    for rel, ranges in used.items():
+        ranges.sort()
+        end, last = 0, ""
+        for start, n, x in ranges:
+            if n and start < end:
+                raise CorruptCheckpointError(
+                    where,
+                    f"chunks of {last!r} and {x!r} read the same bytes of {rel!r} (at {start:,}): a crafted .metadata",
+                )
+            if start + n > end:
+                end, last = start + n, x
+
+
+def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether any two boxes ``(offsets, sizes)`` share an element (sweep along the first dimension)."""
+    if not boxes or not boxes[0][0]:
+        return len(boxes) > 1  # 0-d tensors: one chunk
+    boxes = sorted(boxes)
+    active: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for off, sz in boxes:
+        active = [(o, s) for o, s in active if o[0] + s[0] > off[0]]
+        for o, s in active:
+            if all(a < c + m and c < a + n for a, n, c, m in zip(off, sz, o, s, strict=True)):
+                return True
+        active.append((off, sz))
+    return False
+
+
 def read_metadata(path: str | os.PathLike[str]) -> Any:
     """DCP's ``Metadata`` of a directory, read by the allowlist unpickler (never ``pickle.load``).
 
@@ -252,6 +351,7 @@ def read_dcp(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         verify_all(root)
     md = _read_metadata(root)
     _check_complete(root, md)
+    check_chunks(root, md)  # before anything is allocated: torch.empty is filled only where chunks are
     state = {
         fqn: torch.empty(tuple(m.size), dtype=m.properties.dtype)
         for fqn, m in md.state_dict_metadata.items()

@@ -9,7 +9,8 @@ The steps, in order (nothing in the model changes before the last one):
 3. validate against ``model.state_dict()``: matched, missing, unexpected, shape- and
    dtype-mismatched; raise if the load cannot be complete (``strict``) or matches too little
    (``min_matched``), with the options that make it pass (each one tried before it is offered);
-4. verify checksums of the tensors' files, then copy tensor by tensor in place.
+4. read the tensors into memory of their own and verify their checksums there, then copy
+   tensor by tensor in place (what was verified is what is copied).
 """
 
 from __future__ import annotations

@@ -1,72 +1,19 @@
-"""Read a checkpoint through a memory map: verify in parallel, then copy into existing tensors.
+"""Copy loaded state into the tensors a target already holds (an optimizer's live state).
 
-:func:`torchkeep.restore` uses this so that restoring into a live model and optimizer
-costs one pass to verify and one copy straight into their memory, with no temporary
-allocation of the whole checkpoint. The mapped views are read-only and never handed
-to the caller: :func:`owned` copies whatever the caller keeps.
+:func:`torchkeep.restore` reads a checkpoint into memory of its own, verifies it there, and
+then copies it into the targets: :func:`adopt` puts optimizer state into the tensors the
+optimizer already has, so ``load_state_dict`` keeps them. (No tensor handed out is ever a
+view of a shared file mapping: what was verified is what is used.)
 """
 
 from __future__ import annotations
 
-import mmap
-import warnings
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from torchkeep.dtypes import ST_TO_DTYPE
-from torchkeep.reader import Checkpoint, check_digests
-
-__all__ = ["MappedCheckpoint", "adopt"]
-
-
-class MappedCheckpoint:
-    """Read-only tensor views over a checkpoint's data, backed by one ``mmap``."""
-
-    def __init__(self, ck: Checkpoint) -> None:
-        self.ck = ck
-        self.header = ck.header
-        self._mm = (
-            mmap.mmap(ck.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if ck.header.file_size else None
-        )
-        self._views: dict[str, torch.Tensor] = {}
-
-    def verify(self, threads: int = 2) -> None:
-        """Check every checksum, hashing in ``threads`` threads; raises before anything is used."""
-        sums = self.header.checksums
-        if sums is None or self._mm is None:
-            return
-        mv = memoryview(self._mm)
-        base = self.header.size
-        specs = list(self.header.tensors.values())
-        bufs = [mv[base + s.start : base + s.end] for s in specs]
-        try:
-            with ThreadPoolExecutor(threads) as pool:
-                check_digests(self.ck.path, specs, bufs, sums, pool, threads)
-        finally:
-            for b in bufs:
-                b.release()
-            mv.release()
-
-    def view(self, key: str) -> torch.Tensor:
-        """A read-only CPU tensor over the mapped bytes of ``key`` (do not write to it)."""
-        t = self._views.get(key)
-        if t is None:
-            s = self.ck.spec(key)
-            dtype = ST_TO_DTYPE[s.dtype]
-            if s.nbytes == 0 or self._mm is None:
-                t = torch.empty(s.shape, dtype=dtype)
-            else:
-                with warnings.catch_warnings():  # the map is read-only; these views are only copied from
-                    warnings.simplefilter("ignore", UserWarning)
-                    raw = torch.frombuffer(
-                        self._mm, dtype=torch.uint8, count=s.nbytes, offset=self.header.size + s.start
-                    )
-                t = raw.view(dtype).view(s.shape)
-            self._views[key] = t
-        return t
+__all__ = ["adopt"]
 
 
 def _tensor_items(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
@@ -80,7 +27,7 @@ def _tensor_items(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[A
 
 
 def adopt(current: Any, loaded: Any, owned: Any) -> Any:
-    """Copy ``loaded`` (mapped views) into the tensors of ``current`` where they match.
+    """Copy ``loaded`` (tensors read from a checkpoint) into the tensors of ``current`` where they match.
 
     ``current`` is a target's ``state_dict()`` (an optimizer's holds its live state
     tensors); where a path exists in both with the same shape, dtype and a CPU

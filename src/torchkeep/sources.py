@@ -3,7 +3,7 @@
 :func:`open_source` turns a source into a :class:`Source`: a tree whose tensor leaves are
 either tensors (in-memory and legacy sources) or :class:`LazyTensor` handles that know
 their shape and dtype and read their bytes only when asked (torchkeep and safetensors
-files, through a verified memory map). :func:`candidates` lists the state dicts inside
+files, read into memory of their own and verified there). :func:`candidates` lists the state dicts inside
 that tree; :mod:`torchkeep.loading` picks the one that fits the model.
 
 What a path is comes from :func:`torchkeep.kinds.detect` (by content, never by suffix);
@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,12 +50,12 @@ from torchkeep.errors import (
     UnsupportedSourceError,
 )
 from torchkeep.format.header import parse_header
+from torchkeep.format.limits import view_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY
 from torchkeep.hashing import Digests
 from torchkeep.legacy import load_legacy
-from torchkeep.mapped import MappedCheckpoint
 from torchkeep.placement import Placer
-from torchkeep.reader import Checkpoint, check_digests
+from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
 
@@ -63,6 +64,7 @@ __all__ = [
     "LazyTensor",
     "Source",
     "candidates",
+    "decode_lazy",
     "lookup",
     "open_source",
     "read_buffer",
@@ -83,10 +85,13 @@ class LazyTensor:
         shape: the tensor's shape.
         dtype: its dtype.
         device: the device it was saved from (``None`` when the file does not say).
-        fetch: returns the tensor (a read-only view over a memory map: only copy from it).
+        fetch: returns the tensor, in memory of its own whose bytes were verified (when the
+            source verifies): what was checked is what is used.
         stored: the name of the stored tensor it reads (a view of it, for tied weights).
-        verify: ``verify(stored_names)`` checks those tensors' checksums in the file this
-            one lives in (each once); raises on damage. Shared by all tensors of a file.
+        verify: ``verify(stored_names)`` reads those tensors of the file this one lives in into
+            memory of their own and checks their checksums there (each once, many in parallel),
+            so a later :meth:`load` hands out those very bytes; raises on damage. Shared by all
+            tensors of a file.
     """
 
     shape: tuple[int, ...]
@@ -184,7 +189,7 @@ def _open_file(path: Path, verify: bool, kind: str, allow_globals: Any = None) -
         return Source(_wrap_loaded(tree, saved), str(path), kind=kind)
     ck = Checkpoint(path, verify=verify)
     try:
-        tree = _lazy_tree(ck, verify)
+        tree = _lazy_tree(ck)
     except BaseException:
         ck.close()
         raise
@@ -202,50 +207,42 @@ def _wrap_loaded(tree: Any, saved: dict[int, str]) -> Any:
     return tree
 
 
-def _mapper(ck: Checkpoint, verify: bool) -> tuple[Callable[[str], torch.Tensor], Callable[[list[str]], None]]:
-    """``(view(key), verify(keys))`` over a lazily created memory map of ``ck``.
+def _private(ck: Checkpoint) -> tuple[Callable[[str], torch.Tensor], Callable[[list[str]], None]]:
+    """``(get(key), read(keys))``: stored tensors read into memory of their own, checksums verified there.
 
-    ``verify`` hashes only the tensors asked for (each once), so loading one model out of
-    a checkpoint that also holds an optimizer reads and checks only the model's bytes.
+    The bytes hashed are the bytes handed out: each tensor is read (``preadv``) into fresh memory and
+    hashed in that memory, never in a shared mapping another process could rewrite between the check
+    and the copy. ``read`` reads many at once (in parallel, before any is used); ``get`` reads one
+    that was not read yet. Each tensor is read once, so loading one model out of a checkpoint that
+    also holds an optimizer reads and checks only the model's bytes.
     """
-    state: dict[str, Any] = {}
-    verified: set[str] = set()
+    cache: dict[str, torch.Tensor] = {}
 
-    def mapped() -> MappedCheckpoint:
-        if "m" not in state:
-            state["m"] = MappedCheckpoint(ck)
-        return state["m"]
+    def read(keys: list[str]) -> None:
+        todo = sorted(set(keys) - cache.keys(), key=lambda k: ck.spec(k).start)
+        if todo:
+            cache.update(ck.read(todo))
 
-    def check(keys: list[str]) -> None:
-        sums = ck.header.checksums
-        if not verify or sums is None:
-            return
-        todo = sorted(set(keys) - verified, key=lambda k: ck.spec(k).start)
-        if not todo:
-            return
-        bufs = [buffer_of(mapped().view(k)) for k in todo]
-        with ThreadPoolExecutor(2) as pool:
-            check_digests(ck.path, [ck.spec(k) for k in todo], bufs, sums, pool)
-        verified.update(todo)
+    def get(key: str) -> torch.Tensor:
+        if key not in cache:
+            read([key])
+        return cache[key]
 
-    def view(key: str) -> torch.Tensor:
-        return mapped().view(key)
-
-    return view, check
+    return get, read
 
 
-def _lazy_tree(ck: Checkpoint, verify: bool) -> Any:
-    view, check = _mapper(ck, verify)
+def _lazy_tree(ck: Checkpoint) -> Any:
+    view, check = _private(ck)
     specs = ck.header.tensors
     stored: dict[str, LazyTensor] = {}
     for key, spec in specs.items():
         stored[key] = LazyTensor(
             tuple(spec.shape), ST_TO_DTYPE[spec.dtype], None, lambda key=key: view(key), key, check
         )
-    return _decode(ck.path, ck.skeleton if ck.has_tree else None, stored)
+    return decode_lazy(ck.path, ck.skeleton if ck.has_tree else None, stored)
 
 
-def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
+def decode_lazy(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
     """The tree of ``skeleton`` whose tensor leaves are (views of) the ``stored`` lazy tensors; flat without one."""
     if skeleton is None:
         return dict(stored)
@@ -256,11 +253,10 @@ def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
             raise CorruptCheckpointError(where, f"the tree refers to tensor {key!r}, which the file lacks")
         if v is None:
             return LazyTensor(base.shape, base.dtype, dev, base.fetch, key, base.verify)
-        try:
-            off, shape, stride = v
-            shape, stride = tuple(int(s) for s in shape), tuple(int(s) for s in stride)
-        except (TypeError, ValueError):
-            raise CorruptCheckpointError(where, f"bad view {v!r} of tensor {key!r}") from None
+        problem = view_error(math.prod(base.shape), *v) if isinstance(v, list) and len(v) == 3 else "not a view"
+        if problem:  # checked before anything is read: a view never reaches past the tensor it views
+            raise CorruptCheckpointError(where, f"bad view {str(v)[:80]} of tensor {key!r}: {problem}")
+        off, shape, stride = v[0], tuple(v[1]), tuple(v[2])
 
         def fetch() -> torch.Tensor:
             t = base.fetch()
@@ -295,8 +291,8 @@ def _decode(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> Any:
 
     try:
         return dec(skeleton)
-    except (SkeletonError, TypeError, ValueError, KeyError, AttributeError) as e:
-        raise CorruptCheckpointError(where, f"malformed tree: {e}") from None
+    except (SkeletonError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RecursionError) as e:
+        raise CorruptCheckpointError(where, f"malformed tree: {str(e)[:200]}") from None
 
 
 def _open_index(found: kinds.Detected, verify: bool, allow_globals: Any = None) -> Source:
@@ -323,7 +319,7 @@ def _open_index(found: kinds.Detected, verify: bool, allow_globals: Any = None) 
                 tree[n] = flat[n]
         skeleton = index.metadata.get(TREE_KEY)  # torchkeep shard sets keep their state tree in the index
         if skeleton is not None:
-            tree = _decode(found.file, skeleton, tree)
+            tree = decode_lazy(found.file, skeleton, tree)
     except BaseException:
         for c in reversed(closers):
             c()
@@ -393,17 +389,17 @@ def read_buffer(data: bytes | bytearray | memoryview, label: str, *, place: Plac
         )
     header = parse_header(lambda off, n: bytes(view[off : off + n]), view.nbytes, label)
     specs = list(header.tensors.values())
-    parts = [view[header.size + s.start : header.size + s.end] for s in specs]
+    tensors = {}
+    for s in specs:  # copied first, then hashed in the copies: the bytes checked are the bytes returned
+        t = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype])
+        buffer_of(t)[:] = view[header.size + s.start : header.size + s.end]
+        tensors[s.name] = t
     if verify and header.checksums is not None:
+        bufs = [buffer_of(tensors[s.name]) for s in specs]
         with ThreadPoolExecutor(1) as pool:
-            for s, h in zip(specs, Digests(parts, pool).result(), strict=True):
+            for s, h in zip(specs, Digests(bufs, pool).result(), strict=True):
                 if h != header.checksums[s.name]:
                     raise ChecksumMismatchError(label, s.name, header.checksums[s.name], h)
-    tensors = {}
-    for s, part in zip(specs, parts, strict=True):
-        t = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype])
-        buffer_of(t)[:] = part
-        tensors[s.name] = t
     raw = header.metadata.get(TREE_KEY)
     try:
         skeleton = json.loads(raw) if raw is not None else None

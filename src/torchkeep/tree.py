@@ -45,6 +45,7 @@ import torch
 from torchkeep import values
 from torchkeep.dtypes import DTYPE_TO_ST, dtype_from_name, dtype_name
 from torchkeep.errors import TorchkeepError, UnsupportedDtypeError, UnsupportedObjectError
+from torchkeep.format.limits import MAX_RANK, view_error
 
 __all__ = ["Flat", "SkeletonError", "flatten", "format_path", "is_stateful", "tensor_nodes", "unflatten"]
 
@@ -123,7 +124,14 @@ class _Flattener:
         seen = self.by_id.get(id(t))
         if seen is not None:
             return seen
-        if t.layout is not torch.strided or t.dtype not in DTYPE_TO_ST or t.is_meta:
+        if (
+            t.layout is not torch.strided
+            or t.dtype not in DTYPE_TO_ST
+            or t.is_meta
+            or t.is_nested
+            or t.dim() > MAX_RANK
+            or _is_wrapper(t)
+        ):
             self._refuse(t, path)
         node: dict[str, Any] = {"T": None}
         if not t.is_cpu:
@@ -143,6 +151,30 @@ class _Flattener:
     @staticmethod
     def _refuse(t: torch.Tensor, path: Path) -> None:
         where = format_path(path)
+        if _is_dtensor(t):
+            raise UnsupportedObjectError(
+                where,
+                t,
+                "a DTensor (an FSDP2 / tensor-parallel shard) holds only this rank's part of the tensor. Save a "
+                "sharded model with torchkeep.distributed (tkd.save(state, directory) on every rank), or gather it "
+                "first: t.full_tensor() / torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True)).",
+            )
+        if t.is_nested:
+            raise UnsupportedObjectError(
+                where, t, "a nested tensor has no single shape; save its parts instead: list(t.unbind()) ."
+            )
+        if _is_wrapper(t):
+            raise UnsupportedObjectError(
+                where,
+                t,
+                f"a tensor subclass ({type(t).__module__}.{type(t).__qualname__}) whose data torchkeep cannot read "
+                "as plain memory; convert it to a plain tensor first (e.g. its dense or dequantized value).",
+            )
+        if t.dim() > MAX_RANK:
+            raise UnsupportedObjectError(
+                where, t, f"a tensor of {t.dim()} dimensions is over the limit of {MAX_RANK}; reshape it first."
+            )
         if t.layout != torch.strided:
             raise UnsupportedObjectError(where, t, f"{t.layout} tensors are not supported; call .to_dense() first.")
         if t.is_quantized:
@@ -268,8 +300,34 @@ class _Flattener:
                 t = leaf.tensor
                 if t.storage_offset() == b.storage_offset() and t.shape == b.shape and t.stride() == b.stride():
                     continue
+                if t.numel() > b.numel():
+                    # an expanded view (a stride of 0) holds more elements than the bytes it reads: it is stored
+                    # as a tensor of its own, so a view read back never asks for more memory than the file holds
+                    key = self.key_for(leaf.path)
+                    leaf.node["T"] = key
+                    out[key] = t
+                    continue
                 leaf.node["v"] = [t.storage_offset() - b.storage_offset(), list(t.shape), list(t.stride())]
         return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    mod = sys.modules.get("torch.distributed.tensor")  # a DTensor exists only once its module is loaded
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def _is_wrapper(t: torch.Tensor) -> bool:
+    """A tensor subclass that redefines dispatch (DTensor, fake, functional...): no plain memory to write."""
+    cls = type(t)
+    return (
+        cls is not torch.Tensor
+        and cls is not torch.nn.Parameter
+        and getattr(cls, "__torch_dispatch__", None) is not _PLAIN_DISPATCH
+    )
+
+
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
 
 
 def _check_int(i: int, path: Path) -> None:
@@ -377,11 +435,14 @@ def unflatten(
         t = stored(n["T"], n.get("dev"))
         view = n.get("v")
         if view is not None:
+            problem = view_error(t.numel(), *view) if isinstance(view, list) and len(view) == 3 else "not a view"
+            if problem:  # checked before anything is built from it: a view never reaches past its tensor
+                raise SkeletonError(f"bad view {str(view)[:80]} of {str(n['T'])[:80]!r}: {problem}")
+            off, shape, stride = view
             try:
-                off, shape, stride = view
                 t = t.as_strided(shape, stride, t.storage_offset() + off)
             except (TypeError, ValueError, RuntimeError) as e:
-                raise SkeletonError(f"bad view {view!r} of {n['T']!r}: {e}") from None
+                raise SkeletonError(f"bad view {str(view)[:80]} of {str(n['T'])[:80]!r}: {e}") from None
         if n.get("np"):
             return t.numpy()
         if n.get("P"):
@@ -436,7 +497,7 @@ def unflatten(
 
     try:
         return dec(skeleton)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError, ArithmeticError) as e:
         if isinstance(e, (SkeletonError, TorchkeepError)):  # e.g. DeviceUnavailableError from place()
             raise
         raise SkeletonError(f"malformed skeleton: {e!r}") from None

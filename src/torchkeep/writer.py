@@ -27,9 +27,10 @@ from typing import Any, Protocol
 import torch
 
 from torchkeep.dtypes import DTYPE_TO_ST, buffer_of
-from torchkeep.errors import ConversionError
+from torchkeep.errors import ConversionError, InvalidArgumentError
 from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.header import HeaderBuilder
+from torchkeep.format.limits import MAX_RANK, check_header_size, shape_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY, provenance, tree_json, user_json
 from torchkeep.format.shards import index_bytes, shard_names, split_shards
 from torchkeep.hashing import Digests
@@ -223,12 +224,17 @@ def _plain_layout(
     layout: list[tuple[str, int, int]] = []
     offset = 0
     for name, st, shape in entries:
+        if len(shape) > MAX_RANK:  # the reader's limit, checked before writing
+            raise InvalidArgumentError(
+                "tensors", f"<tensor {name}>", f"{shape_error(list(shape))}; nothing was written"
+            )
         end = offset + math.prod(shape) * ITEMSIZE[st]
         head[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, end]}
         layout.append((name, offset, end - offset))
         offset = end
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
+    check_header_size(len(raw), len(entries), "tensors")
     return len(raw).to_bytes(8, "little") + raw, layout
 
 

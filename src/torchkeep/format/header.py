@@ -28,8 +28,9 @@ from typing import NamedTuple, NoReturn
 
 import xxhash
 
-from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, UnsupportedDtypeError
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, InvalidArgumentError, UnsupportedDtypeError
 from torchkeep.format.dtypes import ITEMSIZE
+from torchkeep.format.limits import MAX_HEADER_SIZE, MAX_RANK, check_header_size, shape_error
 
 __all__ = [
     "FORMAT_NAME",
@@ -48,9 +49,6 @@ __all__ = [
 FORMAT_NAME = "torchkeep"
 FORMAT_VERSION = 1
 HASH_NAME = "xxh3-128"
-#: The same bound the safetensors reference implementation enforces.
-MAX_HEADER_SIZE = 100_000_000
-
 DIGEST_KEY = "torchkeep.header_digest"
 CHECKSUMS_KEY = "torchkeep.checksums"
 FORMAT_KEY = "torchkeep.format"
@@ -104,7 +102,14 @@ class HeaderBuilder:
         True
     """
 
-    def __init__(self, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
+    def __init__(
+        self, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str], *, where: str = "obj"
+    ) -> None:
+        for name, _, shape in entries:
+            if len(shape) > MAX_RANK:  # the reader's limit (torchkeep.format.limits), checked before writing
+                raise InvalidArgumentError(
+                    where, f"<tensor {name}>", f"{shape_error(list(shape))}; nothing was written"
+                )
         order = sorted(range(len(entries)), key=lambda i: -ITEMSIZE[entries[i][1]])
         specs: list[TensorSpec] = []
         parts: list[str] = []
@@ -126,6 +131,7 @@ class HeaderBuilder:
         self._before = ('{"__metadata__":' + meta_text[:-1] + f',"{CHECKSUMS_KEY}":"').encode()
         self._after = ('"}' + "".join("," + p for p in parts) + "}").encode()
         self.header_size = 8 + len(_pad(self._before + (_ZERO * len(specs)).encode() + self._after))
+        check_header_size(self.header_size - 8, len(specs), where)
 
     def seal(self, checksums: Sequence[str]) -> bytes:
         """The complete ``8 + N`` header bytes, given one hex checksum per spec (data order)."""
@@ -261,9 +267,9 @@ def _validate_entries(head: dict, data_size: int, path: str) -> dict[str, Tensor
             shape = info["shape"]
             start, end = info["data_offsets"]
             n = itemsize[st]
+            if shape_error(shape, n):
+                raise ValueError
             for d in shape:
-                if type(d) is not int or d < 0:
-                    raise ValueError
                 n *= d
             if type(start) is not int or type(end) is not int:
                 raise ValueError
@@ -300,6 +306,7 @@ def _entry_error(name: str, info: object, path: str) -> NoReturn:
         raise CorruptCheckpointError(path, f"tensor {name!r} has no dtype")
     if st not in ITEMSIZE:
         raise UnsupportedDtypeError(f"{path}: tensor {name!r}", st)
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CorruptCheckpointError(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    problem = shape_error(shape, ITEMSIZE[st])
+    if problem:
+        raise CorruptCheckpointError(path, f"tensor {name!r}: {problem}")
     raise CorruptCheckpointError(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
