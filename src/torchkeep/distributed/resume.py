@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torchkeep import kinds
-from torchkeep.dcp import check_complete, dcp_errors, is_dcp_dir, read_metadata, safe_reader
+from torchkeep.dcp import check_chunks, check_complete, dcp_errors, is_dcp_dir, read_metadata, safe_reader
 from torchkeep.distributed import comm
 from torchkeep.distributed.common import Path_, PathLike, RankStateWarning, owner_of, quiet, tensor_key, wait
 from torchkeep.errors import (
@@ -117,6 +117,7 @@ class Local:
     def metadata(self, manifest: Any, verify: bool = True) -> Any:
         md = read_metadata(self.root)
         check_complete(self.root, md)
+        check_chunks(self.root, md)  # every tensor covered exactly, before anything is allocated
         return md
 
     @contextmanager
