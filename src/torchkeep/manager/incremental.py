@@ -26,7 +26,7 @@ Example:
     ...     for step in range(3):
     ...         _ = mgr.save({"base": base, "head": head}, step=step)
     ...         with torch.no_grad():
-    ...             head.weight.add_(1.0)
+    ...             _ = head.weight.add_(1.0)
     ...     mgr.latest().file
     'ckpt_000002.shards'
 """
