@@ -25,7 +25,7 @@ from torchkeep.storage.runs import RunStore
 if TYPE_CHECKING:
     from torchkeep.manager import manifest
 
-__all__ = ["ls_command", "plot_command", "prune_command"]
+__all__ = ["is_run", "ls_command", "plot_command", "prune_command", "verify_run_rows"]
 
 
 _RUN_HELP = "A CheckpointManager directory, or an fsspec URL (s3://bucket/run)."
@@ -81,6 +81,24 @@ def _entries(run: str, verb: str = "ls") -> tuple[RunStore, list[manifest.Checkp
     return store, entries, best if isinstance(best, str) else None
 
 
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a local CheckpointManager run directory (it has the run's manifest)."""
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def verify_run_rows(run: str) -> list[dict[str, Any]]:
+    """Every checkpoint of the run, verified, each shard shared by incremental checkpoints read once:
+    ``{"file", "step", "ok", "error", "shards", "shared"}`` per checkpoint, oldest first."""
+    from torchkeep.manager.shardset import verify_run
+
+    store, entries, _ = _entries(run, "verify")
+    if not entries:
+        return []
+    with store.local(entries[0].file) as first:
+        rows = verify_run(first.parent, [e.file for e in entries])
+    return [{"step": e.step, **r} for e, r in zip(entries, rows, strict=True)]
+
+
 def _check_mode(mode: str) -> None:
     if mode not in ("max", "min"):
         raise typer.BadParameter(f"{mode!r}: use max (higher is better) or min (e.g. a loss)", param_hint="--mode")
@@ -96,6 +114,12 @@ def _age(seconds: float) -> str:
 def _verify(store: RunStore, name: str) -> str:
     from torchkeep.manager import naming
 
+    if name.endswith(naming.SHARDS_SUFFIX):  # an incremental checkpoint: through verify_run, shards once
+        from torchkeep.manager.shardset import verify_run
+
+        with store.local(name) as path:
+            row = verify_run(path.parent, [name])[0]
+        return "ok" if row["ok"] else f"DAMAGED ({row['error']})"
     try:
         if name.endswith(naming.DIR_SUFFIX):  # a sharded checkpoint directory of a distributed run
             from torchkeep.storage.dcp_manifest import verify_all
@@ -118,16 +142,18 @@ def _metric_text(k: str, v: Any) -> str:
 
 def _cells(r: dict[str, Any], now: float, verify: bool) -> list[str]:
     metrics = "\n".join(_metric_text(k, v) for k, v in r["metrics"].items())  # one per line: a narrow column
-    cells = [str(r["step"]), r["file"], metrics, human_bytes(r["size"]), _age(now - r["created"]), " ".join(r["marks"])]
+    size, disk = human_bytes(r["size"]), human_bytes(r["physical"])
+    cells = [str(r["step"]), r["file"], metrics, size, disk, _age(now - r["created"]), " ".join(r["marks"])]
     return [*cells, r["verify"]] if verify else cells
 
 
 def _print_rows(console: Console, run: str, rows: list[dict[str, Any]], now: float, *, verify: bool) -> None:
     """The ``ls`` table; where it would not fit the terminal, one block per checkpoint instead, so that no
     file name or metric value is ever cut or folded."""
-    title = f"{run} ({len(rows)} checkpoints)"
+    logical, physical = sum(r["size"] for r in rows), sum(r["physical"] for r in rows)
+    title = f"{run} ({len(rows)} checkpoints, {human_bytes(logical)}, {human_bytes(physical)} on disk)"
     table = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False)
-    for head in ["step", "file", "metrics", "size", "age", ""] + (["verify"] if verify else []):
+    for head in ["step", "file", "metrics", "size", "disk", "age", ""] + (["verify"] if verify else []):
         table.add_column(head, no_wrap=head in ("file", "metrics"))
     for r in rows:
         table.add_row(*(escape(c) for c in _cells(r, now, verify)))
@@ -136,8 +162,9 @@ def _print_rows(console: Console, run: str, rows: list[dict[str, Any]], now: flo
         return
     console.print(escape(title), style="bold")
     for r in rows:
-        step, file, metrics, size, age, marks, *check = _cells(r, now, verify)
-        facts = [f"step {step}", size, f"{age} ago", *([marks] if marks else []), *check]
+        step, file, metrics, size, disk, age, marks, *check = _cells(r, now, verify)
+        shared = [f"{disk} on disk"] if disk != size else []  # differs only where shards are shared
+        facts = [f"step {step}", size, *shared, f"{age} ago", *([marks] if marks else []), *check]
         console.print(f"[bold]{escape(file)}[/]")
         console.print("    " + escape(" · ".join(facts)))
         if metrics:
@@ -153,7 +180,9 @@ def ls_command(
 ) -> None:
     """List a run's checkpoints: step, file, metrics, size, age, latest/best, and with --verify their integrity.
 
-    Read-only: it works beside a training job that is writing the run.
+    "size" is a checkpoint's logical size, "disk" the bytes it is first to store: an incremental run's
+    checkpoints share unchanged shards (hard links), counted once, in the oldest that holds them. The
+    title gives both for the whole run. Read-only: it works beside a training job that is writing the run.
 
     Example: torchkeep ls runs/exp1 --monitor val_acc --verify
     """
@@ -167,16 +196,24 @@ def ls_command(
     else:  # the best checkpoint by the metric the run's manager monitors, as its manifest records it
         best = next((i for i, e in enumerate(entries) if e.file == recorded), None)
     rows: list[dict[str, Any]] = []
+    physical = [e.size for e in entries]
+    if store.adopts and entries:  # a local run: shards shared by hard links count once
+        from torchkeep.manager.shardset import physical_sizes
+
+        with store.local(entries[0].file) as first:
+            physical = physical_sizes(first.parent, [e.file for e in entries])
     for i, e in enumerate(entries):
         marks = [m for m, on in (("latest", i == len(entries) - 1), ("best", i == best)) if on]
-        row = {"step": e.step, "file": e.file, "metrics": e.metrics, "size": e.size, "created": e.created}
+        row = {"step": e.step, "file": e.file, "metrics": e.metrics, "size": e.size, "physical": physical[i]}
+        row["created"] = e.created
         row["marks"] = marks
         if verify:
             row["verify"] = _verify(store, e.file)
         rows.append(row)
     damaged = verify and any(r["verify"] != "ok" for r in rows)
     if json_out:
-        typer.echo(json.dumps({"run": str(run), "checkpoints": rows}, indent=2, default=str))
+        totals = {"size": sum(r["size"] for r in rows), "physical": sum(r["physical"] for r in rows)}
+        typer.echo(json.dumps({"run": str(run), **totals, "checkpoints": rows}, indent=2, default=str))
     else:
         _print_rows(Console(soft_wrap=True), str(run), rows, now, verify=verify)
     if damaged:

@@ -106,8 +106,33 @@ def _missing(file: Path, message: str) -> dict:
     }
 
 
+def _verify_run(run: Path, json_out: bool) -> None:
+    """``torchkeep verify RUN_DIR``: every checkpoint of a CheckpointManager run, shared shards read once."""
+    from torchkeep.cli.runs import verify_run_rows
+
+    started = time.perf_counter()
+    rows = verify_run_rows(str(run))
+    code = 0 if all(r["ok"] for r in rows) else 1
+    if json_out:
+        typer.echo(json.dumps({"run": str(run), "ok": code == 0, "checkpoints": rows}, indent=2, ensure_ascii=False))
+        raise typer.Exit(code)
+    out = Console(highlight=False, soft_wrap=True)
+    for r in rows:
+        shared = f", {r['shared']} shared with an older checkpoint (checked once)" if r["shared"] else ""
+        if r["ok"]:
+            out.print(f"[bold green]ok[/] {escape(r['file'])}: {r['shards']} file(s){shared}")
+        else:
+            out.print(f"[bold red]DAMAGED[/] {escape(r['file'])}: {escape(' '.join(str(r['error']).split()))}")
+    bad = sum(not r["ok"] for r in rows)
+    verdict = "all intact" if not bad else f"{bad} damaged"
+    out.print(f"{escape(str(run))}: {len(rows)} checkpoints, {verdict} ({time.perf_counter() - started:.2f} s)")
+    raise typer.Exit(code)
+
+
 def verify_command(
-    file: Path = typer.Argument(..., metavar="FILE", help="The checkpoint to check.", show_default=False),
+    file: Path = typer.Argument(
+        ..., metavar="FILE", help="The checkpoint to check, or a CheckpointManager run directory.", show_default=False
+    ),
     json_out: bool = typer.Option(
         False,
         "--json",
@@ -120,8 +145,16 @@ def verify_command(
     Reads the whole file and names the damaged tensor (or the header) on failure; a truncated
     or malformed torchkeep/safetensors file is damaged too (exit 1).
 
+    Given a run directory (the one a CheckpointManager saves into), checks every checkpoint of the
+    run, reading each shard that incremental checkpoints share once, and names every checkpoint
+    a damaged shard belongs to.
+
     Example: torchkeep verify ckpt.safetensors && echo intact
     """
+    from torchkeep.cli.runs import is_run
+
+    if is_run(file):
+        _verify_run(file, json_out)
     err = Console(stderr=True, highlight=False)
     if json_out and not file.exists():
         message = str(CheckpointNotFoundError(file))

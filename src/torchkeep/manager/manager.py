@@ -7,6 +7,8 @@ Write order for one save (each step durable before the next)::
 
 so a crash at any point leaves the previous checkpoints and a manifest that names only
 complete files; a checkpoint committed just before a crash is adopted on the next open.
+With ``incremental=True`` a checkpoint is a shard-set directory whose unchanged shards are
+hard links to the previous checkpoint's (:mod:`torchkeep.manager.incremental`).
 
 On object storage (an fsspec URL, :mod:`torchkeep.storage.remote`) there is no rename: the
 manifest write is the commit, and checkpoint objects no manifest names are never shown.
@@ -20,9 +22,7 @@ In a multi-process run every rank calls the same methods; checkpoints are then s
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import json
 import os
 import threading
 import time
@@ -34,18 +34,17 @@ from typing import Any
 
 import torch
 
-from torchkeep import api, writer
+from torchkeep import api
 from torchkeep.errors import (
     ArgumentTypeError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    InsufficientSpaceError,
     InvalidArgumentError,
     ManagerClosedError,
     UnsupportedObjectError,
 )
 from torchkeep.manager import distributed as coll
-from torchkeep.manager import manifest, naming, readback, retention
+from torchkeep.manager import incremental, manifest, naming, retention, writing
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.snapshot import AsyncWriter
 from torchkeep.storage import open_run
@@ -53,10 +52,6 @@ from torchkeep.storage.runs import RunStore
 from torchkeep.tree import Flat, flatten
 
 __all__ = ["CheckpointManager", "CheckpointSkippedWarning"]
-
-_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
-_HEADER_SLACK = 4096  # provenance metadata, JSON framing and 8-byte alignment
-_PER_TENSOR = 256  # header bytes per tensor: name, dtype, shape, offsets, checksum
 
 
 class CheckpointSkippedWarning(UserWarning):
@@ -101,6 +96,10 @@ class CheckpointManager:
             (``NAME.dcp``), every rank calling every method (see "Distributed runs" in the docs).
             ``None`` (default): when ``torch.distributed`` is initialised with more than one rank.
             Checkpoints of either kind are listed and restored whatever this is.
+        incremental: save each checkpoint as an ordinary sharded checkpoint directory (``NAME.shards``)
+            whose shards that did not change since the previous save are hard links, not writes
+            (:mod:`torchkeep.manager.incremental`; a copy where links fail). Local runs only: on
+            object storage every save is a full file (a warning says so).
 
     A checkpoint is kept when any ``keep_*`` rule keeps it; the newest is always kept, and with
     no rule at all nothing is deleted. Only files listed in the manifest are ever deleted.
@@ -140,6 +139,7 @@ class CheckpointManager:
         async_save: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         distributed: bool | None = None,
+        incremental: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise InvalidArgumentError(
@@ -178,6 +178,7 @@ class CheckpointManager:
         self._dist = coll.resolve(distributed, self._store)
         self._async = AsyncWriter() if async_save and not self._dist else None
         self._dist_async = async_save and self._dist
+        self._incremental = incremental and self._incremental_ok(incremental)
         self._pending: tuple[Any, CheckpointInfo] | None = None  # distributed async save, indexed on next call
         self._entries: list[CheckpointInfo] = []
         if self._dist:
@@ -305,13 +306,31 @@ class CheckpointManager:
         if self._async is not None:
             self._async.wait()  # one save in flight; a background error is raised here, as itself
         with self._mutex:
-            info = self._decide(step, metrics, context, naming.SUFFIX)
-            if self._async is None:
-                return self._commit(flatten(state), info)
+            info = self._decide(step, metrics, context, naming.SHARDS_SUFFIX if self._incremental else naming.SUFFIX)
+            flat = flatten(state) if self._async is None else None
+            hint = self._hint(state, flat)
+            if flat is not None:
+                return self._commit(flat, info, hint)
         # async: returns once the state is copied to host memory; _commit runs in the background
         # (space check, write, manifest, then retention: nothing is deleted before it is committed)
-        self._async.submit(state, lambda flat: self._commit(flat, info))
+        self._async.submit(state, lambda flat: self._commit(flat, info, hint))
         return info
+
+    def _incremental_ok(self, incremental: bool) -> bool:
+        if self._dist:
+            raise InvalidArgumentError(
+                "incremental", incremental, "a distributed run saves .dcp directories; pass incremental=False"
+            )
+        if not isinstance(self.directory, Path):
+            warnings.warn(f"{self.directory}: incremental=True needs a local run; saving full files", stacklevel=3)
+            return False
+        return True
+
+    def _hint(self, state: Any, flat: Flat | None) -> set[str]:
+        """The first incremental save's frozen parameters (later saves compare with the previous one)."""
+        if not self._incremental or any(e.file.endswith(naming.SHARDS_SUFFIX) for e in self._entries):
+            return set()
+        return incremental.frozen_names(state, flat)
 
     def _decide(
         self, step: int | None, metrics: Mapping[str, Any] | None, context: Mapping[str, Any] | None, suffix: str
@@ -390,31 +409,16 @@ class CheckpointManager:
         elif self._async is not None:
             self._async.wait()
 
-    def _commit(self, flat: Flat, info: CheckpointInfo) -> CheckpointInfo:
+    def _commit(self, flat: Flat, info: CheckpointInfo, hint: set[str] | None = None) -> CheckpointInfo:
         """Write ``flat`` as ``info``'s file, index it, then delete what retention drops. The one write path."""
         with self._mutex:
             self._check_open()
-            needed = sum(t.numel() * t.element_size() for t in flat.tensors.values())
-            needed += _HEADER_SLACK + _PER_TENSOR * len(flat.tensors) + len(json.dumps(flat.skeleton, default=str))
-            available = self._store.free_bytes()
-            if 0 <= available < needed:
-                raise InsufficientSpaceError(self.directory, needed, available)
-            tensors, meta = writer.prepared(flat, {manifest.META_KEY: manifest.record_of(info)})
-            try:
-                size, head = self._store.put(info.file, writer.Body(tensors, meta), durable=self.durable)
-            except OSError as e:
-                if e.errno in _SPACE_ERRNOS:
-                    detail = f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}"
-                    raise InsufficientSpaceError(
-                        self.directory, needed, self._store.free_bytes(), err=e.errno, detail=detail
-                    ) from e
-                raise
-            try:  # what load would refuse never replaces the last checkpoint that loads
-                readback.check(self._store, info.file, size, head)
-            except CorruptCheckpointError:
-                with contextlib.suppress(Exception):
-                    self._store.delete(info.file)
-                raise
+            if info.file.endswith(naming.SHARDS_SUFFIX):  # space check, write, read back (:mod:`.writing`)
+                size, head = writing.write_shards(
+                    self._store, flat, info, self._entries, durable=self.durable, frozen=hint
+                )
+            else:
+                size, head = writing.write_file(self._store, flat, info, durable=self.durable)
             digest = hashlib.sha256(head).hexdigest()
             info = CheckpointInfo(info.file, info.path, info.step, info.metrics, size, info.created, digest)
             prev = self._entries
@@ -538,7 +542,7 @@ class CheckpointManager:
             try:
                 self._restore_one(info, state)
             except coll.FALLBACK as e:
-                if not coll.is_dir_checkpoint(info.file) and not isinstance(
+                if not info.file.endswith(naming.DIR_SUFFIXES) and not isinstance(
                     e, (CorruptCheckpointError, CheckpointNotFoundError)
                 ):
                     raise

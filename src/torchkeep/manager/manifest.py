@@ -53,9 +53,11 @@ class CheckpointInfo:
         path: the full path (a ``str`` URL for runs on object storage).
         step: the step it was saved at.
         metrics: the metrics passed to ``save`` (NaN and infinities kept as floats).
-        size: bytes on disk.
+        size: bytes on disk (of an incremental checkpoint, the logical size: shards it shares with
+            other checkpoints of the run count in each; ``torchkeep ls`` also shows the physical size).
         created: Unix time of the save.
-        digest: sha256 of the file's header (which holds every tensor's checksum).
+        digest: sha256 of the file's header (which holds every tensor's checksum); of an incremental
+            checkpoint, of its shard index (which holds each shard's size and header sha256).
 
     Example:
         >>> CheckpointInfo("a.safetensors", Path("/r/a.safetensors"), 3, {"acc": 0.5}, 10, 0.0, "").step
@@ -131,10 +133,15 @@ def encode(entries: Iterable[CheckpointInfo], latest: str | None, best: str | No
 
 
 def from_header(name: str, size: int, head: bytes, base: Path | Callable[[str], Path | str]) -> CheckpointInfo | None:
-    """The manager record in a checkpoint's header bytes (length prefix + JSON), or ``None``."""
+    """The manager record in a checkpoint's header bytes (length prefix + JSON), or in the shard index
+    of an incremental (``NAME.shards``) checkpoint (JSON, whose ``metadata`` holds it), or ``None``."""
     try:
-        meta = json.loads(head[8:].decode("utf-8")).get("__metadata__") or {}
-        raw = json.loads(meta.get(USER_KEY) or "{}").get(META_KEY)
+        if head[:1] == b"{":  # a shard index: its metadata holds the user metadata as an object
+            user = (json.loads(head.decode("utf-8")).get("metadata") or {}).get(USER_KEY) or {}
+            raw = user.get(META_KEY)
+        else:
+            meta = json.loads(head[8:].decode("utf-8")).get("__metadata__") or {}
+            raw = json.loads(meta.get(USER_KEY) or "{}").get(META_KEY)
         if not isinstance(raw, str):
             return None
         d = json.loads(raw)

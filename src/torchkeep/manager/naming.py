@@ -17,7 +17,9 @@ from torchkeep.errors import FilenameTemplateError, MissingFilenameFieldError
 
 __all__ = [
     "DIR_SUFFIX",
+    "DIR_SUFFIXES",
     "MAX_STEM_BYTES",
+    "SHARDS_SUFFIX",
     "SUFFIX",
     "SUFFIXES",
     "fill",
@@ -30,7 +32,11 @@ __all__ = [
 SUFFIX = ".safetensors"
 #: the suffix of a distributed (sharded, ``torchkeep.distributed``) checkpoint directory
 DIR_SUFFIX = ".dcp"
-SUFFIXES = (SUFFIX, DIR_SUFFIX)
+#: the suffix of an incremental checkpoint directory (a shard set whose unchanged shards are links)
+SHARDS_SUFFIX = ".shards"
+#: the suffixes of checkpoints that are directories
+DIR_SUFFIXES = (DIR_SUFFIX, SHARDS_SUFFIX)
+SUFFIXES = (SUFFIX, DIR_SUFFIX, SHARDS_SUFFIX)
 _UNSAFE = re.compile(r'[/\\:*?"<>|\s\x00-\x1f\x7f]')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: longest stem (UTF-8 bytes) a template may give: with ``-vN``, the suffix and a temp file's
@@ -163,7 +169,7 @@ def unique_name(stem: str, taken: Collection[str], suffix: str = SUFFIX) -> str:
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
-    """A regex matching every name ``template`` can produce (with ``-vN``, and either suffix).
+    """A regex matching every name ``template`` can produce (with ``-vN``, and any of :data:`SUFFIXES`).
 
     Example:
         >>> bool(template_pattern("ckpt_{step:06d}").fullmatch("ckpt_000012-v1.safetensors"))

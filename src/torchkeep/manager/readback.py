@@ -8,6 +8,10 @@ So the manager checks the new file the way ``tk.load`` will read it:
   and every tensor's checksum is recomputed from the file (through the page cache, which holds
   what was just written: about 0.2-0.4 s per GiB against 3.7-5 s for the durable write
   itself), and the manager's record in it must read back;
+* an incremental checkpoint (``NAME.shards``, :mod:`.incremental`): every shard it just wrote is
+  verified in full; a shard it links from the previous checkpoint is checked by its size and header
+  sha256 against the record that checkpoint's index keeps (its data was verified when written, and
+  ``torchkeep verify RUN`` checks it again); the index must read back byte for byte;
 * on object storage: the header bytes just uploaded are parsed the same way and the record must
   read back (re-downloading the data would double the transfer; the upload streamed the bytes
   the checksums were computed from).
@@ -30,8 +34,10 @@ from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.header import parse_header
 from torchkeep.headers import HeaderFile
 from torchkeep.manager import manifest
+from torchkeep.manager.shardset import open_set
+from torchkeep.storage.runs import SHARDS_INDEX
 
-__all__ = ["check"]
+__all__ = ["check", "check_shards"]
 
 
 def _fail(path: Any, e: CorruptCheckpointError | str) -> CorruptCheckpointError:
@@ -65,3 +71,25 @@ def check(store: Any, name: str, size: int, head: bytes) -> None:
             raise _fail(path, "it carries no checksums")
     if manifest.from_header(name, size, head, store.path_of) is None:
         raise _fail(path, "the manager's record in its header does not read back")
+
+
+def check_shards(path: Path, written: list[str], raw: bytes, name: str) -> None:
+    """Raise :class:`~torchkeep.errors.CorruptCheckpointError` unless the incremental checkpoint directory
+    ``path`` reads back: its index is ``raw``, every shard is the one it records, and the shards
+    ``written`` by this save verify in full."""
+    try:
+        shards = open_set(path)
+        if (path / SHARDS_INDEX).read_bytes() != raw:
+            raise CorruptCheckpointError(path, "its index is not the one written")
+        for shard in shards.index.shards:
+            spath, _ = shards.shard(shard)
+            if shard not in written:
+                continue
+            with HeaderFile(spath, verify=True) as ck:
+                if ck.header.checksums is None:
+                    raise CorruptCheckpointError(spath, "a shard carries no checksums")
+                ck.verify_all()
+    except CorruptCheckpointError as e:
+        raise _fail(path, e) from e
+    if manifest.from_header(name, 0, raw, lambda n: path) is None:
+        raise _fail(path, "the manager's record in its index does not read back")

@@ -7,8 +7,10 @@ A run store is a handful of methods. The manager calls them in this order::
     restore  local(name): a local path to memory-map and verify, for the length of a ``with``
     close    unlock()
 
-A checkpoint is a file, or (saved by a distributed run, :mod:`torchkeep.distributed`) a
-directory; on a local store ``header``, ``delete`` and ``clean`` handle both.
+A checkpoint is a file, or a directory: ``NAME.dcp`` (saved by a distributed run,
+:mod:`torchkeep.distributed`) or ``NAME.shards`` (an incremental run's shard set, whose
+``model.safetensors.index.json`` carries the manager's record); on a local store ``header``,
+``delete`` and ``clean`` handle all three.
 
 What "committed" means differs, and ``adopts`` says which:
 
@@ -40,14 +42,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from torchkeep.errors import CheckpointLockedError, CorruptCheckpointError, TargetExistsError, TorchkeepError
+from torchkeep.format.shards import MAX_INDEX_SIZE
 from torchkeep.storage.files import kind_of, open_regular
 from torchkeep.storage.local import AtomicFile, free_bytes
 
-__all__ = ["LAST", "LOCK", "Body", "LocalRun", "RunStore", "header_length"]
+__all__ = ["DIR_SUFFIXES", "LAST", "LOCK", "SHARDS_INDEX", "Body", "LocalRun", "RunStore", "header_length"]
 
 LOCK = ".lock"
 #: The stable names of a local run's newest committed checkpoint: symbolic links, a file or a directory.
-LAST = ("last.safetensors", "last.dcp")
+LAST = ("last.safetensors", "last.dcp", "last.shards")
+#: the suffixes of checkpoints that are directories, in the order of the ``last`` links above
+DIR_SUFFIXES = (".dcp", ".shards")
+#: the shard index of a ``NAME.shards`` checkpoint directory
+SHARDS_INDEX = "model.safetensors.index.json"
 _TEMP = re.compile(r"\.(?P<target>.+)\.tmp-[0-9a-f]+", re.DOTALL)
 # a checkpoint directory being deleted, or replaced by torchkeep.distributed (never a temp file)
 _OLD = re.compile(r"\.(?P<target>.+)\.old-[0-9a-f]+", re.DOTALL)
@@ -201,6 +208,8 @@ class LocalRun:
         header; ``None`` when it has no torchkeep manifest (it never committed).
         """
         path = self.directory / name
+        if path.is_dir() and not path.is_symlink() and name.endswith(DIR_SUFFIXES[1]):
+            return _index_of(path)
         if path.is_dir() and not path.is_symlink():
             if not (path / _DIR_MANIFEST).is_file():
                 return None
@@ -217,7 +226,7 @@ class LocalRun:
         """The checkpoint's path. A file checkpoint must be the regular file the manager wrote: a
         directory, link, FIFO... under its name raises ``CorruptCheckpointError`` (restore falls back)."""
         path = self.directory / name
-        if not name.endswith(".dcp"):
+        if not name.endswith(DIR_SUFFIXES):
             try:
                 mode = os.lstat(path).st_mode
             except FileNotFoundError:
@@ -245,12 +254,16 @@ class LocalRun:
             os.unlink(path)
 
     def point_last(self, name: str | None) -> None:
-        """Make ``last.safetensors`` (``last.dcp`` for a directory checkpoint) a relative symbolic
+        """Make ``last.safetensors`` (``last.dcp``, ``last.shards`` for a directory checkpoint) a relative symbolic
         link to ``name``, atomically (a new link renamed over the old); ``None`` removes it.
 
         It is changed only after the manifest that names ``name`` is written, so it never names
         an uncommitted checkpoint. A file system without links simply has none."""
-        want = None if name is None else LAST[1] if name.endswith(".dcp") else LAST[0]
+        want = (
+            None
+            if name is None
+            else next((LAST[i + 1] for i, x in enumerate(DIR_SUFFIXES) if name.endswith(x)), LAST[0])
+        )
         for link in LAST:
             path = self.directory / link
             if link != want:
@@ -286,6 +299,22 @@ def header_length(prefix: bytes, size: int) -> int | None:
         return None
     n = int.from_bytes(prefix[:8], "little")
     return None if n > min(size - 8, 1 << 28) else n
+
+
+def _index_of(path: Path) -> tuple[int, bytes] | None:
+    """``(bytes of the directory's files, its shard index)`` of a ``NAME.shards`` checkpoint, or ``None``
+    when it has no index (never committed) or the index is not a regular file of a sane size."""
+    try:
+        fd = open_regular(path / SHARDS_INDEX, follow=False)
+    except (FileNotFoundError, TorchkeepError):
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read(MAX_INDEX_SIZE + 1)
+    if len(raw) > MAX_INDEX_SIZE:
+        return None
+    with contextlib.suppress(OSError):
+        return sum(f.lstat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink()), raw
+    return None
 
 
 def _file_header(path: Path) -> tuple[int, bytes] | None:
