@@ -291,8 +291,10 @@ def decode_lazy(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> An
 
     try:
         return dec(skeleton)
+    except CorruptCheckpointError:
+        raise  # already names the file and what is wrong (a bad view, a number out of range)
     except (SkeletonError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RecursionError) as e:
-        raise CorruptCheckpointError(where, f"malformed tree: {str(e)[:200]}") from None
+        raise CorruptCheckpointError(where, f"malformed tree: {e}") from None
 
 
 def _open_index(found: kinds.Detected, verify: bool, allow_globals: Any = None) -> Source:
