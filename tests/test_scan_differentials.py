@@ -332,8 +332,10 @@ def test_legacy_tar_format_is_what_torch_reads_first(tmp_path: Path, marker: Pat
     report = scan(path)
     assert report.format == "torch-tar" and "<legacy tar archive>" in report.dangerous and not report.ok
     for trust in (False, True):
-        with pytest.raises((UnsafeCheckpointError, CorruptCheckpointError)):
+        with pytest.raises(tk.errors.UnsupportedSourceError, match="tar archive"):
             tk.load(path, trust_pickle=trust)
+    with pytest.raises(tk.errors.UnsupportedSourceError, match="torchkeep scan FILE"):
+        tk.inspect(path)
     assert not marker.exists()
 
 

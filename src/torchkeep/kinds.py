@@ -151,10 +151,10 @@ def detect(path: str | os.PathLike[str], *, operation: str = "open") -> Detected
         raise CheckpointNotFoundError(p)
     if p.is_dir():
         return _directory(p, operation)
-    return _file(p, p)
+    return _file(p, p, operation)
 
 
-def _file(p: Path, given: Path) -> Detected:
+def _file(p: Path, given: Path, operation: str = "open") -> Detected:
     # a FIFO, socket or device is refused before a byte is read (a FIFO's open would block)
     with os.fdopen(open_regular(p), "rb") as fh:
         head = fh.read(8)
@@ -166,7 +166,18 @@ def _file(p: Path, given: Path) -> Detected:
                 return _sharded(p, given, parse_index(raw, p))
         # the kind from the header's first bytes: the verb that opens the file parses it once, not twice
         fd = fh.fileno()
-        torchkeep = is_torchkeep_file(lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size, str(p))
+        size = os.fstat(fd).st_size
+        if int.from_bytes(head[:8].ljust(8, b"\0"), "little") > size and os.pread(fd, 5, 257) == b"ustar":
+            # torch.load tries the tar format (torch < 0.4) before anything else: never loaded here
+            raise UnsupportedSourceError(
+                given,
+                "torch.save tar archive (torch < 0.4)",
+                operation,
+                "torchkeep never loads this format (torch.load unpickles its members); `torchkeep scan FILE` "
+                "lists what it imports; if you trust it, load it with the torch that wrote it and save its "
+                "state_dict() again",
+            )
+        torchkeep = is_torchkeep_file(lambda off, n: os.pread(fd, n, off), size, str(p))
     return Detected(TORCHKEEP if torchkeep else SAFETENSORS, given, p)
 
 
