@@ -132,3 +132,19 @@ def test_sharded_setups_are_refused() -> None:
 
     with pytest.raises(InvalidArgumentError, match="FSDP"):
         save_state(Fake(), "unused")
+
+
+def test_stock_custom_state_of_a_class_you_name_loads_with_allow_globals(tmp_path: Path) -> None:
+    import argparse
+
+    first = build()
+    train(first, 1)
+    first["accelerator"].save_state(str(tmp_path))
+    custom = tmp_path / "custom_checkpoint_0.pkl"
+    state = torch.load(custom, weights_only=True)
+    torch.save({**state, "args": argparse.Namespace(lr=0.1)}, custom)  # a plain-data class in the state
+    with pytest.raises(tk.errors.UnsafeCheckpointError, match=r"argparse\.Namespace"):
+        load_state(build()["accelerator"], tmp_path)
+    resumed = build()
+    load_state(resumed["accelerator"], tmp_path, allow_globals=["argparse.Namespace"])
+    assert resumed["counter"].seen == first["counter"].seen

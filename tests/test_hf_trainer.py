@@ -158,3 +158,19 @@ def test_restore_checkpoint_rng(runs: dict[str, Any], which: str) -> None:
     torch.manual_seed(12345)
     restore_checkpoint(ckpt, rng=True)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_restore_checkpoint_takes_allow_globals_for_stock_files(runs: dict[str, Any], tmp_path: Path) -> None:
+    import argparse
+    import shutil
+
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(runs["stock"] / "checkpoint-4", ckpt)
+    sched_file = ckpt / "scheduler.pt"
+    state = torch.load(sched_file, weights_only=True)
+    torch.save({**state, "note": argparse.Namespace(why="a plain-data class")}, sched_file)
+    _, _, sched = _fresh_objects(tmp_path)
+    with pytest.raises(tk.errors.UnsafeCheckpointError, match=r"argparse\.Namespace"):
+        restore_checkpoint(ckpt, scheduler=sched)
+    restore_checkpoint(ckpt, scheduler=sched, allow_globals=["argparse.Namespace"])
+    assert sched.last_epoch == 4

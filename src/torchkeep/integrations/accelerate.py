@@ -20,6 +20,7 @@ Accelerate is only imported when a function runs (``import torchkeep`` never imp
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,7 @@ def load_state(
     *,
     strict: bool = True,
     trust_pickle: bool = False,
+    allow_globals: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Restore what :func:`save_state` saved into the accelerator's prepared objects, in place.
 
@@ -175,7 +177,8 @@ def load_state(
     Checksums and every target (keys, shapes, optimizer groups) are checked before anything is
     modified. A folder written by a stock ``accelerator.save_state`` (no torchkeep file in it)
     is read file by file without unpickling code (``optimizer.bin``, ``random_states_0.pkl``...;
-    ``trust_pickle=True`` for ``custom_checkpoint_N.pkl`` states that hold arbitrary objects).
+    ``allow_globals=["mypkg.State"]`` for ``custom_checkpoint_N.pkl`` states of classes you name,
+    ``trust_pickle=True`` for ones that hold arbitrary objects, which runs their code).
 
     Returns the loaded tree: ``"step"``, ``"extra"`` and the restored entries.
 
@@ -189,7 +192,7 @@ def load_state(
     path = folder / STATE_FILE
     if not path.is_file():
         if (folder / "random_states_0.pkl").is_file() or (folder / "optimizer.bin").is_file():
-            return _load_stock(accelerator, folder, trust_pickle=trust_pickle)
+            return _load_stock(accelerator, folder, trust_pickle=trust_pickle, allow_globals=allow_globals)
         raise CheckpointNotFoundError(path)
     many = accelerator.num_processes > 1
     targets = _tree(accelerator, rng=not many)
@@ -204,11 +207,13 @@ def _stock_name(stem: str, i: int, suffix: str) -> str:
     return f"{stem}{suffix}" if i == 0 else f"{stem}_{i}{suffix}"
 
 
-def _load_stock(accelerator: Any, folder: Path, *, trust_pickle: bool) -> dict[str, Any]:
+def _load_stock(
+    accelerator: Any, folder: Path, *, trust_pickle: bool, allow_globals: Iterable[str] | None
+) -> dict[str, Any]:
     """Read every file of a stock ``save_state`` folder first, then apply them (no code is unpickled)."""
 
-    def read(name: str) -> Any:
-        return load(folder / name, trust_pickle=trust_pickle)
+    def read(name: str, path: Path | None = None) -> Any:
+        return load(path or folder / name, trust_pickle=trust_pickle, allow_globals=allow_globals)
 
     models = [accelerator.unwrap_model(m) for m in accelerator._models]
     weights = []
@@ -221,11 +226,11 @@ def _load_stock(accelerator: Any, folder: Path, *, trust_pickle: bool) -> dict[s
     for i, loader in enumerate(accelerator._dataloaders):
         dl_file = folder / ("dl_state_dict.bin" if i == 0 else f"dl_state_dict_{i}.bin")
         use = getattr(loader, "use_stateful_dataloader", False) and dl_file.is_file()
-        loaders.append(load(dl_file, trust_pickle=trust_pickle) if use else None)
+        loaders.append(read("", dl_file) if use else None)
     customs = [read(f"custom_checkpoint_{i}.pkl") for i in range(len(accelerator._custom_objects))]
     scaler = read("scaler.pt") if accelerator.scaler is not None and (folder / "scaler.pt").is_file() else None
     rng_file = folder / f"random_states_{accelerator.process_index}.pkl"
-    rng = load(rng_file, trust_pickle=trust_pickle) if rng_file.is_file() else None
+    rng = read("", rng_file) if rng_file.is_file() else None
 
     for model, source in zip(models, weights, strict=True):
         load_into(model, source)

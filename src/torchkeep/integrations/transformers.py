@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,7 @@ def restore_checkpoint(
     scaler: Any = None,
     rng: bool = False,
     trust_pickle: bool = False,
+    allow_globals: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Restore a Trainer ``checkpoint-N/`` folder into your own objects, without the Trainer.
 
@@ -213,9 +215,9 @@ def restore_checkpoint(
         for key, name in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"), ("scaler", "scaler.pt")):
             wanted = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}[key]
             if wanted is not None and (folder / name).is_file():
-                states[key] = load(folder / name, trust_pickle=trust_pickle)
+                states[key] = load(folder / name, trust_pickle=trust_pickle, allow_globals=allow_globals)
         if rng:
-            states["stock_rng"] = load(folder / "rng_state.pth", trust_pickle=trust_pickle)
+            states["stock_rng"] = load(folder / "rng_state.pth", trust_pickle=trust_pickle, allow_globals=allow_globals)
     for key, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if target is not None and states.get(key) is None:
             raise CheckpointNotFoundError(folder / key, f"this checkpoint holds no {key} state.")
