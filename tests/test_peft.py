@@ -217,6 +217,7 @@ def test_save_adapter_round_trip_and_peft_reads_it(trained: tuple[str, Any, Path
     assert tk.verify(path)["ok"] and tk.verify(path)["checksums"] and tk.inspect(path)["metadata"]["step"] == 3
     # the same names as peft's file, and the same config
     assert set(load_file(str(path))) == set(load_file(str(folder / "adapter_model.safetensors")))
+
     def config_of(p: Path) -> dict:
         cfg = json.loads(p.read_text())
         if isinstance(cfg.get("target_modules"), list):  # peft keeps a set: its order means nothing
