@@ -47,6 +47,14 @@ def _fail(path: Any, e: CorruptCheckpointError | str) -> CorruptCheckpointError:
     )
 
 
+def _verify_file(path: Path) -> None:
+    """Every checksum of a local file, through the reader's own parser; a file without checksums fails."""
+    with HeaderFile(path, verify=True) as ck:
+        if ck.header.checksums is None:
+            raise CorruptCheckpointError(path, "it carries no checksums")
+        ck.verify_all()
+
+
 def check(store: Any, name: str, size: int, head: bytes) -> None:
     """Raise :class:`~torchkeep.errors.CorruptCheckpointError` unless the file ``name`` just written
     to ``store`` (``size`` bytes, whose header, length prefix included, is ``head``) reads back whole.
@@ -56,10 +64,7 @@ def check(store: Any, name: str, size: int, head: bytes) -> None:
     path = store.path_of(name)
     if isinstance(path, Path):
         try:
-            with HeaderFile(path, verify=True) as ck:
-                if ck.header.checksums is None:
-                    raise _fail(path, "it carries no checksums")
-                ck.verify_all()
+            _verify_file(path)
         except CorruptCheckpointError as e:
             raise _fail(path, e) from e
     else:
@@ -85,10 +90,7 @@ def check_shards(path: Path, written: list[str], raw: bytes, name: str) -> None:
             spath, _ = shards.shard(shard)
             if shard not in written:
                 continue
-            with HeaderFile(spath, verify=True) as ck:
-                if ck.header.checksums is None:
-                    raise CorruptCheckpointError(spath, "a shard carries no checksums")
-                ck.verify_all()
+            _verify_file(spath)
     except CorruptCheckpointError as e:
         raise _fail(path, e) from e
     if manifest.from_header(name, 0, raw, lambda n: path) is None:
