@@ -74,7 +74,13 @@ GENERATION_FILE = "generation_config.json"
 
 
 def library_of(model: Any) -> str | None:
-    """``"transformers"`` or ``"diffusers"`` when ``model`` (or a model class) is one of theirs (imports neither)."""
+    """``"transformers"`` or ``"diffusers"`` when ``model`` (or a model class) is one of theirs (imports neither).
+
+    Example:
+        >>> import torch
+        >>> library_of(torch.nn.Linear(2, 2)) is None
+        True
+    """
     for c in (model if isinstance(model, type) else type(model)).__mro__:
         for lib, (module, base, _, _) in LIBRARIES.items():
             if c.__name__ == base and c.__module__ == module:
@@ -98,6 +104,13 @@ def hub_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     A name is left out when its tensor is the same storage as a name kept before it: first
     the targets of the model's own tie table (``lm_head.weight -> transformer.wte.weight``),
     then any other repeat, keeping the first name in state-dict order, as ``save_pretrained``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.ModuleDict({"emb": torch.nn.Embedding(5, 2), "head": torch.nn.Linear(2, 5, bias=False)})
+        >>> m["head"].weight = m["emb"].weight  # tied
+        >>> sorted(hub_weights(m))
+        ['emb.weight']
     """
     sd = model.state_dict()
 
