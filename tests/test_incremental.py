@@ -107,6 +107,79 @@ def test_lora_run_in_miniature_stores_the_base_once_and_writes_one_shard_per_sav
     assert human.exit_code == 0 and "on disk" in human.output
 
 
+def _hashed_per_save(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The tensor names each save hashes before writing (to decide what to link)."""
+    calls: list[list[str]] = []
+    original = incremental._hash
+
+    def spy(tensors: object, names: list[str]) -> object:
+        calls.append(list(names))
+        return original(tensors, names)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(incremental, "_hash", spy)
+    return calls
+
+
+def test_lora_later_saves_hash_only_the_frozen_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = Lora()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    hashed = _hashed_per_save(monkeypatch)
+    with tk.CheckpointManager(tmp_path / "run", incremental=True) as mgr:
+        for step in range(3):
+            _train_step(model, opt)
+            mgr.save({"model": model, "optimizer": opt}, step=step)
+    base = {f"model/base.{n}" for n, _ in model.base.named_parameters()}
+    # the first save links nothing and hashes nothing first; later ones hash the base (to link it) and
+    # write the adapter and its Adam state hashed as they are written
+    assert len(hashed) == 2 and all(set(h) == base for h in hashed), hashed
+
+
+def test_full_fine_tuning_hashes_nothing_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    hashed = _hashed_per_save(monkeypatch)
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run, incremental=True) as mgr:
+        for step in range(4):
+            opt.zero_grad()
+            model(torch.randn(4, 32)).sum().backward()
+            opt.step()
+            info = mgr.save({"model": model, "optimizer": opt, "step": step}, step=step)
+    # every tensor changes every save: save 2 hashes the optimizer state it had no guess for (it
+    # changed), then nothing is hashed before writing; nothing is linked, and each checkpoint loads
+    assert [len(h) for h in hashed[1:]] == [0, 0], hashed
+    assert not set(_inodes(run / "ckpt_000002.shards").values()) & set(_inodes(run / info.file).values())
+    fresh = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+    tk.restore(run / info.file, {"model": fresh})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_tensor_that_stops_changing_is_linked_again(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 64).requires_grad_(False)
+    head = torch.nn.Linear(64, 4)
+    run = tmp_path / "run"
+    with tk.CheckpointManager(run, incremental=True) as mgr:
+        infos = []
+        for step in range(4):
+            if step < 2:
+                with torch.no_grad():
+                    head.weight.add_(1.0)  # trained for two saves, then frozen
+            infos.append(mgr.save({"base": base, "head": head}, step=step))
+    shared = [
+        len(set(_inodes(run / a.file).values()) & set(_inodes(run / b.file).values()))
+        for a, b in zip(infos, infos[1:], strict=False)
+    ]
+    # save 2 links the base; save 3 too, and writes the head's weight again (guessed changed: it finds it
+    # unchanged) apart from its bias (found unchanged by save 2, so hashed, equal: moved to a shard of
+    # its own); save 4 links all three shards
+    assert shared == [1, 1, 3], shared
+    assert len(_inodes(run / infos[-1].file)) == 3
+    assert tk.verify(run / infos[-1].file)["ok"]
+
+
 def test_every_reader_opens_an_incremental_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Lora(dim=64, layers=2)
@@ -222,15 +295,16 @@ def test_without_links_shards_are_copied(tmp_path: Path, monkeypatch: pytest.Mon
 def test_a_replaced_previous_shard_is_written_again_not_linked(tmp_path: Path) -> None:
     run = tmp_path / "run"
     base = torch.nn.Linear(64, 64).requires_grad_(False)
-    head = torch.nn.Linear(64, 4)
+    head = torch.nn.Linear(64, 4)  # trainable but not trained: the second save finds it unchanged
     with tk.CheckpointManager(run, incremental=True) as mgr:
-        first = mgr.save({"base": base, "head": head}, step=0)
+        mgr.save({"base": base, "head": head}, step=0)
+        first = mgr.save({"base": base, "head": head}, step=1)
         shard = next(p for p in (run / first.file).iterdir() if p.name.startswith("model-00001"))
         data = bytearray(shard.read_bytes())
         data[20] ^= 1  # its header: no longer the file the index recorded
         shard.unlink()
         shard.write_bytes(data)
-        second = mgr.save({"base": base, "head": head}, step=1)
+        second = mgr.save({"base": base, "head": head}, step=2)
     assert shard.stat().st_ino not in _inodes(run / second.file).values()  # written again
     assert len(set(_inodes(run / first.file).values()) & set(_inodes(run / second.file).values())) == 1  # the head
     assert tk.verify(run / second.file)["ok"]

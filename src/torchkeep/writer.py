@@ -162,17 +162,20 @@ def save_stream(obj: Any, write: Callable[[memoryview], Any], *, metadata: Mappi
         return stream_checksummed(write, tensors, meta)
 
 
-def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> None:
+def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
     """A checksummed torchkeep/safetensors file of host ``tensors`` (see :func:`host_copies`) into ``fd``.
 
     The data goes first, hashed beside the writes; the sealed header goes last, at offset 0.
+    Returns ``{name: xxh3-128 hex}``, the checksums the header now holds.
     """
     builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
     bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
     with ThreadPoolExecutor(1) as pool:
         hashes = Digests(bufs, pool)  # large tensors hash beside the writes (both drop the GIL)
         write_buffers(fd, builder.header_size, bufs)
-        os.pwrite(fd, builder.seal(hashes.result()), 0)
+        digests = hashes.result()
+        os.pwrite(fd, builder.seal(digests), 0)
+    return {s.name: d for s, d in zip(builder.specs, digests, strict=True)}
 
 
 def stream_checksummed(

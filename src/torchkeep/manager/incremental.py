@@ -3,21 +3,29 @@
 ``CheckpointManager(..., incremental=True)`` saves each checkpoint as a directory ``NAME.shards``
 holding an ordinary sharded checkpoint (:mod:`.shardset`). One save::
 
-    hash every tensor (xxh3, the checksum the header stores anyway)
+    hash the tensors that could be linked (xxh3, the checksum the header stores anyway): all but
+       those the previous save found changed (:data:`CHANGED_KEY`), which are likely to change again
     -> plan: each shard of the previous checkpoint whose tensors all hash the same, and whose file is
        still the one its index recorded, is linked; the other tensors go into new shards
     -> free-space check for the new shards only
-    -> temp directory .NAME.shards.tmp-XXXX: links (a copy where links fail), new shards (fsynced),
-       the index last (fsynced), fsync the directory
+    -> temp directory .NAME.shards.tmp-XXXX: links (a copy where links fail), new shards (hashed as
+       they are written, as by any save; each fsynced while the next is written), the index last
+       (fsynced, with the tensors found changed), fsync the directory
     -> rename it to NAME.shards, fsync the run directory
     -> read it back: each new shard verified in full, each linked one by size and header sha256
+
+So a tensor is hashed once per save, and a run where everything changes (full fine-tuning) hashes
+nothing twice: it costs what a full save costs. The guess only decides what is hashed first: a
+shard is linked only when every tensor in it hashes the same, so a wrong guess costs a write, never
+a wrong link.
 
 The grouping rule keeps shards stable from one save to the next: tensors that did not change
 since the previous checkpoint (``cold``) and tensors that did, or are new (``hot``), never share
 a new shard, and each kind is cut into shards of at most :data:`SHARD_BYTES` in tree order. With
 no previous checkpoint, ``cold`` are the frozen parameters (``requires_grad=False``) of the
-modules in the saved state. So a frozen backbone is written once and linked ever after, while a
-trained adapter and its optimizer state are rewritten each save.
+modules in the saved state, and the rest is taken as changed. So a frozen backbone is written
+once and linked ever after, while a trained adapter and its optimizer state are rewritten each
+save without being hashed twice.
 
 Example:
     >>> import tempfile, torch, torchkeep as tk
@@ -50,19 +58,21 @@ import torch
 from torchkeep import writer
 from torchkeep.dtypes import DTYPE_TO_ST, buffer_of
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
-from torchkeep.format.header import HeaderBuilder
 from torchkeep.format.meta import FORMAT_KEY, TREE_KEY, USER_KEY
 from torchkeep.format.shards import index_bytes, shard_names, split_shards
 from torchkeep.hashing import Digests
 from torchkeep.manager import manifest, readback
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.manager.shardset import SHARDS_KEY, ShardSet, head_of, open_set
-from torchkeep.storage.local import fsync_dir, write_buffers
+from torchkeep.storage.local import fsync_dir
 from torchkeep.storage.runs import SHARDS_INDEX
 from torchkeep.tree import Flat, flatten
 
-__all__ = ["SHARD_BYTES", "Plan", "frozen_names", "plan", "previous_set", "write"]
+__all__ = ["CHANGED_KEY", "SHARD_BYTES", "Plan", "changed_last", "frozen_names", "plan", "previous_set", "write"]
 
+#: index metadata key: the tensors this save found changed (or new). The next save writes them again
+#: without hashing them first (only a guess: a shard is linked only when all its tensors hash the same)
+CHANGED_KEY = "torchkeep.changed"
 #: the most bytes of tensors in one new shard (a larger tensor gets a shard of its own)
 SHARD_BYTES = 512 << 20
 _STEM = "model.safetensors"
@@ -71,14 +81,17 @@ _STEM = "model.safetensors"
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES}
 
 
-def frozen_names(state: Any, flat: Flat | None = None) -> set[str]:
+def frozen_names(state: Any, flat: Flat | None = None) -> set[str] | None:
     """Names in ``flatten(state)`` of the frozen parameters (``requires_grad=False``) of the modules
     found in ``state`` (dicts, lists and tuples searched a few levels deep): the first save's hint of
-    what will not change."""
+    what will not change. ``None`` when ``state`` holds no module (nothing is known)."""
     ptrs: set[int] = set()
+    found = False
 
     def walk(node: Any, depth: int) -> None:
+        nonlocal found
         if isinstance(node, torch.nn.Module):
+            found = True
             ptrs.update(p.data_ptr() for p in node.parameters() if not p.requires_grad and p.numel())
         elif depth < 6 and isinstance(node, Mapping):
             for v in node.values():
@@ -88,6 +101,8 @@ def frozen_names(state: Any, flat: Flat | None = None) -> set[str]:
                 walk(v, depth + 1)
 
     walk(state, 0)
+    if not found:
+        return None
     if not ptrs:
         return set()
     flat = flat if flat is not None else flatten(state)
@@ -103,6 +118,7 @@ class Plan:
     linked: list[tuple[Path, tuple[int, str], list[str]]] = field(default_factory=list)
     groups: list[list[str]] = field(default_factory=list)
     new_bytes: int = 0
+    before: dict[str, Key] = field(default_factory=dict)  # every tensor of the previous checkpoint
 
 
 Key = tuple[str, tuple[int, ...], str]  # safetensors dtype, shape, xxh3 digest
@@ -127,24 +143,37 @@ def _previous(prev: ShardSet | None) -> tuple[list[tuple[str, Path, tuple[int, s
     return shards, every
 
 
-def plan(keys: Mapping[str, Key], sizes: Mapping[str, int], prev: ShardSet | None, frozen: set[str]) -> Plan:
+def changed_last(prev: ShardSet | None) -> set[str]:
+    """The tensors ``prev``'s save found changed (:data:`CHANGED_KEY`): this save writes them again
+    without hashing them first. Empty when unknown (then every tensor is hashed)."""
+    raw = prev.index.metadata.get(CHANGED_KEY) if prev is not None else None
+    return {n for n in raw if isinstance(n, str)} if isinstance(raw, list) else set()
+
+
+def plan(sizes: Mapping[str, int], keys: Mapping[str, Key], prev: ShardSet | None, frozen: set[str]) -> Plan:
     """The stable grouping rule (see the module docstring), as a pure function of tensor keys.
+
+    ``sizes`` holds every tensor, in tree order; ``keys`` the tensors hashed before writing (a tensor
+    without a key is taken as changed: it is written, never linked).
 
     Example:
         >>> k = {"a": ("F32", (1,), "x"), "b": ("F32", (1,), "y")}
-        >>> plan(k, {"a": 4, "b": 4}, None, {"a"}).groups
+        >>> plan({"a": 4, "b": 4}, k, None, {"a"}).groups
         [['a'], ['b']]
     """
-    out = Plan()
     shards, every = _previous(prev)
+    out = Plan(before=every)
     done: set[str] = set()
     for _name, path, record, have in shards:
-        if have and all(keys.get(n) == key for n, key in have.items()):
+        if have and all(n in keys and keys[n] == key for n, key in have.items()):
             out.linked.append((path, record, list(have)))
             done.update(have)
-    rest = [n for n in keys if n not in done]
+    rest = [n for n in sizes if n not in done]
     # the first save: the frozen parameters; later: unchanged tensors whose shard was not (they move)
-    cold = [n for n in rest if n in frozen] if prev is None else [n for n in rest if every.get(n) == keys[n]]
+    if prev is None:
+        cold = [n for n in rest if n in frozen]
+    else:
+        cold = [n for n in rest if n in keys and every.get(n) == keys[n]]
     hot = [n for n in rest if n not in set(cold)]
     for names in (cold, hot):
         if names:
@@ -174,26 +203,23 @@ def _create(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
 
 
-def _write_shard(path: Path, tensors: Mapping[str, torch.Tensor], keys: Mapping[str, Key], durable: bool) -> None:
-    """One checksummed shard, laid out as :func:`torchkeep.writer.write_checksummed` does, sealed with
-    the digests already computed (the data is hashed once per save)."""
-    builder = HeaderBuilder([(n, keys[n][0], keys[n][1]) for n in tensors], writer.provenance_metadata())
-    fd = _create(path)
+def _settle(fd: int, durable: bool) -> None:
     try:
-        write_buffers(fd, builder.header_size, [buffer_of(tensors[s.name]) for s in builder.specs])
-        os.pwrite(fd, builder.seal([keys[s.name][2] for s in builder.specs]), 0)
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _hash(tensors: Mapping[str, torch.Tensor]) -> dict[str, Key]:
-    names = list(tensors)
+def _shape_key(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    return DTYPE_TO_ST[t.dtype], tuple(t.shape)
+
+
+def _hash(tensors: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, Key]:
     bufs = [buffer_of(tensors[n]) for n in names]
     with ThreadPoolExecutor(2) as pool:
         digests = Digests(bufs, pool, threads=2).result()
-    return {n: (DTYPE_TO_ST[tensors[n].dtype], tuple(tensors[n].shape), d) for n, d in zip(names, digests, strict=True)}
+    return {n: (*_shape_key(tensors[n]), d) for n, d in zip(names, digests, strict=True)}
 
 
 def previous_set(root: Path, entries: list[CheckpointInfo]) -> ShardSet | None:
@@ -213,18 +239,22 @@ def write(
     prev: ShardSet | None,
     *,
     durable: bool,
-    frozen: set[str],
+    frozen: set[str] | None,
     check_space: Any,
 ) -> tuple[int, bytes]:
     """Write ``flat`` as the incremental checkpoint ``root / info.file``; returns ``(size, index bytes)``.
 
+    ``frozen`` (the first save's hint, see :func:`frozen_names`) is ``None`` when nothing is known.
     ``check_space(nbytes)`` raises when the new shards would not fit. Nothing is left behind on an
     error; a kill leaves a hidden temp directory the next manager removes.
     """
     tensors = writer.host_copies(flat.tensors)
-    keys = _hash(tensors)
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
-    todo = plan(keys, sizes, prev, frozen)
+    # hashed before writing: what could be linked. The first save links nothing; later ones skip the
+    # tensors the previous save found changed (they are hashed as they are written, as in any save)
+    guess = changed_last(prev)
+    keys = _hash(tensors, [n for n in tensors if n not in guess]) if prev is not None else {}
+    todo = plan(sizes, keys, prev, frozen or set())
     check_space(todo.new_bytes + 4096 * (len(todo.groups) + 1) + 256 * len(tensors))
     count = len(todo.linked) + len(todo.groups)
     names, _ = shard_names(_STEM, max(count, 1))
@@ -235,27 +265,40 @@ def write(
         weight_map: dict[str, str] = {}
         records: dict[str, list[Any]] = {}
         written: list[str] = []
+        digests: dict[str, str] = {}
         it = iter(names)
         for src, record, held in todo.linked:
             name = next(it)
             _link(src, tmp / name, durable)
             records[name] = list(record)
             weight_map.update((n, name) for n in held)
-        for group in todo.groups:
-            name = next(it)
-            _write_shard(tmp / name, {n: tensors[n] for n in group}, keys, durable)
-            size, head = head_of(tmp / name)
-            records[name] = [size, hashlib.sha256(head).hexdigest()]
-            weight_map.update((n, name) for n in group)
-            written.append(name)
-        if not count:  # a tree without tensors: one empty shard keeps it an ordinary shard set
-            _write_shard(tmp / names[0], {}, keys, durable)
-            size, head = head_of(tmp / names[0])
-            records[names[0]] = [size, hashlib.sha256(head).hexdigest()]
-            written.append(names[0])
         meta = writer.provenance_metadata()
+        with ThreadPoolExecutor(1) as syncer:  # one shard's fsync runs while the next is written
+            settled = []
+            for group in todo.groups if count else [[]]:  # no tensors: one empty shard, an ordinary shard set
+                name = next(it) if count else names[0]
+                fd = _create(tmp / name)
+                try:
+                    digests.update(writer.write_checksummed(fd, {n: tensors[n] for n in group}, meta))
+                except BaseException:
+                    os.close(fd)
+                    raise
+                settled.append(syncer.submit(_settle, fd, durable))
+                size, head = head_of(tmp / name)
+                records[name] = [size, hashlib.sha256(head).hexdigest()]
+                weight_map.update((n, name) for n in group)
+                written.append(name)
+            for f in settled:
+                f.result()
+        changed = [n for n in flat.tensors if n in digests]
+        if prev is not None:
+            changed = [n for n in changed if todo.before.get(n) != (*_shape_key(tensors[n]), digests[n])]
+        elif frozen is not None:
+            changed = [n for n in changed if n not in frozen]
         user = {manifest.META_KEY: manifest.record_of(info)}
         index_meta = {FORMAT_KEY: meta[FORMAT_KEY], TREE_KEY: flat.skeleton, USER_KEY: user, SHARDS_KEY: records}
+        if prev is not None or frozen is not None:
+            index_meta[CHANGED_KEY] = changed
         ordered = {n: weight_map[n] for n in flat.tensors}  # tree order, as every shard set lists it
         raw = index_bytes(ordered, sum(sizes.values()), index_meta)
         fd = _create(tmp / SHARDS_INDEX)

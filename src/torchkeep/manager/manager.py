@@ -326,10 +326,10 @@ class CheckpointManager:
             return False
         return True
 
-    def _hint(self, state: Any, flat: Flat | None) -> set[str]:
+    def _hint(self, state: Any, flat: Flat | None) -> set[str] | None:
         """The first incremental save's frozen parameters (later saves compare with the previous one)."""
         if not self._incremental or any(e.file.endswith(naming.SHARDS_SUFFIX) for e in self._entries):
-            return set()
+            return None
         return incremental.frozen_names(state, flat)
 
     def _decide(

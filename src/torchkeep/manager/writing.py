@@ -83,7 +83,7 @@ def write_shards(
     checkpoint of ``entries`` already holds; returns ``(logical size, index bytes)``."""
     root = Path(store.path_of(info.file)).parent
     prev = incremental.previous_set(root, entries)
-    hint = set(frozen) if prev is None and frozen else set()
+    hint = set(frozen) if prev is None and frozen is not None else None
     needed = [0]
 
     def fits(n: int) -> None:
