@@ -4,6 +4,7 @@ and every checkpoint stays an ordinary sharded checkpoint that every reader open
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import random
@@ -153,7 +154,7 @@ def test_full_fine_tuning_hashes_nothing_twice(tmp_path: Path, monkeypatch: pyte
     assert not set(_inodes(run / "ckpt_000002.shards").values()) & set(_inodes(run / info.file).values())
     fresh = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
     tk.restore(run / info.file, {"model": fresh})
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 def test_a_tensor_that_stops_changing_is_linked_again(tmp_path: Path) -> None:
@@ -170,7 +171,7 @@ def test_a_tensor_that_stops_changing_is_linked_again(tmp_path: Path) -> None:
             infos.append(mgr.save({"base": base, "head": head}, step=step))
     shared = [
         len(set(_inodes(run / a.file).values()) & set(_inodes(run / b.file).values()))
-        for a, b in zip(infos, infos[1:], strict=False)
+        for a, b in itertools.pairwise(infos)
     ]
     # save 2 links the base; save 3 too, and writes the head's weight again (guessed changed: it finds it
     # unchanged) apart from its bias (found unchanged by save 2, so hashed, equal: moved to a shard of
