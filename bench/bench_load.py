@@ -157,6 +157,10 @@ def make_files(
     files: dict[str, Path] = {}
     desc: dict[str, str] = {}
     counts: dict[str, int] = {}
+    need = int(args.scale * 6.3 * (1 << 30)) + 256 * MiB  # W1 twice (tk, pt), W3 once, W2 three times
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise SystemExit(f"the files need ~{fmt_bytes(need)} free in {workdir}; only {fmt_bytes(free)} is free")
 
     def put(key: str, obj: Any, how: str) -> None:
         p = files[key] = workdir / f"{key}.{how}"
@@ -496,6 +500,8 @@ def report(
         "x floor: median over rounds of (contender s / floor s) in the same round (below 1: faster than the floor).",
         "peak RSS: VmHWM above the RSS before the call, worst round; anon: RssAnon growth (not file-backed).",
     ]
+    if any(not r["hwm_reset"] for c in cs for r in c.rss):
+        notes.append("VmHWM could not be reset here: the peak RSS columns are upper bounds (they include imports)")
     lines += [f"note: {n}" for n in notes]
     for wl in [*WORKLOADS, "GPU"]:
         group = [c for c in cs if c.wl == wl]

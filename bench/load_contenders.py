@@ -221,7 +221,7 @@ def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 def _restore_floor_setup(spec: dict[str, Any], warm: bool) -> Any:
     model, opt = model_and_adam(spec, warm)
-    src = tk.load(spec["path"])  # the same bytes, already in memory (faulted in by the load)
+    src = _copying_load(spec["path"])  # the same bytes, already in memory (faulted in by the load)
     return restore_pairs(model, opt, src), src
 
 
