@@ -350,3 +350,29 @@ def test_a_zero_copy_load_takes_almost_no_anonymous_memory(tmp_path: Path) -> No
     size = p.stat().st_size
     assert copied > 0.9 * size  # the probe sees a copying load
     assert mapped < 0.2 * size
+
+
+@pytest.mark.parametrize(
+    ("sizes_mib", "want"),
+    [([3, 7], [[7], [3]]), ([4, 1, 1, 1, 1], [[4], [1, 1, 1, 1]]), ([2] * 6, [[2, 2, 2], [2, 2, 2]])],
+)
+def test_the_hash_pass_shares_large_tensors_evenly_between_threads(sizes_mib: list[int], want: list[list[int]]) -> None:
+    """A buffer is one digest stream (never split), so the split is by whole buffers: largest first."""
+    from concurrent.futures import Future
+
+    from torchkeep.format.header import digest
+    from torchkeep.hashing import Digests
+
+    tasks: list[list[int]] = []
+
+    class Recorder:
+        def submit(self, fn: Callable[[list[int]], list[str]], indices: list[int]) -> Future[list[str]]:
+            tasks.append([bufs[i].nbytes >> 20 for i in indices])
+            f: Future[list[str]] = Future()
+            f.set_result(fn(indices))
+            return f
+
+    bufs = [memoryview(bytes([i]) * (n << 20)) for i, n in enumerate(sizes_mib)]
+    got = Digests(bufs, Recorder(), threads=2).result()  # type: ignore[arg-type]
+    assert got == [digest(b) for b in bufs]
+    assert sorted(tasks, key=sum, reverse=True) == want
