@@ -80,28 +80,26 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
             f"the file is {size:,} bytes, shorter than the {end:,} its header describes "
             "(truncated or rewritten in place since it was opened)",
         )
-    mapped = [s for s in specs if s.nbytes and (header.size + s.start) % ITEMSIZE[s.dtype] == 0]
-    copied = [s for s in specs if s.nbytes and (header.size + s.start) % ITEMSIZE[s.dtype] != 0]
+    base = header.size
+    full = [(s, base + s.start, base + s.end) for s in specs if s.end > s.start]  # tensors with bytes
+    copied = [(s, lo, hi) for s, lo, hi in full if lo % ITEMSIZE[s.dtype]]
     # never MAP_POPULATE: on a writable private map it would copy every page; pages fault in as hashed
-    mm = mmap.mmap(hf.fileno(), end, access=mmap.ACCESS_COPY) if mapped or copied else None
+    mm = mmap.mmap(hf.fileno(), end, access=mmap.ACCESS_COPY) if full else None
     views: list[memoryview] = []
     try:
         whole = memoryview(mm) if mm is not None else memoryview(b"")
         views.append(whole)
-        own = {s.name: _copy(s, whole[header.size + s.start : header.size + s.end]) for s in copied}
+        own = {s.name: _copy(s, whole[lo:hi]) for s, lo, hi in copied}
         if check:
-            assert header.checksums is not None  # checked above
-            order = [s for s in specs if s.nbytes]
-            bufs = [
-                buffer_of(own[s.name]) if s.name in own else whole[header.size + s.start : header.size + s.end]
-                for s in order
-            ]
+            want = header.checksums
+            assert want is not None  # checked above
+            bufs = [buffer_of(own[s.name]) if s.name in own else whole[lo:hi] for s, lo, hi in full]
             views.extend(bufs)
             with ThreadPoolExecutor(max(1, threads)) as pool:
                 sums = Digests(bufs, pool, threads=max(1, threads)).result()
-            for s, h in zip(order, sums, strict=True):
-                if h != header.checksums[s.name]:
-                    raise ChecksumMismatchError(hf.path, s.name, header.checksums[s.name], h)
+            for (s, _, _), h in zip(full, sums, strict=True):
+                if h != want[s.name]:
+                    raise ChecksumMismatchError(hf.path, s.name, want[s.name], h)
     except BaseException:
         _release(views)
         if mm is not None:
@@ -110,17 +108,17 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
         raise
     _release(views)  # the tensors below hold exports of their own
     out: dict[str, torch.Tensor] = {}
+    frombuffer = torch.frombuffer
     for s in specs:
-        if s.name in own:
-            out[s.name] = own[s.name]
-        elif not s.nbytes:
+        n = s.end - s.start
+        if not n:
             out[s.name] = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype])
-        else:
-            t = torch.frombuffer(
-                mm, dtype=ST_TO_DTYPE[s.dtype], count=s.nbytes // ITEMSIZE[s.dtype], offset=header.size + s.start
-            )
+        elif own and s.name in own:
+            out[s.name] = own[s.name]
+        else:  # a storage of its own bytes, in the map
+            t = frombuffer(mm, dtype=ST_TO_DTYPE[s.dtype], count=n // ITEMSIZE[s.dtype], offset=base + s.start)
             out[s.name] = t if len(s.shape) == 1 else t.view(s.shape)
-    if mm is not None and not mapped:
+    if mm is not None and len(copied) == len(full):
         mm.close()  # everything was copied: nothing keeps the map
     return out
 
