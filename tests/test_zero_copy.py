@@ -122,40 +122,63 @@ def test_no_tensors_and_only_empty_tensors(tmp_path: Path) -> None:
     assert tk.load(p, mmap=True)["e"].shape == (0,)
 
 
-@linux_only
-def test_misaligned_tensors_of_a_foreign_file_are_copied_correctly(tmp_path: Path, make_safetensors: Any) -> None:
-    """A hand-made safetensors file whose F32/F64/BF16 tensors start at odd byte offsets."""
-    f32 = torch.tensor([1.5, -2.0, 3.25, 1e30])
-    f64 = torch.tensor([2.0**-30, -7.0, 1e300], dtype=torch.float64)
-    bf16 = torch.tensor([1.0, -0.5, 3.0]).bfloat16()
-    u8 = torch.tensor([7], dtype=torch.uint8)
-    aligned = torch.tensor([42.0, 43.0])  # lands on a multiple of 4 after the odd ones
-    parts = [("u8", "U8", u8), ("f32", "F32", f32), ("f64", "F64", f64), ("bf16", "BF16", bf16)]
+_ODD = {
+    "u8": ("U8", torch.tensor([7], dtype=torch.uint8)),
+    "f32": ("F32", torch.tensor([1.5, -2.0, 3.25, 1e30])),
+    "f64": ("F64", torch.tensor([2.0**-30, -7.0, 1e300], dtype=torch.float64)),
+    "bf16": ("BF16", torch.tensor([1.0, -0.5, 3.0]).bfloat16()),
+}
+
+
+def _odd_file(path: Path, make_safetensors: Any) -> Path:
+    """A hand-made safetensors file whose F32/F64/BF16 tensors start at odd byte offsets, then an aligned F32."""
     head: dict[str, Any] = {}
     data = b""
-    for name, st, t in parts:
+    for name, (st, t) in _ODD.items():
         raw = t.view(torch.uint8).numpy().tobytes()
         head[name] = {"dtype": st, "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
         data += raw
     pad = -len(data) % 4
     head["pad"] = {"dtype": "U8", "shape": [pad], "data_offsets": [len(data), len(data) + pad]}
     data += b"\0" * pad
-    raw = aligned.numpy().tobytes()
+    raw = torch.tensor([42.0, 43.0]).numpy().tobytes()
     head["aligned"] = {"dtype": "F32", "shape": [2], "data_offsets": [len(data), len(data) + len(raw)]}
     data += raw
     body = json.dumps(head).encode()
     body += b" " * (-(8 + len(body)) % 8)  # the data section starts on a multiple of 8
-    p = tmp_path / "odd.safetensors"
-    p.write_bytes(make_safetensors(body, data))
+    path.write_bytes(make_safetensors(body, data))
+    return path
+
+
+@linux_only
+def test_misaligned_tensors_of_a_foreign_file_are_copied_correctly(tmp_path: Path, make_safetensors: Any) -> None:
+    p = _odd_file(tmp_path / "odd.safetensors", make_safetensors)
     got = tk.load(p, mmap=True)
-    for name, _, t in parts:
+    for name, (_, t) in _ODD.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
-    assert torch.equal(got["aligned"], aligned)
+    assert got["aligned"].tolist() == [42.0, 43.0]
     maps = _maps_of(p)
     assert _in_private_map(got["aligned"], maps) and _in_private_map(got["u8"], maps)
     for name in ("f32", "f64", "bf16"):
         assert got[name].data_ptr() % got[name].element_size() == 0, name  # its own memory
         assert not _in_private_map(got[name], maps), name
+
+
+def test_misaligned_tensors_are_checked_in_their_copies(tmp_path: Path, make_safetensors: Any) -> None:
+    """With checksums (set on the parsed header here: torchkeep never writes misaligned tensors)."""
+    from torchkeep.format.header import digest
+
+    p = _odd_file(tmp_path / "odd.safetensors", make_safetensors)
+    with HeaderFile(p) as hf:
+        data = p.read_bytes()
+        hf.header.checksums = {
+            s.name: digest(data[hf.header.size + s.start : hf.header.size + s.end]) for s in hf.header.tensors.values()
+        }
+        assert torch.equal(zerocopy.map_tensors(hf)["f64"], _ODD["f64"][1])
+        hf.header.checksums["f64"] = "0" * 32
+        with pytest.raises(ChecksumMismatchError) as e:
+            zerocopy.map_tensors(hf)
+        assert e.value.key == "f64"
 
 
 @pytest.mark.parametrize("key", ["f32", "bf16", "bool", "scalar", "i64"])
