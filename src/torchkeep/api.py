@@ -127,6 +127,7 @@ def load(
     trust_pickle: bool = False,
     weights_only: bool | None = None,
     allow_globals: Sequence[str] | None = None,
+    mmap: bool = False,
 ) -> Any:
     """Load a checkpoint and return its state tree (Stateful leaves come back as state dicts).
 
@@ -149,11 +150,19 @@ def load(
         weights_only: accepted for drop-in migration from ``torch.load``. ``True`` (or ``None``)
             is what torchkeep always does. ``False`` alone is refused: pass ``trust_pickle=True``
             (with or without it) to unpickle a legacy file fully.
+        mmap: zero-copy load of a torchkeep or safetensors file (or shard set): tensors are views of
+            a private, copy-on-write memory map of the file, every checksum checked over the mapped
+            bytes before anything is returned. Writes to them never reach the file, and a file
+            replaced by rename leaves them as loaded; but a file another tool rewrites *in place*
+            shows through, and truncating it crashes on access (SIGBUS): keep the default copying
+            load for files that may change under you. Other kinds raise ``InvalidArgumentError``;
+            with a ``map_location`` off the CPU the verified map is copied to the device.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, ChecksumMismatchError,
         UnsafeCheckpointError, DeviceUnavailableError,
-        InvalidArgumentError: ``weights_only=False`` without ``trust_pickle=True``.
+        InvalidArgumentError: ``weights_only=False`` without ``trust_pickle=True``; ``mmap=True``
+            for a file object or a checkpoint that is not a torchkeep/safetensors file or shard set.
 
     Example:
         >>> import torch, torchkeep as tk, tempfile, os
@@ -170,6 +179,8 @@ def load(
         )
     if _is_file_object(path, "read"):
         label = str(getattr(path, "name", "<file object>"))
+        if mmap:
+            raise InvalidArgumentError("mmap", True, f"{label} is a file object, which cannot be mapped: pass its path")
         data = path.read()  # type: ignore[union-attr]
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ArgumentTypeError("path", path, "a path or a binary file object (opened with 'rb')")
@@ -178,11 +189,24 @@ def load(
     path = as_path(path)
     with _still_there(path):
         return _load(
-            path, map_location=map_location, verify=verify, trust_pickle=trust_pickle, allow_globals=allow_globals
+            path,
+            map_location=map_location,
+            verify=verify,
+            trust_pickle=trust_pickle,
+            allow_globals=allow_globals,
+            mmap=mmap,
         )
 
 
-def _load(path: Path, *, map_location: MapLocation, verify: bool, trust_pickle: bool, allow_globals: Any = None) -> Any:
+def _load(
+    path: Path,
+    *,
+    map_location: MapLocation,
+    verify: bool,
+    trust_pickle: bool,
+    allow_globals: Any = None,
+    mmap: bool = False,
+) -> Any:
     found = kinds.detect(path, operation="tk.load")
     tree, _ = read_tree(
         found,
@@ -190,6 +214,7 @@ def _load(path: Path, *, map_location: MapLocation, verify: bool, trust_pickle: 
         verify=verify,
         trust_pickle=trust_pickle,
         allow_globals=allow_globals,
+        mmap=mmap,
     )
     return tree
 

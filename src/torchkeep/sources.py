@@ -46,6 +46,7 @@ from torchkeep.errors import (
     ArgumentTypeError,
     ChecksumMismatchError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     KeyMismatchError,
     UnsupportedSourceError,
 )
@@ -58,6 +59,7 @@ from torchkeep.placement import Placer
 from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
+from torchkeep.zerocopy import map_tensors
 
 __all__ = [
     "WRAPPER_KEYS",
@@ -337,13 +339,18 @@ def read_tree(
     trust_pickle: bool = False,
     progress: Callable[[int], None] | None = None,
     allow_globals: Any = None,
+    mmap: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """``(state tree, user metadata)`` of a detected checkpoint, read whole into memory, checksums verified.
 
     Stateful leaves come back as their state dicts; plain safetensors files, shard sets of
     plain shards and DCP directories as flat ``{name: tensor}`` dicts. ``place(tensor, saved_device)``
     moves each tensor (``None``: leave it on the CPU). ``progress(nbytes)`` is called as input is read.
+    ``mmap=True``: tensors are views of private maps of the files, checked before they are made
+    (:mod:`torchkeep.zerocopy`); torchkeep and safetensors files and their shard sets only.
     """
+    if mmap:
+        _check_mappable(found)
     if found.kind in (kinds.DCP, kinds.TORCHKEEP_DCP):
         flat = read_dcp(found.path)
         if progress is not None:
@@ -361,10 +368,10 @@ def read_tree(
             progress(found.file.stat().st_size)
         return tree, {}
     if found.kind == kinds.SHARDED:
-        return _read_sharded(found, place, verify, progress, trust_pickle, allow_globals)
+        return _read_sharded(found, place, verify, progress, trust_pickle, allow_globals, mmap)
     assert found.file is not None
     with paused_gc(), Checkpoint(found.file, verify=verify) as ck:
-        tensors = _read_all(ck, progress)
+        tensors = _read_all(ck, progress, mmap)
         return _build(found.file, ck.skeleton, tensors, place, tree=ck.has_tree), ck.metadata
 
 
@@ -413,8 +420,26 @@ def read_buffer(data: bytes | bytearray | memoryview, label: str, *, place: Plac
 _BATCH = 64 << 20  # bytes read per batch (one progress step)
 
 
-def _read_all(ck: Checkpoint, progress: Callable[[int], None] | None) -> dict[str, torch.Tensor]:
+def _check_mappable(found: kinds.Detected) -> None:
+    legacy = [k for k in found.shard_kinds.values() if kinds.is_legacy_kind(k)] if found.kind == kinds.SHARDED else []
+    if found.kind in (kinds.TORCHKEEP, kinds.SAFETENSORS) or (found.kind == kinds.SHARDED and not legacy):
+        return
+    raise InvalidArgumentError(
+        "mmap",
+        True,
+        f"{found.target} is a {legacy[0] if legacy else found.kind} checkpoint"
+        f"{' (its shards)' if legacy else ''}, which cannot be mapped: mmap=True applies to torchkeep and "
+        "safetensors files and their shard sets; load it without mmap=True (or convert it once with tk.convert)",
+    )
+
+
+def _read_all(ck: Checkpoint, progress: Callable[[int], None] | None, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of ``ck`` (checksums verified), in ~64 MiB batches when progress is reported."""
+    if mmap:  # views of a private map of the file, checked before they are made
+        out = map_tensors(ck)
+        if progress is not None:
+            progress(sum(s.nbytes for s in ck.header.tensors.values()))
+        return out
     if progress is None:
         return ck.read()
     out: dict[str, torch.Tensor] = {}
@@ -462,6 +487,7 @@ def _read_sharded(
     progress: Callable[[int], None] | None,
     trust_pickle: bool = False,
     allow_globals: Any = None,
+    mmap: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     assert found.index is not None and found.file is not None
     index, root = found.index, found.file.parent
@@ -480,7 +506,7 @@ def _read_sharded(
                 continue
             with Checkpoint(root / fname, verify=verify) as ck:
                 _check_shard(found, fname, ck.keys())
-                got = _read_all(ck, progress)
+                got = _read_all(ck, progress, mmap)
                 tensors.update((n, got[n]) for n in wanted)
     meta = index.metadata
     raw_user = meta.get(USER_KEY)
