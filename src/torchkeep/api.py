@@ -243,12 +243,20 @@ def restore(
 ) -> Any:
     """Load a checkpoint and ``load_state_dict`` it into each target, in place.
 
-    Checksums are verified and every target is checked (keys, shapes, optimizer
-    groups) before any is modified, so a failed restore leaves your objects as they
-    were. The file is read into memory of its own and verified there, then copied into
-    the targets' existing memory (model parameters, an optimizer's existing state): the
-    bytes checked are the bytes restored, even if another process rewrites the file
-    meanwhile. Tensors of the tree that no target takes are returned in that memory.
+    Every target is checked (keys, shapes, dtypes, optimizer groups) before any is
+    modified, so a mismatch leaves your objects as they were. Tensors are then read
+    straight into the targets' existing contiguous CPU tensors (model parameters and
+    buffers, an optimizer's existing state), each chunk hashed right after it lands, so
+    a restore costs about one copy of the data. Everything else (tensors no target takes,
+    state of schedulers and other objects, targets on other devices) is read into memory
+    of its own and verified before any target is touched; untargeted tensors are
+    returned in that memory.
+
+    A checksum mismatch (a damaged file, or one rewritten in place while it is read) is
+    always raised before ``restore`` returns; when it is found while reading into the
+    targets, they hold part of the file's bytes, and the error says "the targets were
+    partly overwritten; restore another checkpoint" (:meth:`CheckpointManager.restore`
+    falls back to the newest checkpoint that verifies, which overwrites them fully).
 
     Args:
         path: the checkpoint.
