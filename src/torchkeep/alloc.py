@@ -35,7 +35,7 @@ __all__ = ["HUGE_FROM", "STALL_S", "advise", "empty", "huge_pages_on", "set_huge
 #: tensors of at least this many bytes get the huge-page advice
 HUGE_FROM = 8 << 20
 #: a first huge-page fault slower than this (seconds) means direct compaction: stop advising
-STALL_S = 0.05
+STALL_S = 0.01
 
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
