@@ -197,12 +197,16 @@ def test_restore_falls_back_past_corrupt_newest(tmp_path: Path, how: str) -> Non
             info = mgr.restore({"m": m})
         assert info.step == 1 and torch.equal(m.weight, model_at(1).weight)
         m = model_at(99)
-        with pytest.raises(CorruptCheckpointError):
+        with pytest.raises(CorruptCheckpointError) as err:
             mgr.restore({"m": m}, strict=True)
-        assert torch.equal(m.weight, model_at(99).weight)  # nothing changed by the refused restore
+        if how == "flip":  # read straight into the target, refused before restore returns: it says so
+            assert "partly overwritten; restore another checkpoint" in str(err.value)
+        else:  # a truncated file is refused before any target is touched
+            assert torch.equal(m.weight, model_at(99).weight)
         with pytest.raises(CorruptCheckpointError):
             mgr.restore({"m": m}, step=2)
         assert mgr.restore({"m": m}, step=0).step == 0
+        assert torch.equal(m.weight, model_at(0).weight)  # the fallback overwrites the target fully
         with pytest.raises(CheckpointNotFoundError):
             mgr.restore({"m": m}, step=7)
         for c in mgr.checkpoints()[:2]:

@@ -98,18 +98,13 @@ def test_lazy_reads_hand_out_the_bytes_they_verified(files: Any, monkeypatch: py
             src.tree["model"]["1.weight"].load()
 
 
-def test_restore_of_a_file_rewritten_while_read_leaves_targets_untouched(
-    files: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path, other, _ = files
-    model, opt = _model(2)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    step_before = {k: dict(v) for k, v in opt.state.items()}
+def _rewrite_at_first_read(monkeypatch: pytest.MonkeyPatch, path: Path, other: bytes) -> list[int]:
+    """Rewrite ``path`` in place just before the first tensor read (its header was read from the first file)."""
     original = reader.read_into
     calls: list[int] = []
 
     def rewrite_then_read(fd: int, offset: int, bufs: Any) -> Any:
-        if not calls:  # the header was read from the first file; its data now comes from the other
+        if not calls:
             w = os.open(path, os.O_WRONLY)
             try:
                 os.pwrite(w, other, 0)
@@ -119,10 +114,56 @@ def test_restore_of_a_file_rewritten_while_read_leaves_targets_untouched(
         return original(fd, offset, bufs)
 
     monkeypatch.setattr(reader, "read_into", rewrite_then_read)
-    with pytest.raises(ChecksumMismatchError):
+    return calls
+
+
+def test_restore_of_a_file_rewritten_while_read_is_refused_and_says_targets_were_partly_overwritten(
+    files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # restore reads straight into the live tensors, hashing each chunk as it lands: a file rewritten
+    # in place meanwhile is still refused before restore returns, but the targets hold part of it
+    path, other, _ = files
+    model, opt = _model(2)
+    calls = _rewrite_at_first_read(monkeypatch, path, other)
+    with pytest.raises(ChecksumMismatchError, match="partly overwritten; restore another checkpoint"):
+        tk.restore(path, {"model": model, "optimizer": opt})
+    assert calls
+
+
+def test_restore_refused_before_targets_are_read_leaves_them_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # untargeted tensors are read (and verified) before any target: a mismatch there touches nothing
+    a, opt_a = _model(0)
+    b, opt_b = _model(1)
+    tree_a = {"ema": {"w": torch.arange(4.0)}, "model": a, "optimizer": opt_a}
+    path = tk.save(tree_a, tmp_path / "a.safetensors")
+    other = tk.save({"ema": {"w": torch.arange(4.0) + 1}, "model": b, "optimizer": opt_b}, tmp_path / "b.safetensors")
+    model, opt = _model(2)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _rewrite_at_first_read(monkeypatch, path, other.read_bytes())
+    with pytest.raises(ChecksumMismatchError, match="Nothing was loaded"):
         tk.restore(path, {"model": model, "optimizer": opt})
     assert _same(model, before)
-    assert all(torch.equal(opt.state[p]["exp_avg"], s["exp_avg"]) for p, s in step_before.items())
+
+
+def test_load_of_a_file_rewritten_while_read_is_refused(files: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, other, _ = files
+    calls = _rewrite_at_first_read(monkeypatch, path, other)
+    with pytest.raises(ChecksumMismatchError):
+        tk.load(path)
+    assert calls
+
+
+def test_load_into_of_a_file_rewritten_while_read_is_refused(files: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, other, _ = files
+    model, _ = _model(2)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    calls = _rewrite_at_first_read(monkeypatch, path, other)
+    with pytest.raises(ChecksumMismatchError):
+        tk.load_into(model, path)
+    assert calls
+    assert _same(model, before), "load_into reads into memory of its own and copies only verified bytes"
 
 
 def test_restore_returns_untargeted_tensors_in_memory_of_their_own(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,6 +17,7 @@ from torchkeep import kinds
 from torchkeep.errors import (
     ArgumentTypeError,
     CheckpointNotFoundError,
+    ChecksumMismatchError,
     CorruptCheckpointError,
     InvalidArgumentError,
     KeyMismatchError,
@@ -23,12 +25,12 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.loading import MIN_MATCHED, copy_plan, plan_into
-from torchkeep.mapped import adopt
+from torchkeep.mapped import adopt, tensor_items
 from torchkeep.placement import MapLocation, checked_placer
-from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
 from torchkeep.sources import read_buffer, read_tree
 from torchkeep.storage.paths import as_path
+from torchkeep.stored import StoredSet, can_open
 from torchkeep.targets import restore_targets
 from torchkeep.tree import SkeletonError, format_path, unflatten
 from torchkeep.writer import save_stream, save_tree
@@ -266,12 +268,20 @@ def restore(
 ) -> Any:
     """Load a checkpoint and ``load_state_dict`` it into each target, in place.
 
-    Checksums are verified and every target is checked (keys, shapes, optimizer
-    groups) before any is modified, so a failed restore leaves your objects as they
-    were. The file is read into memory of its own and verified there, then copied into
-    the targets' existing memory (model parameters, an optimizer's existing state): the
-    bytes checked are the bytes restored, even if another process rewrites the file
-    meanwhile. Tensors of the tree that no target takes are returned in that memory.
+    Every target is checked (keys, shapes, dtypes, optimizer groups) before any is
+    modified, so a mismatch leaves your objects as they were. Tensors are then read
+    straight into the targets' existing contiguous CPU tensors (model parameters and
+    buffers, an optimizer's existing state), each chunk hashed right after it lands, so
+    a restore costs about one copy of the data. Everything else (tensors no target takes,
+    state of schedulers and other objects, targets on other devices) is read into memory
+    of its own and verified before any target is touched; untargeted tensors are
+    returned in that memory.
+
+    A checksum mismatch (a damaged file, or one rewritten in place while it is read) is
+    always raised before ``restore`` returns; when it is found while reading into the
+    targets, they hold part of the file's bytes, and the error says "the targets were
+    partly overwritten; restore another checkpoint" (:meth:`CheckpointManager.restore`
+    falls back to the newest checkpoint that verifies, which overwrites them fully).
 
     Args:
         path: the checkpoint.
@@ -335,41 +345,144 @@ def _restore(
 
         targets = plan[0][1] if len(plan) == 1 and plan[0][0] == () else _nested(plan)
         return restore_distributed(detected.path, targets, strict=strict, verify=verify, trust_pickle=trust_pickle)
-    if detected.kind not in (kinds.TORCHKEEP, kinds.SAFETENSORS):
-        # read whole (legacy pickles, shard sets, DCP directories), then load into the targets
+    if not can_open(detected):
+        # read whole (legacy pickles, shard sets holding legacy shards), then load into the targets
         tree, _ = read_tree(detected, verify=verify, trust_pickle=trust_pickle, allow_globals=allow_globals)
         found = _match_targets(path, tree, plan, strict, min_matched)
         for tpath, target, sub in found:
             _assign(tree, tpath, _apply(target, sub, lambda t: t))
         return tree
-    path = detected.target
-    place = checked_placer(path, map_location)
-    with paused_gc(), Checkpoint(path, verify=verify) as ck:
-        # read into memory of our own and verified there, before any target is touched: the bytes
-        # checked are the bytes copied (a file rewritten in place meanwhile cannot slip others in)
-        stored = ck.read()
-        skeleton = ck.skeleton
+    place = checked_placer(detected.target, map_location)
+    with paused_gc(), StoredSet(detected, verify=verify) as stored:
+        label, skeleton, fresh = stored.label, stored.skeleton, stored.fresh
+        gen = _generator_keys(skeleton)
+        stored.read(gen)  # generator states are set while the tree is built: read (and verified) first
         try:
-            views = unflatten(skeleton, stored.__getitem__) if ck.has_tree else dict(stored)
-        except SkeletonError as e:
-            raise CorruptCheckpointError(path, str(e)) from None
-        found = _match_targets(path, views, plan, strict, min_matched)
+            # the tree over unread placeholders: shapes, dtypes and views, to check the targets against
+            views = unflatten(skeleton, fresh.__getitem__) if skeleton is not None else dict(fresh)
+        except (SkeletonError, KeyError) as e:
+            raise CorruptCheckpointError(label, f"the state tree does not match the tensors ({e})") from None
+        found = _match_targets(label, views, plan, strict, min_matched)
         # targets torchkeep cannot pre-check (schedulers, user objects) go first, so that if
         # one of them raises, the pre-checked modules and optimizers are still untouched
         found.sort(key=lambda f: isinstance(f[1], (torch.nn.Module, torch.optim.Optimizer)))
-        results = [(tpath, _apply(target, sub, _own)) for tpath, target, sub in found]
-        # the rest of the tree: the tensors read above, which are already ours (no second copy)
-        if not ck.has_tree:
+        live = _live_destinations(views, fresh, found, exclude=set(gen))
+        # everything not read into a target: into memory of its own, verified, before any target is touched
+        stored.read([k for k in fresh if k not in live and k not in gen])
+        results = [(tpath, _apply(target, sub, _own)) for tpath, target, sub in found if not _prechecked(target)]
+        try:
+            # straight into the targets' tensors, each chunk hashed as it lands (no second copy)
+            stored.read(list(live), into=live)
+        except ChecksumMismatchError as e:
+            raise _partly_restored(e) from None
+        results += [
+            (tpath, _apply(target, sub, _own, live=True)) for tpath, target, sub in found if _prechecked(target)
+        ]
+        if place is None:
+            tree: Any = views  # the placeholders now hold the verified bytes (or share the targets' memory)
+        elif skeleton is None:
             done = {tp[0] for tp, _ in results}
-            tree: Any = {k: (place(t, None) if place else t) for k, t in stored.items() if k not in done}
+            tree = {k: place(t, None) for k, t in fresh.items() if k not in done}
         else:
             pruned = skeleton
             for tpath, _ in results:
                 pruned = _replace_at(pruned, tpath)
-            tree = unflatten(pruned, stored.__getitem__, place)
+            tree = unflatten(pruned, fresh.__getitem__, place)
     for tpath, value in results:
         _assign(tree, tpath, value)
     return tree
+
+
+def _prechecked(target: Any) -> bool:
+    return isinstance(target, (torch.nn.Module, torch.optim.Optimizer))
+
+
+def _generator_keys(skeleton: Any) -> list[str]:
+    """Stored names of the ``torch.Generator`` states in a skeleton."""
+    out: list[str] = []
+
+    def walk(n: Any) -> None:
+        if isinstance(n, dict):
+            if "G" in n and isinstance(n.get("s"), dict) and isinstance(n["s"].get("T"), str):
+                out.append(n["s"]["T"])
+            for v in n.values():
+                walk(v)
+        elif isinstance(n, list):
+            for v in n:
+                walk(v)
+
+    walk(skeleton)
+    return out
+
+
+def _readable_into(dst: Any, src: torch.Tensor) -> bool:
+    return (
+        isinstance(dst, torch.Tensor)
+        and dst.device.type == "cpu"
+        and dst.layout == torch.strided
+        and dst.is_contiguous()
+        and dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and dst.numel() > 0
+        and not (dst.is_quantized or dst.is_conj() or dst.is_neg())
+    )
+
+
+def _live_destinations(
+    views: Any, fresh: dict[str, torch.Tensor], found: list[tuple[tuple[Any, ...], Any, Any]], exclude: set[str]
+) -> dict[str, torch.Tensor]:
+    """``{stored name: target tensor}`` for stored tensors that restore can read straight into a target.
+
+    A stored tensor qualifies when the tree uses it whole (no view of it anywhere) and a module
+    parameter/buffer or an optimizer's existing state tensor takes it unchanged (a contiguous
+    CPU tensor of its shape and dtype, not overlapping another). Each placeholder taken is
+    re-pointed at the target's memory, so the tree checked above now shows the target's tensor.
+    """
+    by_storage = {t.untyped_storage().data_ptr(): k for k, t in fresh.items() if t.numel() > 0}
+    whole = {id(t): k for k, t in fresh.items()}
+    viewed = {by_storage.get(t.untyped_storage().data_ptr()) for _, t in tensor_items(views) if id(t) not in whole}
+    chosen: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()
+
+    def offer(dst: Any, src: Any) -> None:
+        key = whole.get(id(src))
+        if key is None or key in chosen or key in viewed or key in exclude or id(dst) in taken:
+            return
+        if _readable_into(dst, src):
+            chosen[key] = dst
+            taken.add(id(dst))
+
+    for _, target, sub in found:
+        if isinstance(target, torch.nn.Module):
+            for _, dst, src in sub[0].copies:
+                offer(dst, src)
+        elif isinstance(target, torch.optim.Optimizer):
+            current = dict(tensor_items(target.state_dict()))
+            for p, src in tensor_items(sub):
+                offer(current.get(p), src)
+    # two targets sharing memory (a flat parameter buffer) would race: those keep the copying path
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k) for k, t in chosen.items())
+    for (_, end, k), (start, _, k2) in itertools.pairwise(spans):
+        if start < end:
+            chosen.pop(k, None)
+            chosen.pop(k2, None)
+    with torch.no_grad():
+        for k, dst in chosen.items():
+            fresh[k].set_(dst.untyped_storage(), dst.storage_offset(), dst.shape, dst.stride())
+    return chosen
+
+
+def _partly_restored(e: ChecksumMismatchError) -> ChecksumMismatchError:
+    """The same error, saying that targets already hold some of the file's (damaged) bytes."""
+    out = ChecksumMismatchError(e.path, e.key, e.expected, e.actual)
+    what = f"tensor {e.key!r}"
+    out.args = (
+        f"{e.path}: checksum mismatch in {what} (expected {e.expected}, got {e.actual}): the file is damaged, or "
+        "was rewritten in place while it was read. The tensors were read straight into the targets, so the "
+        "targets were partly overwritten; restore another checkpoint (an earlier one that verifies) before "
+        "using them.",
+    )
+    return out
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -420,8 +533,11 @@ def _match_targets(
     return found
 
 
-def _apply(target: Any, sub: Any, own: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Load ``sub`` into ``target``; returns what the returned tree shows for it."""
+def _apply(target: Any, sub: Any, own: Callable[[torch.Tensor], torch.Tensor], *, live: bool = False) -> Any:
+    """Load ``sub`` into ``target``; returns what the returned tree shows for it.
+
+    ``live``: tensors of ``sub`` may already be an optimizer's own state tensors (read into them).
+    """
     if isinstance(target, torch.Generator):
         target.set_state(sub.get_state())
         return target
@@ -433,7 +549,7 @@ def _apply(target: Any, sub: Any, own: Callable[[torch.Tensor], torch.Tensor]) -
         return target.state_dict()
     if isinstance(target, torch.optim.Optimizer):
         # the loaded tensors are memory of their own: the optimizer keeps them, no copy into its old state
-        target.load_state_dict(adopt({}, sub, own))
+        target.load_state_dict(adopt(target.state_dict() if live else {}, sub, own))
         return target.state_dict()
     sub = adopt({}, sub, own)
     # schedulers pop keys from the dict they get: hand them a copy, keep ours intact

@@ -32,6 +32,7 @@ from torchkeep.errors import (
     InvalidArgumentError,
     KeyMismatchError,
 )
+from torchkeep.mapped import same_memory
 from torchkeep.matching import (
     MIN_MATCHED,
     LoadReport,
@@ -345,4 +346,5 @@ def copy_plan(plan: _Plan, place: Callable[[torch.Tensor, str | None], torch.Ten
             t = s.load() if isinstance(s, LazyTensor) else s
             if place is not None:
                 t = place(t, s.device if isinstance(s, LazyTensor) else str(s.device))
-            dst.copy_(t)
+            if not same_memory(dst, t):  # restore read it straight into this parameter already
+                dst.copy_(t)

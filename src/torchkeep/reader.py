@@ -1,71 +1,144 @@
-"""Open a safetensors/torchkeep file, read tensors into fresh memory, and verify them.
+"""Open a safetensors/torchkeep file, read tensors into memory, and verify them as they arrive.
 
-:func:`torchkeep.open` returns a :class:`Checkpoint`; :func:`torchkeep.load` uses one
-to read everything. Reading is ``preadv`` straight into each tensor's memory (no
-staging copy), and checksums are computed in a second thread while the next batch
-is read, so ``verify=True`` costs little.
+:func:`torchkeep.open` returns a :class:`Checkpoint`; :func:`torchkeep.load` uses one to read
+everything. Each tensor is read (``preadv``) straight into its destination, fresh memory
+(:mod:`torchkeep.alloc`) or a tensor the caller passes (``restore`` passes a model's live
+parameters), in chunks of a few MiB; each chunk is fed to the tensor's checksum right after it
+lands, while it is still in the CPU cache, so verifying costs no second pass over memory. The
+bytes hashed are the destination's own bytes: what was verified is what is used.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from torchkeep import alloc
 from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
-from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
-from torchkeep.format.header import TensorSpec
-from torchkeep.hashing import Digests
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, InvalidArgumentError
+from torchkeep.format.header import HashState, TensorSpec, digest
 from torchkeep.headers import HeaderFile
 from torchkeep.storage.local import read_into
 from torchkeep.tree import SkeletonError, unflatten
 
-__all__ = ["Checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "check_digests", "open_checkpoint", "read_hashed"]
 
 
 _THREADS = 2
-_PIECE = 32 << 20  # bytes per read job
+_CHUNK = 2 << 20  # bytes read, then hashed while still in cache
+_SMALL = 1 << 20  # tensors below this are read in batches of adjacent ones and hashed inline
+_RUN = 4 << 20  # bytes per batch of small tensors
+_IOV = 1024  # buffers per batch (IOV_MAX)
 
 
-def _jobs(specs: list[TensorSpec], bufs: list[memoryview], base: int) -> list[tuple[int, list[memoryview]]]:
-    """``(file offset, buffers)`` read jobs of about ``_PIECE`` bytes over adjacent file ranges."""
-    jobs: list[tuple[int, list[memoryview]]] = []
-    cur: list[memoryview] = []
-    cur_off = end = -1
+def _units(specs: list[TensorSpec], bufs: list[memoryview]) -> list[tuple[int, list[int]]]:
+    """``(bytes, tensor indices)`` work units: a large tensor alone, or a run of small ones adjacent
+    in the file; largest first, so that two threads pulling from one queue finish together."""
+    units: list[tuple[int, list[int]]] = []
+    run: list[int] = []
     size = 0
-    for s, b in zip(specs, bufs, strict=True):
-        for i in range(0, b.nbytes, _PIECE):
-            piece = b[i : i + _PIECE] if b.nbytes > _PIECE else b
-            off = base + s.start + i
-            if cur and (off != end or size + piece.nbytes > _PIECE):
-                jobs.append((cur_off, cur))
-                cur, size = [], 0
-            if not cur:
-                cur_off = off
-            cur.append(piece)
-            size += piece.nbytes
-            end = off + piece.nbytes
-    if cur:
-        jobs.append((cur_off, cur))
-    return jobs
+    end = -1
+    for i, (s, b) in enumerate(zip(specs, bufs, strict=True)):
+        n = b.nbytes
+        if n >= _SMALL:
+            units.append((n, [i]))
+            continue
+        if run and (s.start != end or size + n > _RUN or len(run) >= _IOV):
+            units.append((size, run))
+            run, size = [], 0
+        run.append(i)
+        size += n
+        end = s.end
+    if run:
+        units.append((size, run))
+    units.sort(key=lambda u: -u[0])
+    return units
 
 
-def check_digests(
-    path: Path,
-    specs: list[TensorSpec],
-    bufs: list[memoryview],
-    sums: dict[str, str],
-    pool: ThreadPoolExecutor,
-    threads: int = _THREADS,
-) -> None:
-    """Raise :class:`ChecksumMismatchError` for the first tensor (in file order) whose bytes do not match."""
-    for s, h in zip(specs, Digests(bufs, pool, threads=threads).result(), strict=True):
+def read_hashed(
+    fd: int, base: int, specs: list[TensorSpec], bufs: list[memoryview], *, hashed: bool = True
+) -> list[str]:
+    """Fill ``bufs[i]`` with tensor ``specs[i]``'s bytes (at ``base + start``); returns their digests.
+
+    Large tensors are read in ``_CHUNK`` pieces, each hashed right after it is read; runs of
+    small adjacent tensors are read with one ``preadv`` and hashed inline. Work is split over two
+    threads by whole tensors (each tensor is hashed in order by one thread). Digests are ``""``
+    when ``hashed`` is false.
+
+    Raises:
+        EOFError: the file ended before a tensor's last byte.
+    """
+    digests = [""] * len(specs)
+    queue = deque(_units(specs, bufs))
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        while queue and not failed:
+            try:
+                _, idx = queue.popleft()
+            except IndexError:
+                return
+            try:
+                if len(idx) == 1 and bufs[idx[0]].nbytes >= _SMALL:
+                    i = idx[0]
+                    b, off = bufs[i], base + specs[i].start
+                    h = HashState() if hashed else None
+                    for pos in range(0, b.nbytes, _CHUNK):
+                        piece = b[pos : pos + _CHUNK]
+                        read_into(fd, off + pos, [piece])
+                        if h is not None:
+                            h.update(piece)
+                    digests[i] = h.hexdigest() if h is not None else ""
+                else:
+                    read_into(fd, base + specs[idx[0]].start, [bufs[i] for i in idx])
+                    if hashed:
+                        for i in idx:
+                            digests[i] = digest(bufs[i])
+            except BaseException as e:
+                failed.append(e)
+                raise
+
+    if len(queue) > 1:
+        with ThreadPoolExecutor(_THREADS) as pool:
+            futures = [pool.submit(work) for _ in range(_THREADS)]
+            for f in futures:
+                f.exception()
+    else:
+        work()
+    if failed:
+        raise failed[0]
+    return digests
+
+
+def check_digests(path: Path, specs: list[TensorSpec], digests: list[str], sums: Mapping[str, str]) -> None:
+    """Raise :class:`ChecksumMismatchError` for the first tensor (in file order) whose digest does not match."""
+    for s, h in sorted(zip(specs, digests, strict=True), key=lambda p: p[0].start):
         if h != sums[s.name]:
             raise ChecksumMismatchError(path, s.name, sums[s.name], h)
+
+
+def _checked_target(path: Path, s: TensorSpec, t: torch.Tensor) -> memoryview:
+    """The bytes of a caller's destination tensor for ``s``; it must be a contiguous CPU tensor of its dtype and size."""
+    if (
+        t.device.type != "cpu"
+        or t.layout != torch.strided
+        or not t.is_contiguous()
+        or t.dtype != ST_TO_DTYPE[s.dtype]
+        or t.numel() * t.element_size() != s.nbytes
+    ):
+        raise InvalidArgumentError(
+            "into",
+            f"{s.name}: {t.dtype} {tuple(t.shape)} on {t.device}",
+            f"a contiguous CPU tensor of dtype {ST_TO_DTYPE[s.dtype]} and {s.nbytes} bytes (the stored tensor "
+            f"in {path}), or leave {s.name!r} out of into=",
+        )
+    return buffer_of(t.detach())
 
 
 class Checkpoint(HeaderFile):
@@ -84,29 +157,46 @@ class Checkpoint(HeaderFile):
         """One tensor, read (and verified) on its own."""
         return self.read([key])[key]
 
-    def read(self, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Read the named tensors (all when ``None``) into fresh CPU memory, verifying checksums.
+    def read(
+        self, keys: Iterable[str] | None = None, *, into: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Read the named tensors (all when ``None``), verifying each checksum as its bytes arrive.
 
-        Reads run in two threads, so the page faults of the fresh memory are taken on both
-        cores; checksums are computed afterwards in two threads, before anything is returned.
+        Args:
+            keys: the stored tensors to read.
+            into: destinations the caller already holds, by stored name (contiguous CPU tensors
+                of the stored dtype and size, e.g. a model's parameters); every other tensor is
+                read into fresh memory. A destination is written before its checksum is known:
+                on a mismatch it holds the file's (damaged) bytes.
+
+        Raises:
+            ChecksumMismatchError: a tensor's bytes do not match its checksum (raised after every
+                requested tensor was read).
+            CorruptCheckpointError: the file ended early.
+            InvalidArgumentError: a destination in ``into`` does not fit its tensor.
         """
         specs = (
             sorted((self.spec(k) for k in keys), key=lambda s: s.start)
             if keys is not None
             else list(self.header.tensors.values())
         )
-        out = {s.name: torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype]) for s in specs}
-        bufs = [buffer_of(out[s.name]) for s in specs]
-        jobs = _jobs(specs, bufs, self.header.size)
-        with ThreadPoolExecutor(_THREADS) as pool:
-            try:
-                for _ in pool.map(lambda job: read_into(self._fd, job[0], job[1]), jobs):
-                    pass
-            except EOFError:
-                raise CorruptCheckpointError(self.path, "the file ended before its last tensor (truncated)") from None
-            sums = self.header.checksums
-            if self.verify and sums is not None:
-                check_digests(self.path, specs, bufs, sums, pool)
+        out: dict[str, torch.Tensor] = {}
+        bufs: list[memoryview] = []
+        for s in specs:
+            t = into.get(s.name) if into else None
+            if t is None:
+                t = alloc.empty(s.shape, ST_TO_DTYPE[s.dtype])
+                bufs.append(buffer_of(t))
+            else:
+                bufs.append(_checked_target(self.path, s, t))
+            out[s.name] = t
+        sums = self.header.checksums if self.verify else None
+        try:
+            digests = read_hashed(self._fd, self.header.size, specs, bufs, hashed=sums is not None)
+        except EOFError:
+            raise CorruptCheckpointError(self.path, "the file ended before its last tensor (truncated)") from None
+        if sums is not None:
+            check_digests(self.path, specs, digests, sums)
         return out
 
     def tree(self, *, place: Any = None) -> Any:

@@ -1,0 +1,178 @@
+"""Copying loads on a lower floor: restore reads straight into live tensors, every read hashes
+its bytes as they land, fresh memory comes from :mod:`torchkeep.alloc`; integrity on every path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchkeep as tk
+from torchkeep import alloc, reader
+from torchkeep.errors import ChecksumMismatchError
+
+
+def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 4))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 32)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _live(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for i, s in enumerate(opt.state.values()):
+        out.update({f"opt/{i}/{k}": v for k, v in s.items()})
+    return out
+
+
+def _record_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Addresses of the destinations the caller handed to ``Checkpoint.read(into=...)``."""
+    seen: list[int] = []
+    original = reader.Checkpoint.read
+
+    def read(self: Any, keys: Any = None, *, into: Any = None) -> Any:
+        seen.extend(t.data_ptr() for t in (into or {}).values())
+        return original(self, keys, into=into)
+
+    monkeypatch.setattr(reader.Checkpoint, "read", read)
+    return seen
+
+
+def _sharded(tmp_path: Path, tree: Any) -> Path:
+    src = tk.save(tree, tmp_path / "whole.safetensors")
+    index = tk.convert(src, tmp_path / "sh" / "ckpt.safetensors", max_shard_size=4096)
+    assert index.name.endswith(".index.json") and len(json.loads(index.read_text())["weight_map"]) > 3
+    return index
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_restore_reads_straight_into_the_live_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sharded: bool
+) -> None:
+    saved, saved_opt = _trained(0)
+    tree = {"model": saved, "optimizer": saved_opt, "epoch": 5, "ema": {"w": torch.arange(6.0)}}
+    path = _sharded(tmp_path, tree) if sharded else tk.save(tree, tmp_path / "c.safetensors")
+    model, opt = _trained(1)
+    live = _live(model, opt)
+    ptrs = {k: v.data_ptr() for k, v in live.items()}
+    objects = {k: id(v) for k, v in live.items()}
+    seen = _record_reads(monkeypatch)
+    got = tk.restore(path, {"model": model, "optimizer": opt})
+    after = _live(model, opt)
+    assert {k: v.data_ptr() for k, v in after.items()} == ptrs, "the targets keep their memory"
+    assert {k: id(v) for k, v in after.items() if k.startswith("opt/")} == {
+        k: i for k, i in objects.items() if k.startswith("opt/")
+    }, "the optimizer keeps its state tensors"
+    assert set(ptrs.values()) <= set(seen), "every target tensor was the destination of the read itself"
+    for k, v in _live(saved, saved_opt).items():
+        assert torch.equal(after[k], v), k
+    assert got["epoch"] == 5 and torch.equal(got["ema"]["w"], torch.arange(6.0))
+    assert got["model"]["0.weight"].data_ptr() == ptrs["model/0.weight"]  # the target's state dict
+
+
+def test_restore_of_tied_and_viewed_tensors_takes_the_copying_path(tmp_path: Path) -> None:
+    base = torch.arange(12.0)
+    path = tk.save({"w": {"a": base[:6].view(2, 3), "b": base[6:].view(2, 3)}}, tmp_path / "v.safetensors")
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.zeros(2, 3))
+            self.b = torch.nn.Parameter(torch.zeros(2, 3))
+
+    m = Two()
+    tk.restore(path, {"w": m})
+    assert torch.equal(m.a, base[:6].view(2, 3)) and torch.equal(m.b, base[6:].view(2, 3))
+
+
+def _flip_last_data_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["load", "restore", "restore_sharded", "load_into"])
+def test_a_flipped_bit_is_refused_on_every_copying_path(tmp_path: Path, how: str) -> None:
+    saved, saved_opt = _trained(0)
+    tree = {"model": saved, "optimizer": saved_opt}
+    if how == "restore_sharded":
+        index = _sharded(tmp_path, tree)
+        shard = sorted(index.parent.glob("*-of-*.safetensors"))[-1]
+        _flip_last_data_byte(shard)
+        path = index
+    else:
+        path = tk.save(tree if how != "load_into" else {"model": saved}, tmp_path / "c.safetensors")
+        _flip_last_data_byte(path)
+    model, opt = _trained(1)
+    with pytest.raises(ChecksumMismatchError, match="checksum mismatch in tensor") as err:
+        if how == "load":
+            tk.load(path)
+        elif how == "load_into":
+            tk.load_into(model, path)
+        else:
+            tk.restore(path, {"model": model, "optimizer": opt})
+    msg = str(err.value)
+    if how.startswith("restore"):
+        assert "partly overwritten; restore another checkpoint" in msg
+    else:
+        assert "Nothing was loaded" in msg
+
+
+def test_many_small_tensors_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tree = {f"t{i}": torch.randn(i % 7, 3) if i % 5 else torch.randint(0, 9, (i % 11,)) for i in range(3000)}
+    tree["big"] = torch.randn(700_000)  # one large tensor among them (chunked, hashed as read)
+    tree["empty"] = torch.empty(0)
+    path = tk.save(tree, tmp_path / "w2.safetensors")
+    got = tk.load(path)
+    assert list(got) == list(tree)
+    assert all(torch.equal(got[k], v) for k, v in tree.items())
+
+
+def test_huge_page_advice_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    alloc.set_huge_pages(False)
+    try:
+        t = alloc.empty((alloc.HUGE_FROM // 4 + 3,), torch.float32)
+        t.fill_(1.0)
+        assert t.sum().item() == t.numel()
+        alloc.set_huge_pages(True)  # on only where the kernel offers THP; a no-op elsewhere
+        monkeypatch.setattr(alloc, "STALL_S", -1.0)  # every first fault "stalls": advice turns itself off
+        u = alloc.empty((alloc.HUGE_FROM,), torch.uint8)
+        u.fill_(2)
+        assert not alloc.huge_pages_on()
+        assert int(u[-1]) == 2
+    finally:
+        alloc.set_huge_pages(True)
+
+
+_RSS = """
+import resource, sys, torch, torchkeep as tk
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+# the high-water mark starts at the parent's size when forked: reset it (Linux >= 4.0), then measure
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS:")
+tree = tk.load(sys.argv[1])
+print(base, status("VmHWM:"), sum(t.numel() * t.element_size() for t in tree.values()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_peak_rss_of_a_load_stays_near_the_file_size(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tk.save({f"w{i}": torch.randn(1 << 20) for i in range(24)}, tmp_path / "m.safetensors")  # 96 MiB
+    out = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, check=True)
+    base, peak, nbytes = map(int, out.stdout.split())
+    size = path.stat().st_size
+    assert nbytes == 96 << 20
+    assert peak - base <= 1.05 * size + (16 << 20), (peak - base, size)
