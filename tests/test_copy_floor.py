@@ -137,7 +137,17 @@ def test_many_small_tensors_round_trip(tmp_path: Path) -> None:
     assert all(torch.equal(got[k], v) for k, v in tree.items())
 
 
+def test_huge_pages_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHKEEP_HUGE_PAGES", raising=False)
+    monkeypatch.setattr(alloc, "_state", {})
+    assert not alloc.huge_pages_on()  # measured slower on the reference VM: opt-in only
+    monkeypatch.setenv("TORCHKEEP_HUGE_PAGES", "0")
+    monkeypatch.setattr(alloc, "_state", {})
+    assert not alloc.huge_pages_on()
+
+
 def test_huge_page_advice_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = alloc.huge_pages_on()
     alloc.set_huge_pages(False)
     try:
         t = alloc.empty((alloc.HUGE_FROM // 4 + 3,), torch.float32)
@@ -150,7 +160,7 @@ def test_huge_page_advice_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not alloc.huge_pages_on()
         assert int(u[-1]) == 2
     finally:
-        alloc.set_huge_pages(True)
+        alloc.set_huge_pages(before)
 
 
 _RSS = """
