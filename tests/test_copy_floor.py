@@ -120,10 +120,39 @@ def test_a_flipped_bit_is_refused_on_every_copying_path(tmp_path: Path, how: str
         else:
             tk.restore(path, {"model": model, "optimizer": opt})
     msg = str(err.value)
-    if how.startswith("restore"):
+    if how.startswith("restore"):  # read straight into the targets, checked as read: the error says so
         assert "partly overwritten; restore another checkpoint" in msg
-    else:
+    else:  # load reads into its own memory; load_into checks over a map of the file before it reads
         assert "Nothing was loaded" in msg
+        assert how == "load" or not torch.equal(model[0].weight, saved[0].weight)  # the model is untouched
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_load_into_reads_straight_into_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sharded: bool
+) -> None:
+    saved, _ = _trained(0)
+    tree = {"model": saved, "epoch": 1}
+    path = _sharded(tmp_path, tree) if sharded else tk.save(tree, tmp_path / "c.safetensors")
+    model, _ = _trained(1)
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    seen = _record_reads(monkeypatch)
+    report = tk.load_into(model, path)
+    assert report.ok
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
+    assert set(ptrs.values()) <= set(seen), "every parameter was the destination of the read itself"
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_load_into_with_a_cast_verifies_before_touching_the_model(tmp_path: Path) -> None:
+    saved, _ = _trained(0)
+    path = tk.save({"model": saved}, tmp_path / "c.safetensors")
+    _flip_last_data_byte(path)
+    model = _trained(1)[0].double()  # float64 parameters: every tensor is cast, so none is read in place
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ChecksumMismatchError, match="Nothing was loaded"):
+        tk.load_into(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_many_small_tensors_round_trip(tmp_path: Path) -> None:

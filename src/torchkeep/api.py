@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,7 +24,7 @@ from torchkeep.errors import (
     TorchkeepError,
 )
 from torchkeep.loading import MIN_MATCHED, copy_plan, plan_into
-from torchkeep.mapped import adopt, tensor_items
+from torchkeep.mapped import adopt, disjoint, partly_overwritten, readable_into, tensor_items
 from torchkeep.placement import MapLocation, checked_placer
 from torchkeep.runtime import paused_gc
 from torchkeep.sources import read_buffer, read_tree
@@ -374,7 +373,7 @@ def _restore(
             # straight into the targets' tensors, each chunk hashed as it lands (no second copy)
             stored.read(list(live), into=live)
         except ChecksumMismatchError as e:
-            raise _partly_restored(e) from None
+            raise partly_overwritten(e) from None
         results += [
             (tpath, _apply(target, sub, _own, live=True)) for tpath, target, sub in found if _prechecked(target)
         ]
@@ -415,19 +414,6 @@ def _generator_keys(skeleton: Any) -> list[str]:
     return out
 
 
-def _readable_into(dst: Any, src: torch.Tensor) -> bool:
-    return (
-        isinstance(dst, torch.Tensor)
-        and dst.device.type == "cpu"
-        and dst.layout == torch.strided
-        and dst.is_contiguous()
-        and dst.dtype == src.dtype
-        and dst.shape == src.shape
-        and dst.numel() > 0
-        and not (dst.is_quantized or dst.is_conj() or dst.is_neg())
-    )
-
-
 def _live_destinations(
     views: Any, fresh: dict[str, torch.Tensor], found: list[tuple[tuple[Any, ...], Any, Any]], exclude: set[str]
 ) -> dict[str, torch.Tensor]:
@@ -448,7 +434,7 @@ def _live_destinations(
         key = whole.get(id(src))
         if key is None or key in chosen or key in viewed or key in exclude or id(dst) in taken:
             return
-        if _readable_into(dst, src):
+        if readable_into(dst, src):
             chosen[key] = dst
             taken.add(id(dst))
 
@@ -460,29 +446,11 @@ def _live_destinations(
             current = dict(tensor_items(target.state_dict()))
             for p, src in tensor_items(sub):
                 offer(current.get(p), src)
-    # two targets sharing memory (a flat parameter buffer) would race: those keep the copying path
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k) for k, t in chosen.items())
-    for (_, end, k), (start, _, k2) in itertools.pairwise(spans):
-        if start < end:
-            chosen.pop(k, None)
-            chosen.pop(k2, None)
+    chosen = disjoint(chosen)  # two targets sharing memory would race: those keep the copying path
     with torch.no_grad():
         for k, dst in chosen.items():
             fresh[k].set_(dst.untyped_storage(), dst.storage_offset(), dst.shape, dst.stride())
     return chosen
-
-
-def _partly_restored(e: ChecksumMismatchError) -> ChecksumMismatchError:
-    """The same error, saying that targets already hold some of the file's (damaged) bytes."""
-    out = ChecksumMismatchError(e.path, e.key, e.expected, e.actual)
-    what = f"tensor {e.key!r}"
-    out.args = (
-        f"{e.path}: checksum mismatch in {what} (expected {e.expected}, got {e.actual}): the file is damaged, or "
-        "was rewritten in place while it was read. The tensors were read straight into the targets, so the "
-        "targets were partly overwritten; restore another checkpoint (an earlier one that verifies) before "
-        "using them.",
-    )
-    return out
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,12 @@ The steps, in order (nothing in the model changes before the last one):
 3. validate against ``model.state_dict()``: matched, missing, unexpected, shape- and
    dtype-mismatched; raise if the load cannot be complete (``strict``) or matches too little
    (``min_matched``), with the options that make it pass (each one tried before it is offered);
-4. read the tensors into memory of their own and verify their checksums there, then copy
-   tensor by tensor in place (what was verified is what is copied).
+4. verify, then copy: a tensor stored whole, in the model tensor's dtype and shape, for a
+   contiguous CPU model tensor, has its checksum checked over a map of the file (no copy), then
+   is read straight into the model tensor and hashed again as it lands (what was verified is
+   what is used: a file rewritten in place between the two raises, saying the model was partly
+   overwritten); every other tensor is read into memory of its own, verified there, then copied.
+   A damaged file is refused before anything in the model changes.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from torchkeep import adapters
 from torchkeep.errors import (
     AmbiguousCheckpointError,
     ArgumentTypeError,
+    ChecksumMismatchError,
     DeviceUnavailableError,
     DtypeMismatchError,
     InvalidArgumentError,
     KeyMismatchError,
 )
-from torchkeep.mapped import same_memory
+from torchkeep.mapped import disjoint, partly_overwritten, readable_into, same_memory
 from torchkeep.matching import (
     MIN_MATCHED,
     LoadReport,
@@ -193,9 +198,14 @@ def load_into(
     keys fit the model best). Prefixes added by ``nn.DataParallel``/DDP (``module.``),
     ``torch.compile`` (``_orig_mod.``) and Lightning (``model.``) are stripped or added
     when that makes more keys match. Everything is validated before the first copy, so a
-    failed load leaves the model unchanged. Tensors are copied into the existing
+    load that does not fit leaves the model unchanged. Tensors go into the existing
     parameters and buffers (optimizers keep pointing at them; tied weights stay tied),
-    each onto the device it already lives on, one at a time.
+    each onto the device it already lives on. A damaged file is refused before the model
+    changes: checksums are checked over a map of the file, then each tensor is read
+    straight into a contiguous CPU parameter of the stored dtype (one copy, hashed again as
+    the bytes land: a file rewritten in place meanwhile raises
+    :class:`~torchkeep.errors.ChecksumMismatchError` saying the model was partly
+    overwritten); other tensors are read and verified in memory of their own first.
 
     A PEFT adapter checkpoint (``adapter_model.safetensors`` as ``save_pretrained`` writes it,
     or :func:`torchkeep.integrations.peft.save_adapter`'s) loads into a model that holds the
@@ -286,15 +296,47 @@ def load_into(
             adapter_dir=_adapter_dir(source),
         )
         _check_devices(place, plan, label, map_location)
-        # checksums of every tensor to be copied, before the first copy, one batch per file
+        direct = _direct_reads(plan) if place is None else {}
+        read = {id(dst) for _, _, dests in direct.values() for dst in dests.values()}
+        # checksums of every other tensor to be copied, before the first copy, one batch per file
         batches: dict[int, tuple[Callable[[list[str]], None], list[str]]] = {}
-        for _, _, s in plan.copies:
-            if isinstance(s, LazyTensor):
+        for _, dst, s in plan.copies:
+            if isinstance(s, LazyTensor) and id(dst) not in read:
                 batches.setdefault(id(s.verify), (s.verify, []))[1].append(s.stored)
         for check, names in batches.values():
             check(names)
-        copy_plan(plan, place)
+        for precheck, _, dests in direct.values():  # a damaged file is refused before the model is touched
+            precheck(list(dests))
+        try:  # then straight into the model's tensors, each checksum verified again as the bytes land
+            for _, read_into, dests in direct.values():
+                read_into(dests)
+        except ChecksumMismatchError as e:  # rewritten in place since the check
+            raise partly_overwritten(e) from None
+        copy_plan(plan, place, skip=read)
     return report
+
+
+def _direct_reads(
+    plan: _Plan,
+) -> dict[int, tuple[Callable[[list[str]], None], Callable[[dict[str, torch.Tensor]], None], dict[str, torch.Tensor]]]:
+    """Per source file, ``{stored name: model tensor}`` that can be read straight into the model:
+    whole stored tensors (no views) into contiguous CPU tensors of their shape and dtype, each model
+    tensor and each stored tensor once (tied weights: the first), no two overlapping."""
+    chosen: dict[str, torch.Tensor] = {}
+    sources: dict[str, LazyTensor] = {}
+    seen: set[int] = set()
+    for _, dst, s in plan.copies:
+        if id(dst) in seen:
+            continue
+        seen.add(id(dst))
+        if isinstance(s, LazyTensor) and s.read_into is not None and s.stored not in chosen and readable_into(dst, s):
+            chosen[s.stored] = dst
+            sources[s.stored] = s
+    out: dict[int, Any] = {}
+    for name, dst in disjoint(chosen).items():
+        s = sources[name]
+        out.setdefault(id(s.read_into), (s.precheck, s.read_into, {}))[2][name] = dst
+    return out
 
 
 def plan_into(
@@ -335,9 +377,15 @@ def plan_into(
     return plan, report
 
 
-def copy_plan(plan: _Plan, place: Callable[[torch.Tensor, str | None], torch.Tensor] | None = None) -> None:
-    """Copy a validated plan into the model's existing tensors (tied weights copied once)."""
-    done: set[int] = set()
+def copy_plan(
+    plan: _Plan,
+    place: Callable[[torch.Tensor, str | None], torch.Tensor] | None = None,
+    *,
+    skip: set[int] | None = None,
+) -> None:
+    """Copy a validated plan into the model's existing tensors (tied weights copied once); model
+    tensors whose ``id`` is in ``skip`` were read straight into already."""
+    done: set[int] = set(skip or ())
     with torch.no_grad():
         for _, dst, s in plan.copies:
             if id(dst) in done:  # tied weights: one copy per parameter object

@@ -9,12 +9,54 @@ what is used.)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["adopt", "same_memory", "tensor_items"]
+from torchkeep.errors import ChecksumMismatchError
+
+__all__ = ["adopt", "disjoint", "partly_overwritten", "readable_into", "same_memory", "tensor_items"]
+
+
+def readable_into(dst: Any, src: Any) -> bool:
+    """Whether a stored tensor of ``src``'s shape and dtype can be read straight into ``dst``: a
+    contiguous, non-empty, plain CPU tensor of that very shape and dtype."""
+    return (
+        isinstance(dst, torch.Tensor)
+        and dst.device.type == "cpu"
+        and dst.layout == torch.strided
+        and dst.is_contiguous()
+        and dst.dtype == src.dtype
+        and tuple(dst.shape) == tuple(src.shape)
+        and dst.numel() > 0
+        and not (dst.is_quantized or dst.is_conj() or dst.is_neg())
+    )
+
+
+def disjoint(chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``chosen`` without the destinations whose memory overlaps another's (a flat parameter
+    buffer): reading both at once would race, so those take the copying path."""
+    out = dict(chosen)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k) for k, t in chosen.items())
+    for (_, end, k), (start, _, k2) in itertools.pairwise(spans):
+        if start < end:
+            out.pop(k, None)
+            out.pop(k2, None)
+    return out
+
+
+def partly_overwritten(e: ChecksumMismatchError) -> ChecksumMismatchError:
+    """The same error, saying that the targets already hold some of the file's (damaged) bytes."""
+    out = ChecksumMismatchError(e.path, e.key, e.expected, e.actual)
+    out.args = (
+        f"{e.path}: checksum mismatch in tensor {e.key!r} (expected {e.expected}, got {e.actual}): the file is "
+        "damaged, or was rewritten in place while it was read. The tensors were read straight into the "
+        "targets, so the targets were partly overwritten; restore another checkpoint (an earlier one that "
+        "verifies) before using them.",
+    )
+    return out
 
 
 def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

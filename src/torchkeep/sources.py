@@ -59,7 +59,7 @@ from torchkeep.placement import Placer
 from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
-from torchkeep.zerocopy import map_tensors
+from torchkeep.zerocopy import check_mapped, map_tensors
 
 __all__ = [
     "WRAPPER_KEYS",
@@ -94,6 +94,14 @@ class LazyTensor:
             memory of their own and checks their checksums there (each once, many in parallel),
             so a later :meth:`load` hands out those very bytes; raises on damage. Shared by all
             tensors of a file.
+        read_into: ``read_into({stored name: destination})`` reads stored tensors of the same file
+            straight into tensors the caller holds (contiguous CPU tensors of the stored shape and
+            dtype), each checksum verified as its bytes land (on a mismatch the destinations hold
+            part of the file); ``None`` for a view of a stored tensor or a source that cannot
+            (legacy pickles, tensors in memory).
+        precheck: ``precheck(stored_names)`` compares those tensors' checksums with their bytes in
+            a map of the file (no copy), so a damaged file is refused before :attr:`read_into`
+            touches any destination. Shared by all tensors of a file.
     """
 
     shape: tuple[int, ...]
@@ -102,6 +110,8 @@ class LazyTensor:
     fetch: Callable[[], torch.Tensor] = field(repr=False)
     stored: str = ""
     verify: Callable[[list[str]], None] = field(repr=False, default=lambda keys: None)
+    read_into: Callable[[dict[str, torch.Tensor]], None] | None = field(repr=False, default=None)
+    precheck: Callable[[list[str]], None] = field(repr=False, default=lambda keys: None)
 
     def load(self) -> torch.Tensor:
         return self.fetch()
@@ -236,10 +246,24 @@ def _private(ck: Checkpoint) -> tuple[Callable[[str], torch.Tensor], Callable[[l
 def _lazy_tree(ck: Checkpoint) -> Any:
     view, check = _private(ck)
     specs = ck.header.tensors
+
+    def read_into(dests: dict[str, torch.Tensor]) -> None:
+        ck.read(list(dests), into=dests)
+
+    def precheck(names: list[str]) -> None:
+        check_mapped(ck, names)
+
     stored: dict[str, LazyTensor] = {}
     for key, spec in specs.items():
         stored[key] = LazyTensor(
-            tuple(spec.shape), ST_TO_DTYPE[spec.dtype], None, lambda key=key: view(key), key, check
+            tuple(spec.shape),
+            ST_TO_DTYPE[spec.dtype],
+            None,
+            lambda key=key: view(key),
+            key,
+            check,
+            read_into,
+            precheck,
         )
     return decode_lazy(ck.path, ck.skeleton if ck.has_tree else None, stored)
 
@@ -254,7 +278,7 @@ def decode_lazy(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> An
         if base is None:
             raise CorruptCheckpointError(where, f"the tree refers to tensor {key!r}, which the file lacks")
         if v is None:
-            return LazyTensor(base.shape, base.dtype, dev, base.fetch, key, base.verify)
+            return LazyTensor(base.shape, base.dtype, dev, base.fetch, key, base.verify, base.read_into, base.precheck)
         problem = view_error(math.prod(base.shape), *v) if isinstance(v, list) and len(v) == 3 else "not a view"
         if problem:  # checked before anything is read: a view never reaches past the tensor it views
             raise CorruptCheckpointError(where, f"bad view {str(v)[:80]} of tensor {key!r}: {problem}")

@@ -45,7 +45,7 @@ from torchkeep.format.header import TensorSpec
 from torchkeep.hashing import Digests
 from torchkeep.headers import HeaderFile
 
-__all__ = ["map_tensors"]
+__all__ = ["check_mapped", "map_tensors"]
 
 _THREADS = 2
 
@@ -121,6 +121,44 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
     if mm is not None and len(copied) == len(full):
         mm.close()  # everything was copied: nothing keeps the map
     return out
+
+
+def check_mapped(hf: HeaderFile, names: list[str], *, threads: int = _THREADS) -> None:
+    """Compare the checksums of the stored tensors ``names`` with their bytes in a read-only map
+    of the open file ``hf``, before a caller reads them into memory it cares about (``load_into``
+    into a model): a damaged file is refused with nothing touched, at the cost of one hashing pass
+    over the page cache and no copy. A no-op without checksums or with ``hf.verify`` off.
+
+    Raises:
+        CorruptCheckpointError: the file is shorter than its header says.
+        ChecksumMismatchError: a tensor's bytes do not match its checksum.
+    """
+    want = hf.header.checksums
+    if not hf.verify or want is None or not names:
+        return
+    base = hf.header.size
+    specs = sorted((hf.spec(n) for n in names), key=lambda s: s.start)
+    specs = [s for s in specs if s.end > s.start]
+    if not specs:
+        return
+    end = base + specs[-1].end
+    size = os.fstat(hf.fileno()).st_size
+    if size < end:
+        raise CorruptCheckpointError(
+            hf.path, f"the file is {size:,} bytes, shorter than the {end:,} its header describes"
+        )
+    mm = mmap.mmap(hf.fileno(), end, access=mmap.ACCESS_READ)
+    whole = memoryview(mm)
+    bufs = [whole[base + s.start : base + s.end] for s in specs]
+    try:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            sums = Digests(bufs, pool, threads=max(1, threads)).result()
+    finally:
+        _release([whole, *bufs])
+        mm.close()
+    for s, h in zip(specs, sums, strict=True):
+        if h != want[s.name]:
+            raise ChecksumMismatchError(hf.path, s.name, want[s.name], h)
 
 
 def _release(views: list[memoryview]) -> None:
