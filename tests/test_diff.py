@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import torchkeep as tk
 import torchkeep.api
+import torchkeep.reader
 from torchkeep.cli import app
 from torchkeep.convert import convert
 from torchkeep.diff import DiffReport, diff
@@ -142,7 +143,7 @@ def test_torchkeep_inputs_are_streamed_not_loaded(pair, monkeypatch) -> None:
 
     monkeypatch.setattr(torchkeep.api, "load", no_load)
     monkeypatch.setattr(tk, "load", no_load)
-    monkeypatch.setattr(torchkeep.api.Checkpoint, "tree", no_load)
+    monkeypatch.setattr(torchkeep.reader.Checkpoint, "tree", no_load)
     assert diff(a, b).identical
 
 
