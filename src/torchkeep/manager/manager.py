@@ -560,7 +560,9 @@ class CheckpointManager:
                 f"{info.path}: skipped, it does not verify ({error}); {then}", CheckpointSkippedWarning, stacklevel=2
             )
         raise CorruptCheckpointError(
-            self.directory, f"none of its checkpoints verifies ({', '.join(failures[:10])}); nothing was restored"
+            self.directory,
+            f"none of its checkpoints verifies ({', '.join(failures[:10])}); nothing was restored whole (one found "
+            "damaged while read straight into the targets leaves part of it there: do not use them)",
         )
 
     def _restore_one(self, info: CheckpointInfo, state: Any) -> None:
