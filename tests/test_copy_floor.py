@@ -215,3 +215,54 @@ def test_peak_rss_of_a_load_stays_near_the_file_size(tmp_path: Path) -> None:
     size = path.stat().st_size
     assert nbytes == 96 << 20
     assert peak - base <= 1.05 * size + (16 << 20), (peak - base, size)
+
+
+class _Holder:
+    """An object target (an EMA tracker) whose state holds the same tensor as a module parameter."""
+
+    def __init__(self, w: torch.Tensor | None) -> None:
+        self.w = w
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.w}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.w = sd["w"].clone()
+
+
+def test_a_tensor_shared_with_another_target_or_left_untargeted_is_read_into_its_own_memory(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = torch.nn.Linear(4, 4)
+    path = tk.save(
+        {"model": src, "holder": _Holder(src.weight.detach()), "copy": src.weight.detach()}, tmp_path / "c.safetensors"
+    )
+    model, holder = torch.nn.Linear(4, 4), _Holder(None)
+    got = tk.restore(path, {"model": model, "holder": holder})
+    assert torch.equal(model.weight, src.weight) and torch.equal(holder.w, src.weight)  # not the old bytes
+    assert got["copy"].data_ptr() != model.weight.data_ptr()  # untargeted: memory of its own
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert torch.equal(got["copy"], src.weight.detach())
+
+
+@pytest.mark.parametrize("how", ["restore", "load_into"])
+def test_direct_reads_count_as_in_place_writes_for_autograd(tmp_path: Path, how: str) -> None:
+    path = tk.save({"model": torch.nn.Linear(4, 1, bias=False)}, tmp_path / "c.safetensors")
+    model = torch.nn.Linear(4, 1, bias=False)
+    loss = model(torch.randn(3, 4, requires_grad=True)).sum()  # saves the weight for backward
+    before = model.weight._version
+    tk.restore(path, {"model": model}) if how == "restore" else tk.load_into(model, path)
+    assert model.weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("how", ["restore", "load_into"])
+def test_wrapper_subclass_parameters_take_the_copying_path(tmp_path: Path, how: str) -> None:
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    src = torch.nn.Linear(4, 2, bias=False)
+    path = tk.save({"model": src}, tmp_path / "c.safetensors")
+    model = torch.nn.Linear(4, 2, bias=False)
+    model.weight = torch.nn.Parameter(two_tensor.TwoTensor(torch.zeros(2, 4), torch.zeros(2, 4)))
+    tk.restore(path, {"model": model}) if how == "restore" else tk.load_into(model, path)
+    assert torch.equal(model.weight.a, src.weight.detach()) and torch.equal(model.weight.b, src.weight.detach())

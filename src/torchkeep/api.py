@@ -426,13 +426,19 @@ def _live_destinations(
     """
     by_storage = {t.untyped_storage().data_ptr(): k for k, t in fresh.items() if t.numel() > 0}
     whole = {id(t): k for k, t in fresh.items()}
-    viewed = {by_storage.get(t.untyped_storage().data_ptr()) for _, t in tensor_items(views) if id(t) not in whole}
+    items = tensor_items(views)
+    viewed = {by_storage.get(t.untyped_storage().data_ptr()) for _, t in items if id(t) not in whole}
+    # a stored tensor also used outside the modules and optimizers (another object's state, an
+    # untargeted entry of the tree) must be read into memory of its own: those users see it before
+    # the direct read, or keep it after restore returns
+    pre = [tp for tp, target, _ in found if _prechecked(target)]
+    elsewhere = {whole.get(id(t)) for p, t in items if not any(p[: len(tp)] == tp for tp in pre)}
     chosen: dict[str, torch.Tensor] = {}
     taken: set[int] = set()
 
     def offer(dst: Any, src: Any) -> None:
         key = whole.get(id(src))
-        if key is None or key in chosen or key in viewed or key in exclude or id(dst) in taken:
+        if key is None or key in chosen or key in viewed or key in elsewhere or key in exclude or id(dst) in taken:
             return
         if readable_into(dst, src):
             chosen[key] = dst

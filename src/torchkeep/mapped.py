@@ -32,6 +32,7 @@ def readable_into(dst: Any, src: Any) -> bool:
         and tuple(dst.shape) == tuple(src.shape)
         and dst.numel() > 0
         and not (dst.is_quantized or dst.is_conj() or dst.is_neg())
+        and type(dst.detach()) is torch.Tensor  # not a wrapper subclass (DTensor, quantized weights)
     )
 
 

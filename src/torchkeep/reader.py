@@ -195,6 +195,12 @@ class Checkpoint(HeaderFile):
             digests = read_hashed(self._fd, self.header.size, specs, bufs, hashed=sums is not None)
         except EOFError:
             raise CorruptCheckpointError(self.path, "the file ended before its last tensor (truncated)") from None
+        finally:
+            if into:  # written behind torch's back: autograd must see them as modified in place
+                given = {id(d) for d in into.values()}
+                for t in out.values():
+                    if id(t) in given:
+                        torch.autograd.graph.increment_version(t)
         if sums is not None:
             check_digests(self.path, specs, digests, sums)
         return out
