@@ -416,3 +416,13 @@ def test_sigkill_loop_leaves_every_committed_incremental_checkpoint_verifiable(t
                 last_step = info.step
         print(f"{kills} kills, {progressed} with progress, last step {last_step}")
         assert progressed >= 5, f"only {progressed} of {kills} kills made progress"
+
+
+def test_a_state_without_tensors_saves_and_loads(tmp_path: Path) -> None:
+    with tk.CheckpointManager(tmp_path / "run", incremental=True) as mgr:
+        for step in range(2):
+            info = mgr.save({"epoch": step, "cfg": {"lr": 0.1}}, step=step)
+    assert tk.load(info.path) == {"epoch": 1, "cfg": {"lr": 0.1}}
+    assert tk.verify(info.path)["ok"]
+    out = runner.invoke(app, ["verify", str(tmp_path / "run")])
+    assert out.exit_code == 0, out.output

@@ -275,8 +275,8 @@ def write(
         meta = writer.provenance_metadata()
         with ThreadPoolExecutor(1) as syncer:  # one shard's fsync runs while the next is written
             settled = []
-            for group in todo.groups if count else [[]]:  # no tensors: one empty shard, an ordinary shard set
-                name = next(it) if count else names[0]
+            for group in todo.groups:
+                name = next(it)
                 fd = _create(tmp / name)
                 try:
                     digests.update(writer.write_checksummed(fd, {n: tensors[n] for n in group}, meta))
