@@ -4,6 +4,7 @@ its bytes as they land, fresh memory comes from :mod:`torchkeep.alloc`; integrit
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,23 @@ def test_wrapper_subclass_parameters_take_the_copying_path(tmp_path: Path, how: 
     model.weight = torch.nn.Parameter(two_tensor.TwoTensor(torch.zeros(2, 4), torch.zeros(2, 4)))
     tk.restore(path, {"model": model}) if how == "restore" else tk.load_into(model, path)
     assert torch.equal(model.weight.a, src.weight.detach()) and torch.equal(model.weight.b, src.weight.detach())
+
+
+@pytest.mark.parametrize("how", ["restore", "load_into"])
+def test_a_file_truncated_while_read_into_the_targets_says_they_were_partly_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    saved, saved_opt = _trained(0)
+    path = tk.save({"model": saved, "optimizer": saved_opt}, tmp_path / "c.safetensors")
+    with tk.open(path) as ck:  # load_into reads only the model, at the start of the data
+        keep = path.stat().st_size // 2 if how == "restore" else ck.header.size + 16
+    original = reader.read_into
+
+    def truncate_then_read(fd: int, offset: int, bufs: Any) -> Any:
+        os.truncate(path, keep)
+        return original(fd, offset, bufs)
+
+    monkeypatch.setattr(reader, "read_into", truncate_then_read)
+    model, opt = _trained(1)
+    with pytest.raises(tk.errors.CorruptCheckpointError, match="partly overwritten"):
+        tk.restore(path, {"model": model, "optimizer": opt}) if how == "restore" else tk.load_into(model, path)

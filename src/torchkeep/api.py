@@ -16,7 +16,6 @@ from torchkeep import kinds
 from torchkeep.errors import (
     ArgumentTypeError,
     CheckpointNotFoundError,
-    ChecksumMismatchError,
     CorruptCheckpointError,
     InvalidArgumentError,
     KeyMismatchError,
@@ -372,7 +371,7 @@ def _restore(
         try:
             # straight into the targets' tensors, each chunk hashed as it lands (no second copy)
             stored.read(list(live), into=live)
-        except ChecksumMismatchError as e:
+        except CorruptCheckpointError as e:  # damaged, truncated or rewritten in place while read
             raise partly_overwritten(e) from None
         results += [
             (tpath, _apply(target, sub, _own, live=True)) for tpath, target, sub in found if _prechecked(target)

@@ -31,7 +31,7 @@ from torchkeep import adapters
 from torchkeep.errors import (
     AmbiguousCheckpointError,
     ArgumentTypeError,
-    ChecksumMismatchError,
+    CorruptCheckpointError,
     DeviceUnavailableError,
     DtypeMismatchError,
     InvalidArgumentError,
@@ -310,7 +310,7 @@ def load_into(
         try:  # then straight into the model's tensors, each checksum verified again as the bytes land
             for _, read_into, dests in direct.values():
                 read_into(dests)
-        except ChecksumMismatchError as e:  # rewritten in place since the check
+        except CorruptCheckpointError as e:  # rewritten in place (or truncated) since the check
             raise partly_overwritten(e) from None
         copy_plan(plan, place, skip=read)
     return report

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from torchkeep.errors import ChecksumMismatchError
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
 
 __all__ = ["adopt", "disjoint", "partly_overwritten", "readable_into", "same_memory", "tensor_items"]
 
@@ -48,8 +48,14 @@ def disjoint(chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def partly_overwritten(e: ChecksumMismatchError) -> ChecksumMismatchError:
+def partly_overwritten(e: CorruptCheckpointError) -> CorruptCheckpointError:
     """The same error, saying that the targets already hold some of the file's (damaged) bytes."""
+    if not isinstance(e, ChecksumMismatchError):  # truncated while it was read
+        return CorruptCheckpointError(
+            e.path,
+            f"{e.reason}; it was being read straight into the targets, which were partly overwritten: "
+            "restore another checkpoint before using them",
+        )
     out = ChecksumMismatchError(e.path, e.key, e.expected, e.actual)
     out.args = (
         f"{e.path}: checksum mismatch in tensor {e.key!r} (expected {e.expected}, got {e.actual}): the file is "
