@@ -32,11 +32,18 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torchkeep.container import ZIP_MAGIC, is_legacy
-from torchkeep.errors import CheckpointNotFoundError, CorruptCheckpointError, MissingShardError, UnsupportedSourceError
+from torchkeep.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    KeyMismatchError,
+    MissingShardError,
+    UnsupportedSourceError,
+)
 from torchkeep.format.header import is_torchkeep_file
 from torchkeep.format.shards import MAX_INDEX_SIZE, Index, looks_like_index, parse_index
 from torchkeep.storage.dcp_manifest import is_torchkeep_dcp
@@ -118,6 +125,25 @@ class Detected:
     @property
     def legacy(self) -> bool:
         return is_legacy_kind(self.kind)
+
+    def check_shard(self, fname: str, names: Iterable[str]) -> None:
+        """Raise :class:`~torchkeep.errors.KeyMismatchError` unless the shard ``fname`` of this shard
+        set holds (``names``) every tensor its index places there.
+
+        Example:
+            >>> from torchkeep.format.shards import Index
+            >>> d = Detected(SHARDED, Path("m"), Path("m/i.json"), Index({"w": "a.safetensors"}))
+            >>> d.check_shard("a.safetensors", ["w"])
+        """
+        assert self.index is not None and self.file is not None  # detect() sets both for SHARDED
+        lacking = sorted(set(self.index.names_in(fname)) - set(names))
+        if lacking:
+            raise KeyMismatchError(
+                str(self.file.parent / fname),
+                missing=lacking,
+                fix=f"the index {self.file.name} lists these tensors in this shard, which lacks them: "
+                "the shards do not belong to this index; download them again",
+            )
 
 
 def is_legacy_kind(kind: str) -> bool:

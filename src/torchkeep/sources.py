@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,6 @@ from torchkeep.errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
     InvalidArgumentError,
-    KeyMismatchError,
     UnsupportedSourceError,
 )
 from torchkeep.format.header import parse_header
@@ -335,14 +334,9 @@ def _open_index(found: kinds.Detected, verify: bool, allow_globals: Any = None) 
             closers.append(shard.close)
             flat = shard.tree
             names = index.names_in(fname)
-            lacking = [n for n in names if not isinstance(flat, Mapping) or not is_tensorish(flat.get(n))]
-            if lacking:
-                raise KeyMismatchError(
-                    f"{root / fname}",
-                    missing=lacking,
-                    fix=f"the index {found.file.name} lists these tensors in this shard, which lacks them: "
-                    "the shards do not belong to this index; download them again",
-                )
+            found.check_shard(
+                fname, [n for n, v in flat.items() if is_tensorish(v)] if isinstance(flat, Mapping) else []
+            )
             for n in names:
                 tree[n] = flat[n]
         skeleton = index.metadata.get(TREE_KEY)  # torchkeep shard sets keep their state tree in the index
@@ -492,18 +486,6 @@ def _build(
         raise CorruptCheckpointError(path, f"the state tree does not match the tensors ({e})") from None
 
 
-def _check_shard(found: kinds.Detected, fname: str, names: Iterable[str]) -> None:
-    assert found.index is not None and found.file is not None
-    lacking = sorted(set(found.index.names_in(fname)) - set(names))
-    if lacking:
-        raise KeyMismatchError(
-            str(found.file.parent / fname),
-            missing=lacking,
-            fix=f"the index {found.file.name} lists these tensors in this shard, which lacks them: "
-            "the shards do not belong to this index; download them again",
-        )
-
-
 def _read_sharded(
     found: kinds.Detected,
     place: Placer | None,
@@ -525,11 +507,11 @@ def _read_sharded(
                 )
                 if progress is not None:
                     progress((root / fname).stat().st_size)
-                _check_shard(found, fname, got.keys() if isinstance(got, Mapping) else ())
+                found.check_shard(fname, got.keys() if isinstance(got, Mapping) else ())
                 tensors.update((n, got[n]) for n in wanted)
                 continue
             with Checkpoint(root / fname, verify=verify) as ck:
-                _check_shard(found, fname, ck.keys())
+                found.check_shard(fname, ck.keys())
                 got = _read_all(ck, progress, mmap)
                 tensors.update((n, got[n]) for n in wanted)
     meta = index.metadata

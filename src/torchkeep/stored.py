@@ -28,7 +28,6 @@ import torch
 
 from torchkeep import alloc, kinds
 from torchkeep.dtypes import ST_TO_DTYPE
-from torchkeep.errors import KeyMismatchError
 from torchkeep.format.meta import TREE_KEY
 from torchkeep.reader import Checkpoint
 
@@ -62,16 +61,8 @@ class StoredSet:
                 root = found.file.parent
                 for fname in found.index.shards:
                     ck = self._stack.enter_context(Checkpoint(root / fname, verify=verify))
-                    wanted = found.index.names_in(fname)
-                    lacking = sorted(set(wanted) - set(ck.keys()))
-                    if lacking:
-                        raise KeyMismatchError(
-                            str(root / fname),
-                            missing=lacking,
-                            fix=f"the index {found.file.name} lists these tensors in this shard, which lacks them: "
-                            "the shards do not belong to this index; download them again",
-                        )
-                    self._owner.update((n, ck) for n in wanted)
+                    found.check_shard(fname, ck.keys())
+                    self._owner.update((n, ck) for n in found.index.names_in(fname))
                 self.skeleton: Any = found.index.metadata.get(TREE_KEY)
             else:
                 ck = self._stack.enter_context(Checkpoint(found.file, verify=verify))
