@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -277,7 +277,7 @@ def decode_lazy(where: Path, skeleton: Any, stored: dict[str, LazyTensor]) -> An
         if base is None:
             raise CorruptCheckpointError(where, f"the tree refers to tensor {key!r}, which the file lacks")
         if v is None:
-            return LazyTensor(base.shape, base.dtype, dev, base.fetch, key, base.verify, base.read_into, base.precheck)
+            return replace(base, device=dev, stored=key)
         problem = view_error(math.prod(base.shape), *v) if isinstance(v, list) and len(v) == 3 else "not a view"
         if problem:  # checked before anything is read: a view never reaches past the tensor it views
             raise CorruptCheckpointError(where, f"bad view {str(v)[:80]} of tensor {key!r}: {problem}")

@@ -22,6 +22,7 @@ file), so saving it writes only its bytes, as for a tensor read into fresh memor
 Example:
     >>> import torch, torchkeep as tk, tempfile, os
     >>> from torchkeep.headers import HeaderFile
+from torchkeep.reader import check_digests
     >>> p = tk.save({"w": torch.arange(4.0)}, os.path.join(tempfile.mkdtemp(), "c.safetensors"))
     >>> with HeaderFile(p) as hf:
     ...     t = map_tensors(hf)["w"]
@@ -39,11 +40,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
-from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.header import TensorSpec
 from torchkeep.hashing import Digests
 from torchkeep.headers import HeaderFile
+from torchkeep.reader import check_digests
 
 __all__ = ["check_mapped", "map_tensors"]
 
@@ -73,13 +75,7 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
     specs = list(header.tensors.values())  # data order
     end = header.size + (specs[-1].end if specs else 0)
     check = (hf.verify if verify is None else verify) and header.checksums is not None
-    size = os.fstat(hf.fileno()).st_size
-    if size < end:  # a page mapped past the end of the file raises SIGBUS when touched: refuse first
-        raise CorruptCheckpointError(
-            hf.path,
-            f"the file is {size:,} bytes, shorter than the {end:,} its header describes "
-            "(truncated or rewritten in place since it was opened)",
-        )
+    _check_size(hf, end)
     base = header.size
     full = [(s, base + s.start, base + s.end) for s in specs if s.end > s.start]  # tensors with bytes
     copied = [(s, lo, hi) for s, lo, hi in full if lo % ITEMSIZE[s.dtype]]
@@ -97,9 +93,7 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
             views.extend(bufs)
             with ThreadPoolExecutor(max(1, threads)) as pool:
                 sums = Digests(bufs, pool, threads=max(1, threads)).result()
-            for (s, _, _), h in zip(full, sums, strict=True):
-                if h != want[s.name]:
-                    raise ChecksumMismatchError(hf.path, s.name, want[s.name], h)
+            check_digests(hf.path, [s for s, _, _ in full], sums, want)
     except BaseException:
         _release(views)
         if mm is not None:
@@ -142,11 +136,7 @@ def check_mapped(hf: HeaderFile, names: list[str], *, threads: int = _THREADS) -
     if not specs:
         return
     end = base + specs[-1].end
-    size = os.fstat(hf.fileno()).st_size
-    if size < end:
-        raise CorruptCheckpointError(
-            hf.path, f"the file is {size:,} bytes, shorter than the {end:,} its header describes"
-        )
+    _check_size(hf, end)
     mm = mmap.mmap(hf.fileno(), end, access=mmap.ACCESS_READ)
     whole = memoryview(mm)
     bufs = [whole[base + s.start : base + s.end] for s in specs]
@@ -156,9 +146,19 @@ def check_mapped(hf: HeaderFile, names: list[str], *, threads: int = _THREADS) -
     finally:
         _release([whole, *bufs])
         mm.close()
-    for s, h in zip(specs, sums, strict=True):
-        if h != want[s.name]:
-            raise ChecksumMismatchError(hf.path, s.name, want[s.name], h)
+    check_digests(hf.path, specs, sums, want)
+
+
+def _check_size(hf: HeaderFile, end: int) -> None:
+    """Refuse a file shorter than ``end`` before mapping it: a mapped page past the end of the file
+    raises ``SIGBUS`` when touched."""
+    size = os.fstat(hf.fileno()).st_size
+    if size < end:
+        raise CorruptCheckpointError(
+            hf.path,
+            f"the file is {size:,} bytes, shorter than the {end:,} its header describes "
+            "(truncated or rewritten in place since it was opened)",
+        )
 
 
 def _release(views: list[memoryview]) -> None:
