@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,7 +30,7 @@ from torchkeep.sources import read_buffer, read_tree
 from torchkeep.storage.paths import as_path
 from torchkeep.stored import StoredSet, can_open
 from torchkeep.targets import restore_targets
-from torchkeep.tree import SkeletonError, format_path, unflatten
+from torchkeep.tree import SkeletonError, format_path, generator_keys, unflatten
 from torchkeep.writer import save_stream, save_tree
 
 __all__ = ["load", "restore", "save"]
@@ -348,12 +348,12 @@ def _restore(
         tree, _ = read_tree(detected, verify=verify, trust_pickle=trust_pickle, allow_globals=allow_globals)
         found = _match_targets(path, tree, plan, strict, min_matched)
         for tpath, target, sub in found:
-            _assign(tree, tpath, _apply(target, sub, lambda t: t))
+            _assign(tree, tpath, _apply(target, sub))
         return tree
     place = checked_placer(detected.target, map_location)
     with paused_gc(), StoredSet(detected, verify=verify) as stored:
         label, skeleton, fresh = stored.label, stored.skeleton, stored.fresh
-        gen = _generator_keys(skeleton)
+        gen = generator_keys(skeleton)
         stored.read(gen)  # generator states are set while the tree is built: read (and verified) first
         try:
             # the tree over unread placeholders: shapes, dtypes and views, to check the targets against
@@ -367,15 +367,13 @@ def _restore(
         live = _live_destinations(views, fresh, found, exclude=set(gen))
         # everything not read into a target: into memory of its own, verified, before any target is touched
         stored.read([k for k in fresh if k not in live and k not in gen])
-        results = [(tpath, _apply(target, sub, _own)) for tpath, target, sub in found if not _prechecked(target)]
+        results = [(tpath, _apply(target, sub)) for tpath, target, sub in found if not _prechecked(target)]
         try:
             # straight into the targets' tensors, each chunk hashed as it lands (no second copy)
             stored.read(list(live), into=live)
         except CorruptCheckpointError as e:  # damaged, truncated or rewritten in place while read
             raise partly_overwritten(e) from None
-        results += [
-            (tpath, _apply(target, sub, _own, live=True)) for tpath, target, sub in found if _prechecked(target)
-        ]
+        results += [(tpath, _apply(target, sub, live=True)) for tpath, target, sub in found if _prechecked(target)]
         if place is None:
             tree: Any = views  # the placeholders now hold the verified bytes (or share the targets' memory)
         elif skeleton is None:
@@ -393,24 +391,6 @@ def _restore(
 
 def _prechecked(target: Any) -> bool:
     return isinstance(target, (torch.nn.Module, torch.optim.Optimizer))
-
-
-def _generator_keys(skeleton: Any) -> list[str]:
-    """Stored names of the ``torch.Generator`` states in a skeleton."""
-    out: list[str] = []
-
-    def walk(n: Any) -> None:
-        if isinstance(n, dict):
-            if "G" in n and isinstance(n.get("s"), dict) and isinstance(n["s"].get("T"), str):
-                out.append(n["s"]["T"])
-            for v in n.values():
-                walk(v)
-        elif isinstance(n, list):
-            for v in n:
-                walk(v)
-
-    walk(skeleton)
-    return out
 
 
 def _live_destinations(
@@ -458,10 +438,6 @@ def _live_destinations(
     return chosen
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    return t  # read into memory of its own already (Checkpoint.read)
-
-
 def _match_targets(
     path: Path, tree: Any, plan: list[tuple[tuple[Any, ...], Any]], strict: bool, min_matched: int | float
 ) -> list[tuple[tuple[Any, ...], Any, Any]]:
@@ -506,8 +482,8 @@ def _match_targets(
     return found
 
 
-def _apply(target: Any, sub: Any, own: Callable[[torch.Tensor], torch.Tensor], *, live: bool = False) -> Any:
-    """Load ``sub`` into ``target``; returns what the returned tree shows for it.
+def _apply(target: Any, sub: Any, *, live: bool = False) -> Any:
+    """Load ``sub`` (tensors in memory of their own) into ``target``; returns what the returned tree shows for it.
 
     ``live``: tensors of ``sub`` may already be an optimizer's own state tensors (read into them).
     """
@@ -516,15 +492,15 @@ def _apply(target: Any, sub: Any, own: Callable[[torch.Tensor], torch.Tensor], *
         return target
     if isinstance(target, torch.nn.Module):
         plan, report = sub
-        copy_plan(plan)  # validated above; copies straight from the mapped file into the parameters
+        copy_plan(plan)  # validated above; what restore read straight into a parameter is not copied again
         if not report.ok:
             warnings.warn(f"loaded what matched (strict=False): {report}", stacklevel=3)
         return target.state_dict()
     if isinstance(target, torch.optim.Optimizer):
         # the loaded tensors are memory of their own: the optimizer keeps them, no copy into its old state
-        target.load_state_dict(adopt(target.state_dict() if live else {}, sub, own))
+        target.load_state_dict(adopt(target.state_dict() if live else {}, sub))
         return target.state_dict()
-    sub = adopt({}, sub, own)
+    sub = adopt({}, sub)
     # schedulers pop keys from the dict they get: hand them a copy, keep ours intact
     target.load_state_dict(copy.copy(sub) if isinstance(sub, dict) else sub)
     return sub

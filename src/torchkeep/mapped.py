@@ -87,14 +87,14 @@ def tensor_items(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[An
     return []
 
 
-def adopt(current: Any, loaded: Any, owned: Any) -> Any:
+def adopt(current: Any, loaded: Any) -> Any:
     """Copy ``loaded`` (tensors read from a checkpoint) into the tensors of ``current`` where they match.
 
     ``current`` is a target's ``state_dict()`` (an optimizer's holds its live state
     tensors); where a path exists in both with the same shape, dtype and a CPU
     contiguous tensor, the values are copied into the existing memory and that tensor
     goes into the result, so ``load_state_dict`` keeps it without another copy.
-    Everything else is materialised by ``owned(tensor)``.
+    Everything else goes into the result as loaded (in memory of its own already).
     """
     live = {p: t for p, t in tensor_items(current) if t.device.type == "cpu" and t.is_contiguous()}
     used: set[int] = set()
@@ -108,7 +108,7 @@ def adopt(current: Any, loaded: Any, owned: Any) -> Any:
                     with torch.no_grad():
                         dst.copy_(node)
                 return dst
-            return owned(node)
+            return node
         if isinstance(node, Mapping):
             return (
                 type(node)((k, walk(v, (*prefix, k))) for k, v in node.items())

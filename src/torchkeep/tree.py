@@ -47,7 +47,16 @@ from torchkeep.dtypes import DTYPE_TO_ST, dtype_from_name, dtype_name
 from torchkeep.errors import TorchkeepError, UnsupportedDtypeError, UnsupportedObjectError
 from torchkeep.format.limits import MAX_RANK, view_error
 
-__all__ = ["Flat", "SkeletonError", "flatten", "format_path", "is_stateful", "tensor_nodes", "unflatten"]
+__all__ = [
+    "Flat",
+    "SkeletonError",
+    "flatten",
+    "format_path",
+    "generator_keys",
+    "is_stateful",
+    "tensor_nodes",
+    "unflatten",
+]
 
 Path = tuple[Any, ...]
 _INT_DIGITS = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
@@ -395,6 +404,29 @@ def tensor_nodes(skeleton: Any) -> list[dict]:
                 out.append(n)
                 return
             for v in n.values():
+                walk(v)
+
+    walk(skeleton)
+    return out
+
+
+def generator_keys(skeleton: Any) -> list[str]:
+    """Stored names of the ``torch.Generator`` states in a skeleton (``{"G": dev, "s": {"T": key}}``).
+
+    Example:
+        >>> generator_keys({"d": {"rng": {"G": "cpu", "s": {"T": "rng/state"}}, "w": {"T": "w"}}})
+        ['rng/state']
+    """
+    out: list[str] = []
+
+    def walk(n: Any) -> None:
+        if isinstance(n, dict):
+            if "G" in n and isinstance(n.get("s"), dict) and isinstance(n["s"].get("T"), str):
+                out.append(n["s"]["T"])
+            for v in n.values():
+                walk(v)
+        elif isinstance(n, list):
+            for v in n:
                 walk(v)
 
     walk(skeleton)
