@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from forkserver import ForkClient
-from incremental_save_loop import Model as LoopModel
+from manager_save_loop import FrozenBaseModel as LoopModel
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -26,7 +26,7 @@ from torchkeep.errors import CorruptCheckpointError, InvalidArgumentError
 from torchkeep.manager import incremental
 from torchkeep.manager.shardset import SHARDS_KEY, physical_sizes
 
-HELPER = Path(__file__).parent / "helpers" / "incremental_save_loop.py"
+HELPER = Path(__file__).parent / "helpers" / "manager_save_loop.py"
 runner = CliRunner()
 
 
@@ -385,7 +385,7 @@ def test_sigkill_loop_leaves_every_committed_incremental_checkpoint_verifiable(t
     run = tmp_path / "run"
     numel = 200_000  # an 800 KB frozen base, a 100 KB head
     rng = random.Random(4321)
-    with ForkClient(HELPER, run, numel) as server:
+    with ForkClient(HELPER, run, numel, "incremental") as server:
         last_step = -1
         kills = progressed = 0
         t0 = time.monotonic()

@@ -1,14 +1,18 @@
-"""Subprocess program for tests/test_manager.py: a CheckpointManager saving in a loop, to be SIGKILLed.
+"""Subprocess program for tests/test_manager.py and tests/test_incremental.py: a CheckpointManager
+saving in a loop, to be SIGKILLed.
 
 Usage::
 
-    python manager_save_loop.py RUN_DIR NUMEL
+    python manager_save_loop.py RUN_DIR NUMEL [incremental]
 
 Imports torch once, prints ``ready``, then serves commands on stdin, one a line:
 
 * ``fork`` -- fork a child that opens a manager on RUN_DIR (keep_last=3), restores the newest
   checkpoint and saves steps after it until it is killed; replies ``pid PID``.
 * ``reap PID`` -- wait for the child; replies ``signal N`` or ``exit N``.
+
+With ``incremental`` the manager saves incremental checkpoints of :class:`FrozenBaseModel`: a
+frozen base that never changes (linked after the first save) and a head that encodes the step.
 """
 
 from __future__ import annotations
@@ -41,30 +45,52 @@ class Model(torch.nn.Module):
         return step
 
 
-def child(run: str, numel: int) -> None:
-    model = Model(numel)
-    with tk.CheckpointManager(run, keep_last=3) as mgr:
+class FrozenBaseModel(torch.nn.Module):
+    """A frozen ``base`` (fixed values) and a ``head`` derived from the step, checked exactly on restore."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.base = torch.nn.Parameter(torch.arange(numel, dtype=torch.float32) * 0.5, requires_grad=False)
+        self.head = torch.nn.Parameter(torch.zeros(numel // 8))
+
+    def set_step(self, step: int) -> None:
+        with torch.no_grad():
+            self.head.copy_(torch.arange(self.head.numel(), dtype=torch.float32) + step)
+
+    def step_of(self) -> int:
+        step = int(self.head[0].item())
+        want = torch.arange(self.head.numel(), dtype=torch.float32) + step
+        assert torch.equal(self.head.detach(), want), "head is not a complete saved state"
+        base = torch.arange(self.base.numel(), dtype=torch.float32) * 0.5
+        assert torch.equal(self.base.detach(), base), "base is not the saved base"
+        return step
+
+
+def child(run: str, numel: int, incremental: bool) -> None:
+    model = FrozenBaseModel(numel) if incremental else Model(numel)
+    with tk.CheckpointManager(run, keep_last=3, incremental=incremental) as mgr:
         info = mgr.restore({"model": model})
         step = 0 if info is None else info.step + 1
         deadline = time.monotonic() + 30  # never outlive a broken test for long
         while time.monotonic() < deadline:
             model.set_step(step)
-            mgr.save({"model": model}, step=step, metrics={"loss": 1.0 / (step + 1)})
+            mgr.save({"model": model}, step=step, metrics=None if incremental else {"loss": 1.0 / (step + 1)})
             step += 1
 
 
 def main() -> None:
-    run, numel = sys.argv[1], int(sys.argv[2])
+    run, numel, incremental = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["incremental"]
     torch.set_num_threads(1)  # no OpenMP team in this process: forked children stay safe
     # torchkeep imports its verbs on first use: pay for them here, once, so that a forked child
     # starts saving at once instead of importing (the kills would all land during its imports)
     for name in ("CheckpointManager", "save", "restore", "load"):
         getattr(tk, name)
+    import torchkeep.manager.incremental
     import torchkeep.storage.remote
     import torchkeep.writer  # noqa: F401
 
     print("ready", flush=True)
-    serve(lambda _arg: child(run, numel))
+    serve(lambda _arg: child(run, numel, incremental))
 
 
 if __name__ == "__main__":
