@@ -40,6 +40,15 @@ def files(tmp_path: Path) -> tuple[Path, bytes, dict[str, torch.Tensor]]:
     return path, other, {k: v.detach().clone() for k, v in a.state_dict().items()}
 
 
+def _rewrite_in_place(path: Path, data: bytes) -> None:
+    """Overwrite ``path`` from its first byte without truncating it, as ``rsync --inplace`` does."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
+
+
 def _rewrite_after_hashing(monkeypatch: pytest.MonkeyPatch, path: Path, data: bytes) -> list[int]:
     """Rewrite ``path`` in place (no truncation, as ``rsync --inplace``) just after each checksum pass."""
     done: list[int] = []
@@ -47,11 +56,7 @@ def _rewrite_after_hashing(monkeypatch: pytest.MonkeyPatch, path: Path, data: by
 
     def check_then_rewrite(*args: Any, **kwargs: Any) -> None:
         original(*args, **kwargs)
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, 0)
-        finally:
-            os.close(fd)
+        _rewrite_in_place(path, data)
         done.append(1)
 
     for module in ("torchkeep.reader", "torchkeep.mapped", "torchkeep.sources"):
@@ -86,11 +91,7 @@ def test_lazy_reads_hand_out_the_bytes_they_verified(files: Any, monkeypatch: py
     with sources.open_source(path) as src:
         lazy = src.tree["model"]["0.weight"]
         lazy.verify([lazy.stored])
-        fd = os.open(path, os.O_WRONLY)  # rewritten after the check, before the read
-        try:
-            os.pwrite(fd, other, 0)
-        finally:
-            os.close(fd)
+        _rewrite_in_place(path, other)  # after the check, before the read
         assert torch.equal(lazy.load(), want["0.weight"])
         # a tensor not verified yet is read and checked when loaded: the rewritten file's own bytes
         # do not match this header's checksums
@@ -105,11 +106,7 @@ def _rewrite_at_first_read(monkeypatch: pytest.MonkeyPatch, path: Path, other: b
 
     def rewrite_then_read(fd: int, offset: int, bufs: Any) -> Any:
         if not calls:
-            w = os.open(path, os.O_WRONLY)
-            try:
-                os.pwrite(w, other, 0)
-            finally:
-                os.close(w)
+            _rewrite_in_place(path, other)
         calls.append(1)
         return original(fd, offset, bufs)
 
