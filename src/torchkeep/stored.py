@@ -79,7 +79,8 @@ class StoredSet:
     def read(self, keys: Iterable[str], into: Mapping[str, torch.Tensor] | None = None) -> None:
         """Read ``keys``: into ``into[key]`` where given, else into ``fresh[key]``; checksums verified.
 
-        Placeholders about to be read are first advised onto huge pages (:func:`torchkeep.alloc.advise`).
+        Placeholders about to be read are first advised onto huge pages where those are turned on
+        (:func:`torchkeep.alloc.advise`; off by default).
         """
         into = into or {}
         by_file: dict[int, tuple[Checkpoint, dict[str, torch.Tensor]]] = {}
