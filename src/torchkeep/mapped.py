@@ -22,7 +22,13 @@ __all__ = ["adopt", "disjoint", "partly_overwritten", "readable_into", "same_mem
 
 def readable_into(dst: Any, src: Any) -> bool:
     """Whether a stored tensor of ``src``'s shape and dtype can be read straight into ``dst``: a
-    contiguous, non-empty, plain CPU tensor of that very shape and dtype."""
+    contiguous, non-empty, plain CPU tensor of that very shape and dtype.
+
+    Example:
+        >>> w = torch.zeros(2, 3)
+        >>> readable_into(w, torch.ones(2, 3)), readable_into(w.t(), torch.ones(3, 2))
+        (True, False)
+    """
     return (
         isinstance(dst, torch.Tensor)
         and dst.device.type == "cpu"
@@ -38,7 +44,13 @@ def readable_into(dst: Any, src: Any) -> bool:
 
 def disjoint(chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``chosen`` without the destinations whose memory overlaps another's (a flat parameter
-    buffer): reading both at once would race, so those take the copying path."""
+    buffer): reading both at once would race, so those take the copying path.
+
+    Example:
+        >>> flat = torch.zeros(10)
+        >>> sorted(disjoint({"a": flat[:6], "b": flat[4:], "c": torch.zeros(3)}))
+        ['c']
+    """
     out = dict(chosen)
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k) for k, t in chosen.items())
     for (_, end, k), (start, _, k2) in itertools.pairwise(spans):

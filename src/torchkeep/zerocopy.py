@@ -22,7 +22,6 @@ file), so saving it writes only its bytes, as for a tensor read into fresh memor
 Example:
     >>> import torch, torchkeep as tk, tempfile, os
     >>> from torchkeep.headers import HeaderFile
-from torchkeep.reader import check_digests
     >>> p = tk.save({"w": torch.arange(4.0)}, os.path.join(tempfile.mkdtemp(), "c.safetensors"))
     >>> with HeaderFile(p) as hf:
     ...     t = map_tensors(hf)["w"]
@@ -126,6 +125,12 @@ def check_mapped(hf: HeaderFile, names: list[str], *, threads: int = _THREADS) -
     Raises:
         CorruptCheckpointError: the file is shorter than its header says.
         ChecksumMismatchError: a tensor's bytes do not match its checksum.
+
+    Example:
+        >>> import torch, torchkeep as tk, tempfile, os
+        >>> p = tk.save({"w": torch.ones(4)}, os.path.join(tempfile.mkdtemp(), "c.safetensors"))
+        >>> with HeaderFile(p) as hf:
+        ...     check_mapped(hf, ["w"])  # silent: the bytes match
     """
     want = hf.header.checksums
     if not hf.verify or want is None or not names:
