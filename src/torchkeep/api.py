@@ -410,8 +410,9 @@ def _live_destinations(
     # a stored tensor also used outside the modules and optimizers (another object's state, an
     # untargeted entry of the tree) must be read into memory of its own: those users see it before
     # the direct read, or keep it after restore returns
-    pre = [tp for tp, target, _ in found if _prechecked(target)]
-    elsewhere = {whole.get(id(t)) for p, t in items if not any(p[: len(tp)] == tp for tp in pre)}
+    pre = {tp for tp, target, _ in found if _prechecked(target)}
+    depths = {len(tp) for tp in pre}
+    elsewhere = {whole.get(id(t)) for p, t in items if not any(p[:n] in pre for n in depths)}
     chosen: dict[str, torch.Tensor] = {}
     taken: set[int] = set()
 

@@ -42,15 +42,22 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}") from None
 
 
+# dtypes whose numpy view is a buffer that casts to bytes (the rest go through a uint8 view)
+_NUMPY_DTYPES = frozenset(
+    [torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
+    + [torch.bool, torch.complex64, torch.complex128]
+)
+
+
 def buffer_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory (no copy).
 
     The view keeps ``t``'s memory alive.
     """
-    if t.numel() == 0:
+    if t.nbytes == 0:
         return memoryview(bytearray())
+    if t.dtype in _NUMPY_DTYPES:  # the common case, in one step (this runs once per tensor read or written)
+        return memoryview(t.numpy()).cast("B")
     if t.dim() != 1:
         t = t.reshape(-1)
-    if t.dtype is not torch.uint8:
-        t = t.view(torch.uint8)
-    return memoryview(t.numpy())  # a 1-D uint8 array: already a flat byte view
+    return memoryview(t.view(torch.uint8).numpy())  # a 1-D uint8 array: already a flat byte view

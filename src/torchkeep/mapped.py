@@ -31,15 +31,19 @@ def readable_into(dst: Any, src: Any) -> bool:
     """
     return (
         isinstance(dst, torch.Tensor)
-        and dst.device.type == "cpu"
-        and dst.layout == torch.strided
+        and dst.is_cpu
+        and dst.layout is torch.strided
+        and dst.dtype is src.dtype
+        and dst.shape == src.shape
+        and dst.nbytes > 0
         and dst.is_contiguous()
-        and dst.dtype == src.dtype
-        and tuple(dst.shape) == tuple(src.shape)
-        and dst.numel() > 0
         and not (dst.is_quantized or dst.is_conj() or dst.is_neg())
-        and type(dst.detach()) is torch.Tensor  # not a wrapper subclass (DTensor, quantized weights)
+        # not a wrapper subclass (DTensor, quantized weights); a plain parameter needs no detach to tell
+        and (type(dst) in _PLAIN or type(dst.detach()) is torch.Tensor)
     )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def disjoint(chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,14 +93,35 @@ def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def tensor_items(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
-    if isinstance(tree, torch.Tensor):
-        return [(prefix, tree)]
-    if isinstance(tree, Mapping):
-        return [item for k, v in tree.items() for item in tensor_items(v, (*prefix, k))]
-    if isinstance(tree, (list, tuple)):
-        return [item for i, v in enumerate(tree) for item in tensor_items(v, (*prefix, i))]
-    return []
+def tensor_items(tree: Any) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in nested dicts (mappings), lists and tuples, in order.
+
+    Example:
+        >>> [(p, t.item()) for p, t in tensor_items({"a": torch.tensor(1), "b": [2, torch.tensor(3)]})]
+        [(('a',), 1), (('b', 1), 3)]
+    """
+    out: list[tuple[tuple[Any, ...], torch.Tensor]] = []
+    Tensor = torch.Tensor
+
+    def walk(node: Any, prefix: tuple[Any, ...]) -> None:
+        kind = type(node)  # exact types first: an isinstance() against Mapping is slow, and this sees every node
+        if kind is dict or (kind is not list and kind is not tuple and isinstance(node, Mapping)):
+            for k, v in node.items():
+                if isinstance(v, Tensor):
+                    out.append(((*prefix, k), v))
+                else:
+                    walk(v, (*prefix, k))
+        elif kind is list or kind is tuple or isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                if isinstance(v, Tensor):
+                    out.append(((*prefix, i), v))
+                else:
+                    walk(v, (*prefix, i))
+
+    if isinstance(tree, Tensor):
+        return [((), tree)]
+    walk(tree, ())
+    return out
 
 
 def adopt(current: Any, loaded: Any) -> Any:

@@ -31,7 +31,7 @@ __all__ = ["Checkpoint", "check_digests", "open_checkpoint", "read_hashed"]
 
 
 _THREADS = 2
-_CHUNK = 2 << 20  # bytes read, then hashed while still in cache
+_CHUNK = 1 << 20  # bytes read, then hashed while still in cache (measured: 1 MiB beat 2 and 4)
 _SMALL = 1 << 20  # tensors below this are read in batches of adjacent ones and hashed inline
 _RUN = 4 << 20  # bytes per batch of small tensors
 _IOV = 1024  # buffers per batch (IOV_MAX)
@@ -125,12 +125,12 @@ def check_digests(path: Path, specs: list[TensorSpec], digests: list[str], sums:
 
 def _checked_target(path: Path, s: TensorSpec, t: torch.Tensor) -> memoryview:
     """The bytes of a caller's destination tensor for ``s``; it must be a contiguous CPU tensor of its dtype and size."""
-    if (
-        t.device.type != "cpu"
-        or t.layout != torch.strided
-        or not t.is_contiguous()
-        or t.dtype != ST_TO_DTYPE[s.dtype]
-        or t.numel() * t.element_size() != s.nbytes
+    if not (
+        t.is_cpu
+        and t.layout is torch.strided
+        and t.dtype is ST_TO_DTYPE[s.dtype]
+        and t.nbytes == s.nbytes
+        and t.is_contiguous()
     ):
         raise InvalidArgumentError(
             "into",
