@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +289,71 @@ def test_a_file_truncated_while_read_into_the_targets_says_they_were_partly_over
     model, opt = _trained(1)
     with pytest.raises(tk.errors.CorruptCheckpointError, match="partly overwritten"):
         tk.restore(path, {"model": model, "optimizer": opt}) if how == "restore" else tk.load_into(model, path)
+
+
+def _small_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors of 64 KiB and more are read by both threads at once, in 16 KiB chunks."""
+    monkeypatch.setattr(reader, "_SPLIT", 64 << 10)
+    monkeypatch.setattr(reader, "_CHUNK", 16 << 10)
+
+
+def test_a_lone_large_tensor_is_read_by_both_threads_and_hashed_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _small_split(monkeypatch)
+    torch.manual_seed(0)
+    tree = {"flat": torch.randn(1_000_003), "small": torch.arange(5)}  # ragged last chunk
+    path = tk.save(tree, tmp_path / "c.safetensors")
+    threads: set[int] = set()
+    original = reader.read_into
+
+    def record(fd: int, offset: int, bufs: Any) -> Any:
+        threads.add(threading.get_ident())
+        if len(threads) < 2:
+            time.sleep(0.001)  # let the second thread join in before the first reads every chunk alone
+        return original(fd, offset, bufs)
+
+    monkeypatch.setattr(reader, "read_into", record)
+    got = tk.load(path)
+    assert all(torch.equal(got[k], v) for k, v in tree.items())  # and every checksum matched
+    assert len(threads) == 2
+    model = torch.nn.Linear(1000, 1000)
+    src = tk.save({"model": model}, tmp_path / "m.safetensors")
+    other = torch.nn.Linear(1000, 1000)
+    ptr = other.weight.data_ptr()
+    tk.restore(src, {"model": other})
+    assert other.weight.data_ptr() == ptr and torch.equal(other.weight, model.weight)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_flipped_bit_in_a_split_tensor_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    _small_split(monkeypatch)
+    torch.manual_seed(0)
+    path = tk.save({"model": torch.nn.Linear(600, 500, bias=False)}, tmp_path / "c.safetensors")  # 1.2 MB weight
+    with tk.open(path) as ck:
+        start = ck.header.size
+    data = bytearray(path.read_bytes())
+    at = {"first": start, "middle": (start + len(data)) // 2, "last": len(data) - 1}[where]
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match="'model/weight'"):
+        tk.load(path)
+    with pytest.raises(ChecksumMismatchError, match="partly overwritten"):
+        tk.restore(path, {"model": torch.nn.Linear(600, 500, bias=False)})
+
+
+def test_a_split_tensor_cut_short_is_a_typed_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _small_split(monkeypatch)
+    path = tk.save({"flat": torch.randn(300_000)}, tmp_path / "c.safetensors")
+    original = reader.read_into
+    size = path.stat().st_size
+
+    def truncate_then_read(fd: int, offset: int, bufs: Any) -> Any:
+        os.truncate(path, size - 100_000)
+        return original(fd, offset, bufs)
+
+    monkeypatch.setattr(reader, "read_into", truncate_then_read)
+    with pytest.raises(tk.errors.CorruptCheckpointError, match="truncated"):
+        tk.load(path)

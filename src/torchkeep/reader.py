@@ -11,6 +11,7 @@ bytes hashed are the destination's own bytes: what was verified is what is used.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,58 @@ __all__ = ["Checkpoint", "check_digests", "open_checkpoint", "read_hashed"]
 _THREADS = 2
 _CHUNK = 1 << 20  # bytes read, then hashed while still in cache (measured: 1 MiB beat 2 and 4)
 _SMALL = 1 << 20  # tensors below this are read in batches of adjacent ones and hashed inline
+_SPLIT = 64 << 20  # tensors from this size are read by both threads at once, chunk by chunk
 _RUN = 4 << 20  # bytes per batch of small tensors
 _IOV = 1024  # buffers per batch (IOV_MAX)
+
+
+class _Split:
+    """One large tensor read by every thread at once: each claims the next chunk and reads it;
+    whoever completes the chunk at the hash frontier feeds it (and every completed chunk after
+    it) to the tensor's one checksum stream, in order. A lone huge tensor (a flat parameter
+    buffer, an embedding) so reads and faults in its memory on both cores, not one."""
+
+    def __init__(self, buf: memoryview, off: int, hashed: bool) -> None:
+        self.buf, self.off = buf, off
+        self.count = -(-buf.nbytes // _CHUNK)
+        self.claimed = 0
+        self.done = [False] * self.count
+        self.front = 0  # chunks hashed so far
+        self.hashing = False
+        self.state = HashState() if hashed else None
+        self.lock = threading.Lock()
+
+    def open(self) -> bool:
+        return self.claimed < self.count
+
+    def run(self, fd: int, failed: list[BaseException]) -> None:
+        """Read (and hash, in order) chunks until none is left to claim, or another thread failed."""
+        while not failed:
+            with self.lock:
+                c = self.claimed
+                if c >= self.count:
+                    return
+                self.claimed += 1
+            read_into(fd, self.off + c * _CHUNK, [self.buf[c * _CHUNK : (c + 1) * _CHUNK]])
+            self._hash_from(c)
+
+    def _hash_from(self, c: int) -> None:
+        with self.lock:
+            self.done[c] = True
+            if self.hashing or self.state is None:
+                return
+            self.hashing = True
+        while True:
+            with self.lock:
+                c = self.front
+                if c >= self.count or not self.done[c]:
+                    self.hashing = False
+                    return
+                self.front += 1
+            self.state.update(self.buf[c * _CHUNK : (c + 1) * _CHUNK])
+
+    def digest(self) -> str:
+        return self.state.hexdigest() if self.state is not None else ""
 
 
 def _units(specs: list[TensorSpec], bufs: list[memoryview]) -> list[tuple[int, list[int]]]:
@@ -68,23 +119,38 @@ def read_hashed(
 
     Large tensors are read in ``_CHUNK`` pieces, each hashed right after it is read; runs of
     small adjacent tensors are read with one ``preadv`` and hashed inline. Work is split over two
-    threads by whole tensors (each tensor is hashed in order by one thread). Digests are ``""``
-    when ``hashed`` is false.
+    threads by whole tensors (each tensor is hashed in order by one thread), except tensors of
+    ``_SPLIT`` bytes or more, which both threads read at once (:class:`_Split`). Digests are
+    ``""`` when ``hashed`` is false.
 
     Raises:
         EOFError: the file ended before a tensor's last byte.
     """
     digests = [""] * len(specs)
-    queue = deque(_units(specs, bufs))
+    queue: deque[list[int] | _Split] = deque()
+    splits: list[tuple[int, _Split]] = []
+    for n, idx in _units(specs, bufs):
+        if n >= _SPLIT and len(idx) == 1:
+            job = _Split(bufs[idx[0]], base + specs[idx[0]].start, hashed)
+            splits.append((idx[0], job))
+            queue.append(job)
+        else:
+            queue.append(idx)
     failed: list[BaseException] = []
 
     def work() -> None:
         while queue and not failed:
             try:
-                _, idx = queue.popleft()
+                unit = queue.popleft()
             except IndexError:
                 return
             try:
+                if isinstance(unit, _Split):  # left queued for the other thread while chunks remain
+                    if unit.open():
+                        queue.appendleft(unit)
+                    unit.run(fd, failed)
+                    continue
+                idx = unit
                 if len(idx) == 1 and bufs[idx[0]].nbytes >= _SMALL:
                     i = idx[0]
                     b, off = bufs[i], base + specs[i].start
@@ -104,7 +170,7 @@ def read_hashed(
                 failed.append(e)
                 raise
 
-    if len(queue) > 1:
+    if len(queue) > 1 or splits:
         with ThreadPoolExecutor(_THREADS) as pool:
             futures = [pool.submit(work) for _ in range(_THREADS)]
             for f in futures:
@@ -113,6 +179,8 @@ def read_hashed(
         work()
     if failed:
         raise failed[0]
+    for i, job in splits:
+        digests[i] = job.digest()
     return digests
 
 
