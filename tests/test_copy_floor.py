@@ -292,7 +292,8 @@ def test_a_file_truncated_while_read_into_the_targets_says_they_were_partly_over
 
 
 def _small_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tensors of 64 KiB and more are read by both threads at once, in 16 KiB chunks."""
+    """Tensors of 64 KiB and more are read by every thread at once, in 16 KiB chunks (16 KiB and more: alone)."""
+    monkeypatch.setattr(reader, "_SMALL", 16 << 10)
     monkeypatch.setattr(reader, "_SPLIT", 64 << 10)
     monkeypatch.setattr(reader, "_CHUNK", 16 << 10)
 
@@ -357,3 +358,45 @@ def test_a_split_tensor_cut_short_is_a_typed_error(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(reader, "read_into", truncate_then_read)
     with pytest.raises(tk.errors.CorruptCheckpointError, match="truncated"):
         tk.load(path)
+
+
+def test_read_threads_follow_the_cores_the_ranks_and_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchkeep import runtime
+
+    monkeypatch.delenv("TORCHKEEP_READ_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(32)))
+    assert runtime.read_threads() == runtime.MAX_READ_THREADS  # bounded: memory bandwidth, not cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's ranks on this machine share its cores
+    assert runtime.read_threads() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    assert runtime.read_threads() == 2  # one reads while the other hashes
+    monkeypatch.setenv("TORCHKEEP_READ_THREADS", "3")
+    assert runtime.read_threads() == 3
+    monkeypatch.setenv("TORCHKEEP_READ_THREADS", "lots")  # not a count: ignored
+    assert runtime.read_threads() == 2
+
+
+@pytest.mark.parametrize("threads", ["1", "5"])
+def test_reads_are_exact_on_any_number_of_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: str
+) -> None:
+    _small_split(monkeypatch)
+    monkeypatch.setenv("TORCHKEEP_READ_THREADS", threads)
+    torch.manual_seed(0)
+    tree = {f"t{i}": torch.randn(i * 997) for i in range(40)}  # small runs, chunked and split tensors
+    tree["flat"] = torch.randn(200_003)
+    path = tk.save(tree, tmp_path / "c.safetensors")
+    seen: set[int] = set()
+    original = reader.read_into
+
+    def record(fd: int, offset: int, bufs: Any) -> Any:
+        seen.add(threading.get_ident())
+        time.sleep(0.0005)  # slow enough that every thread takes work
+        return original(fd, offset, bufs)
+
+    monkeypatch.setattr(reader, "read_into", record)
+    got = tk.load(path)
+    assert all(torch.equal(got[k], v) for k, v in tree.items())
+    assert len(seen) == int(threads)
+    assert all(torch.equal(t, tree[k]) for k, t in tk.load(path, mmap=True).items())

@@ -43,10 +43,8 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 # dtypes whose numpy view is a buffer that casts to bytes (the rest go through a uint8 view)
-_NUMPY_DTYPES = frozenset(
-    [torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
-    + [torch.bool, torch.complex64, torch.complex128]
-)
+_NUMPY_FLOATS = frozenset({torch.float64, torch.float32, torch.float16, torch.complex64, torch.complex128})
+_NUMPY_DTYPES = _NUMPY_FLOATS | {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}
 
 
 def buffer_of(t: torch.Tensor) -> memoryview:

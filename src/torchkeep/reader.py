@@ -3,7 +3,7 @@
 :func:`torchkeep.open` returns a :class:`Checkpoint`; :func:`torchkeep.load` uses one to read
 everything. Each tensor is read (``preadv``) straight into its destination, fresh memory
 (:mod:`torchkeep.alloc`) or a tensor the caller passes (``restore`` passes a model's live
-parameters), in chunks of a few MiB; each chunk is fed to the tensor's checksum right after it
+parameters), in chunks of 1 MiB, on several threads; each chunk is fed to the tensor's checksum right after it
 lands, while it is still in the CPU cache, so verifying costs no second pass over memory. The
 bytes hashed are the destination's own bytes: what was verified is what is used.
 """
@@ -25,16 +25,16 @@ from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, InvalidArgumentError
 from torchkeep.format.header import HashState, TensorSpec, digest
 from torchkeep.headers import HeaderFile
+from torchkeep.runtime import read_threads
 from torchkeep.storage.local import read_into
 from torchkeep.tree import SkeletonError, unflatten
 
 __all__ = ["Checkpoint", "check_digests", "open_checkpoint", "read_hashed"]
 
 
-_THREADS = 2
 _CHUNK = 1 << 20  # bytes read, then hashed while still in cache (measured: 1 MiB beat 2 and 4)
 _SMALL = 1 << 20  # tensors below this are read in batches of adjacent ones and hashed inline
-_SPLIT = 64 << 20  # tensors from this size are read by both threads at once, chunk by chunk
+_SPLIT = 64 << 20  # tensors from this size are read by every thread at once, chunk by chunk
 _RUN = 4 << 20  # bytes per batch of small tensors
 _IOV = 1024  # buffers per batch (IOV_MAX)
 
@@ -43,7 +43,7 @@ class _Split:
     """One large tensor read by every thread at once: each claims the next chunk and reads it;
     whoever completes the chunk at the hash frontier feeds it (and every completed chunk after
     it) to the tensor's one checksum stream, in order. A lone huge tensor (a flat parameter
-    buffer, an embedding) so reads and faults in its memory on both cores, not one."""
+    buffer, an embedding) so reads and faults in its memory on every core, not one."""
 
     def __init__(self, buf: memoryview, off: int, hashed: bool) -> None:
         self.buf, self.off = buf, off
@@ -90,7 +90,7 @@ class _Split:
 
 def _units(specs: list[TensorSpec], bufs: list[memoryview]) -> list[tuple[int, list[int]]]:
     """``(bytes, tensor indices)`` work units: a large tensor alone, or a run of small ones adjacent
-    in the file; largest first, so that two threads pulling from one queue finish together."""
+    in the file; largest first, so that the threads pulling from one queue finish together."""
     units: list[tuple[int, list[int]]] = []
     run: list[int] = []
     size = 0
@@ -118,9 +118,10 @@ def read_hashed(
     """Fill ``bufs[i]`` with tensor ``specs[i]``'s bytes (at ``base + start``); returns their digests.
 
     Large tensors are read in ``_CHUNK`` pieces, each hashed right after it is read; runs of
-    small adjacent tensors are read with one ``preadv`` and hashed inline. Work is split over two
-    threads by whole tensors (each tensor is hashed in order by one thread), except tensors of
-    ``_SPLIT`` bytes or more, which both threads read at once (:class:`_Split`). Digests are
+    small adjacent tensors are read with one ``preadv`` and hashed inline. Work is split over
+    :func:`~torchkeep.runtime.read_threads` threads by whole tensors (each tensor is hashed in
+    order by one thread), except tensors of ``_SPLIT`` bytes or more, which all threads read at
+    once (:class:`_Split`). Digests are
     ``""`` when ``hashed`` is false.
 
     Raises:
@@ -170,9 +171,10 @@ def read_hashed(
                 failed.append(e)
                 raise
 
-    if len(queue) > 1 or splits:
-        with ThreadPoolExecutor(_THREADS) as pool:
-            futures = [pool.submit(work) for _ in range(_THREADS)]
+    threads = min(read_threads(), len(queue) + sum(j.count for _, j in splits))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            futures = [pool.submit(work) for _ in range(threads)]
             for f in futures:
                 f.exception()
     else:

@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["paused_gc"]
+__all__ = ["paused_gc", "read_threads"]
+
+#: Threads of one read, at most: past this, page-cache reads are bound by memory bandwidth, not cores.
+MAX_READ_THREADS = 8
+
+
+def read_threads() -> int:
+    """How many threads a read (``preadv`` + checksum) of one checkpoint uses.
+
+    The cores this process may run on (its CPU affinity), shared with the other ranks that
+    ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), at least 2 (one thread reads
+    while the other hashes) and at most :data:`MAX_READ_THREADS`. ``TORCHKEEP_READ_THREADS=N``
+    sets it (1 to 64).
+
+    Example:
+        >>> 2 <= read_threads() <= MAX_READ_THREADS or "TORCHKEEP_READ_THREADS" in os.environ
+        True
+    """
+    forced = os.environ.get("TORCHKEEP_READ_THREADS", "").strip()
+    if forced.isdigit() and 1 <= int(forced) <= 64:
+        return int(forced)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 2
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    ranks = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(2, min(MAX_READ_THREADS, cores // ranks))
 
 
 @contextmanager

@@ -4,7 +4,7 @@
 file. The file is mapped copy-on-write (``MAP_PRIVATE``; ``ACCESS_COPY``): its pages come from
 the page cache with no copy into fresh memory, the returned tensors are writable, and a write
 to one gets a private copy of that page, never reaching the file. Before any tensor exists,
-every stored checksum is compared with the xxh3-128 of the mapped bytes (two threads, one
+every stored checksum is compared with the xxh3-128 of the mapped bytes (several threads, one
 pass at memory speed); a mismatch raises and nothing is returned.
 
 What a mapping cannot promise (and the default, copying ``tk.load`` does): after the check,
@@ -45,13 +45,12 @@ from torchkeep.format.header import TensorSpec
 from torchkeep.hashing import Digests
 from torchkeep.headers import HeaderFile
 from torchkeep.reader import check_digests
+from torchkeep.runtime import read_threads
 
 __all__ = ["check_mapped", "map_tensors"]
 
-_THREADS = 2
 
-
-def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _THREADS) -> dict[str, torch.Tensor]:
+def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the open file ``hf`` as a view of a private (copy-on-write) map of it.
 
     Args:
@@ -60,7 +59,7 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
         verify: compare every checksum with the mapped bytes before any tensor is made
             (default: ``hf.verify``). A plain safetensors file has no checksums: it is mapped
             unverified, as the copying load reads it. ``False``: no hash pass at all.
-        threads: threads hashing the mapped bytes.
+        threads: threads hashing the mapped bytes (default :func:`~torchkeep.runtime.read_threads`).
 
     Returns:
         ``{name: tensor}`` in file order. Empty tensors and misaligned ones are in memory of their own.
@@ -90,8 +89,9 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
             assert want is not None  # checked above
             bufs = [buffer_of(own[s.name]) if s.name in own else whole[lo:hi] for s, lo, hi in full]
             views.extend(bufs)
-            with ThreadPoolExecutor(max(1, threads)) as pool:
-                sums = Digests(bufs, pool, threads=max(1, threads)).result()
+            n = threads or read_threads()
+            with ThreadPoolExecutor(n) as pool:
+                sums = Digests(bufs, pool, threads=n).result()
             check_digests(hf.path, [s for s, _, _ in full], sums, want)
     except BaseException:
         _release(views)
@@ -116,7 +116,7 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int = _T
     return out
 
 
-def check_mapped(hf: HeaderFile, names: list[str], *, threads: int = _THREADS) -> None:
+def check_mapped(hf: HeaderFile, names: list[str], *, threads: int | None = None) -> None:
     """Compare the checksums of the stored tensors ``names`` with their bytes in a read-only map
     of the open file ``hf``, before a caller reads them into memory it cares about (``load_into``
     into a model): a damaged file is refused with nothing touched, at the cost of one hashing pass
@@ -146,8 +146,9 @@ def check_mapped(hf: HeaderFile, names: list[str], *, threads: int = _THREADS) -
     whole = memoryview(mm)
     bufs = [whole[base + s.start : base + s.end] for s in specs]
     try:
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            sums = Digests(bufs, pool, threads=max(1, threads)).result()
+        n = threads or read_threads()
+        with ThreadPoolExecutor(n) as pool:
+            sums = Digests(bufs, pool, threads=n).result()
     finally:
         _release([whole, *bufs])
         mm.close()
