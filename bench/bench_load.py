@@ -10,6 +10,7 @@ Workloads (``--scale`` multiplies the sizes; built with ``bench/workloads.py``):
 
 - **W1** ~1 GiB float32 model, 200 tensors (100 x ``nn.Linear(1638, 1638)``);
 - **W3** W1 + Adam state after one step (~3 GiB, 800 tensors), for ``restore``;
+- **W4** W1's bytes as one flat float32 tensor (a flat parameter buffer, a huge embedding);
 - **W2** 20,000 small float32 tensors of ~10 KiB (``--scale`` changes their number);
 - **tiny** 100,000 one-element float32 tensors at scale 1 (``--tiny-count N`` sets the number,
   not scaled). A million does not fit: a torchkeep header (tensor table, tree, checksums) takes
@@ -32,6 +33,9 @@ result, inside the timed region, the same for all; see ``bench/load_contenders.p
   ``model.load_state_dict``.
 - W3 ``tk.restore(p, {"model", "optimizer"})`` into a model + Adam that already stepped vs a
   plain ``copy_`` of the same bytes, already in memory, into those live tensors.
+- W4: copying ``tk.load`` + touch vs the same floor as W1's (the data section read on both
+  cores), and zero-copy vs its floor; one tensor is one checksum stream, so this shows
+  whether a lone tensor is read by one thread or by all.
 - W2 and tiny: ``tk.load`` vs ``safetensors.torch.load_file`` vs ``torch.load``, each + touch.
   On the tiny workload ``torch.load`` runs in the first round only above 20,000 tensors
   (~0.4 ms a tensor on the 2-core reference machine).
@@ -78,7 +82,7 @@ from torchkeep.errors import InvalidArgumentError
 from torchkeep.format.limits import MAX_HEADER_SIZE
 from workloads import MiB, adam_for, build_model, w2
 
-WORKLOADS = ["W1", "W3", "W2", "tiny"]
+WORKLOADS = ["W1", "W3", "W4", "W2", "tiny"]
 TINY_COUNT = 100_000  # at scale 1
 TINY_TORCH_EVERY_ROUND = 20_000  # above this many tiny tensors, torch.load runs in the first round only
 # W2 as docs/benchmarks.md recorded it (run of 2026-11-28, 27d1e61): tk.load (verify) 0.380 s,
@@ -107,7 +111,7 @@ GPU_FLOOR = "floor: max(page-cache read, pinned H2D)"
 
 @dataclass
 class Contender:
-    wl: str  # W1 | W3 | W2 | tiny | GPU
+    wl: str  # W1 | W3 | W4 | W2 | tiny | GPU
     name: str
     kind: str  # a key of load_contenders.KINDS
     file: str  # a key of the files dict
@@ -159,7 +163,7 @@ def make_files(
     files: dict[str, Path] = {}
     desc: dict[str, str] = {}
     counts: dict[str, int] = {}
-    need = int(args.scale * 6.3 * (1 << 30)) + 256 * MiB  # W1 twice (tk, pt), W3 once, W2 three times
+    need = int(args.scale * 7.3 * (1 << 30)) + 256 * MiB  # W1 twice (tk, pt), W3 once, W4 once, W2 three times
     free = shutil.disk_usage(workdir).free
     if free < need:
         raise SystemExit(f"the files need ~{fmt_bytes(need)} free in {workdir}; only {fmt_bytes(free)} is free")
@@ -193,6 +197,11 @@ def make_files(
             put("W3.tk", {"model": model, "optimizer": adam_for(model)}, "tk")
             desc["W3"] = f"{fmt_bytes(12 * n)}: W1 + Adam state after one step, 800 tensors"
         del model
+    if "W4" in wanted:
+        n = sum(t.numel() for t in build_model(args.scale).state_dict().values())
+        log(f"W4: writing {fmt_bytes(4 * n)} as one tensor")
+        put("W4.tk", {"flat": torch.randn(n, generator=torch.Generator().manual_seed(4))}, "tk")
+        desc["W4"] = f"{fmt_bytes(4 * n)} float32, one tensor (W1's size)"
     if "W2" in wanted:
         w = w2(args.scale)
         log(f"W2: writing {w.desc}")
@@ -238,6 +247,15 @@ def contenders(args: argparse.Namespace, counts: dict[str, int], gpu: str | None
             Contender("W1", TORCH_LOAD, "torch_load", "W1.pt"),
             Contender("W1", LOAD_INTO, "load_into", "W1.tk", LOAD_INTO_FLOOR),
             Contender("W1", LOAD_INTO_FLOOR, "load_into_floor", "W1.tk"),
+        ]
+    if "W4" in wanted:
+        out += [
+            Contender("W4", COPY, "tk_load_copy", "W4.tk", COPY_FLOOR),
+            Contender("W4", COPY_FLOOR, "empty_pread_hash", "W4.tk"),
+            Contender(
+                "W4", ZC, "tk_load_mmap", "W4.tk", ZC_FLOOR, skipped=None if tk_load_takes_mmap() else "no mmap="
+            ),
+            Contender("W4", ZC_FLOOR, "st_load_hash", "W4.tk"),
         ]
     if "W3" in wanted:
         out += [
@@ -361,6 +379,12 @@ def goals(by: dict[str, Contender], files: dict[str, Path]) -> list[Goal]:
             why=why(f"W1: {COPY}"),
         ),
         ratio_goal(
+            "W4 (one tensor) copying tk.load + touch vs torch.empty + pread + xxh3 + touch",
+            per_round_ratio(get(f"W4: {COPY}"), get(f"W4: {COPY_FLOOR}")),
+            1.20,
+            why=why(f"W4: {COPY}"),
+        ),
+        ratio_goal(
             "W3 tk.restore vs copy_ of the same bytes into the live tensors",
             per_round_ratio(get(f"W3: {RESTORE}"), get(f"W3: {RESTORE_FLOOR}")),
             1.25,
@@ -375,12 +399,12 @@ def goals(by: dict[str, Contender], files: dict[str, Path]) -> list[Goal]:
     ]
     # peak RSS of every torchkeep load of the big workloads
     worst: tuple[float, str] | None = None
-    for key in (f"W1: {ZC}", f"W1: {COPY}", f"W1: {LOAD_INTO}", f"W3: {RESTORE}"):
+    for key in (f"W1: {ZC}", f"W1: {COPY}", f"W1: {LOAD_INTO}", f"W3: {RESTORE}", f"W4: {COPY}"):
         c = get(key)
         peak = rss_x_file(c, files)[0] if c else None
         if peak is not None and (worst is None or peak > worst[0]):
             worst = (peak, key)
-    text = "peak RSS above baseline, worst torchkeep load of W1/W3, x file"
+    text = "peak RSS above baseline, worst torchkeep load of W1/W3/W4, x file"
     if worst is None:
         out.append(Goal(text, "n/a (not measured)", "<= 1.05x", None))
     else:
@@ -573,7 +597,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.05: a quick run)")
     p.add_argument("--rounds", "--repeat", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of W1,W3,W2,tiny")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
     p.add_argument(
         "--tiny-count", type=int, default=None, help=f"tensors of the tiny workload ({TINY_COUNT:,} x scale)"
     )
