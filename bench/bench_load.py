@@ -46,7 +46,9 @@ result, inside the timed region, the same for all; see ``bench/load_contenders.p
 Method. Every file is written, synced and read once (page cache hot) before the rounds.
 Each round runs every contender once, each in a process of its own, in an order rotated
 between rounds; the process first runs its contender on a tiny warm-up file (lazy imports,
-first-call set-up), then times one call on the real file. By default the processes are forked
+first-call set-up), builds what the call needs (a model, an optimizer), reads the real file
+once more (a machine that reclaims idle page cache may have paged part of it out since the
+last round), then times one call on it. By default the processes are forked
 from one server process that imported the libraries and ran nothing (``--spawn``: a new
 ``python`` per run instead, ~2-5 s of imports each). Ratios are medians over rounds of the
 per-round ratio contender / floor (below 1: faster than the floor). Peak RSS is VmHWM above the
