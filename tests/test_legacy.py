@@ -260,6 +260,7 @@ def test_fixture_cuda_tagged_needs_a_mapping_without_cuda() -> None:
     assert "map_location" in str(info.value)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fixture_cuda_tagged_loads_onto_cuda() -> None:
     tree = tk.load(FIXTURES / "cuda0.pt", map_location=None)
