@@ -41,9 +41,9 @@ def _record_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     original = reader.Checkpoint.read
 
-    def read(self: Any, keys: Any = None, *, into: Any = None) -> Any:
+    def read(self: Any, keys: Any = None, *, into: Any = None, **kw: Any) -> Any:
         seen.extend(t.data_ptr() for t in (into or {}).values())
-        return original(self, keys, into=into)
+        return original(self, keys, into=into, **kw)
 
     monkeypatch.setattr(reader.Checkpoint, "read", read)
     return seen

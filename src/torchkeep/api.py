@@ -400,7 +400,7 @@ def _live_destinations(
 
     A stored tensor qualifies when the tree uses it whole (no view of it anywhere) and a module
     parameter/buffer or an optimizer's existing state tensor takes it unchanged (a contiguous
-    CPU tensor of its shape and dtype, not overlapping another). Each placeholder taken is
+    CPU or CUDA tensor of its shape and dtype, not overlapping another). Each placeholder taken is
     re-pointed at the target's memory, so the tree checked above now shows the target's tensor.
     """
     by_storage = {t.untyped_storage().data_ptr(): k for k, t in fresh.items() if t.numel() > 0}
@@ -435,7 +435,10 @@ def _live_destinations(
     chosen = disjoint(chosen)  # two targets sharing memory would race: those keep the copying path
     with torch.no_grad():
         for k, dst in chosen.items():
-            fresh[k].set_(dst.untyped_storage(), dst.storage_offset(), dst.shape, dst.stride())
+            if dst.is_cpu:
+                fresh[k].set_(dst.untyped_storage(), dst.storage_offset(), dst.shape, dst.stride())
+            else:  # a CUDA target: set_() cannot cross devices, a shallow .data swap can
+                fresh[k].data = dst.detach()
     return chosen
 
 

@@ -22,7 +22,8 @@ __all__ = ["adopt", "disjoint", "partly_overwritten", "readable_into", "same_mem
 
 def readable_into(dst: Any, src: Any) -> bool:
     """Whether a stored tensor of ``src``'s shape and dtype can be read straight into ``dst``: a
-    contiguous, non-empty, plain CPU tensor of that very shape and dtype.
+    contiguous, non-empty, plain CPU or CUDA tensor of that very shape and dtype (CUDA through
+    page-locked staging buffers, :mod:`torchkeep.staging`).
 
     Example:
         >>> w = torch.zeros(2, 3)
@@ -31,7 +32,7 @@ def readable_into(dst: Any, src: Any) -> bool:
     """
     return (
         isinstance(dst, torch.Tensor)
-        and dst.is_cpu
+        and (dst.is_cpu or dst.is_cuda)
         and dst.layout is torch.strided
         and dst.dtype is src.dtype
         and dst.shape == src.shape

@@ -17,7 +17,7 @@ import torch
 
 from torchkeep.errors import ArgumentTypeError, DeviceUnavailableError, InvalidArgumentError
 
-__all__ = ["MapLocation", "Placer", "checked_placer", "placer"]
+__all__ = ["MapLocation", "Placer", "checked_placer", "fixed_device", "placer"]
 
 MapLocation = str | torch.device | Mapping[str, Any] | Callable[[torch.Tensor, str], torch.Tensor] | None
 Placer = Callable[[torch.Tensor, str | None], torch.Tensor]
@@ -40,13 +40,33 @@ def placer(map_location: MapLocation) -> Placer | None:
             raise InvalidArgumentError(
                 "map_location", map_location, "not a device; pass 'cpu', 'cuda:0' or a torch.device"
             ) from None
-        return None if target.type == "cpu" else (lambda t, dev: t.to(target))
+        return None if target.type == "cpu" else _ToDevice(target)
     if isinstance(map_location, Mapping):
         table = {str(k): v for k, v in map_location.items()}
         return lambda t, dev: t.to(table.get(dev or "cpu", dev or "cpu"))
     if callable(map_location):
         return lambda t, dev: map_location(t, dev or "cpu")
     raise ArgumentTypeError("map_location", map_location, _ACCEPTED)
+
+
+class _ToDevice:
+    """``map_location`` naming one device: every tensor goes there (readers may read straight to it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, t: torch.Tensor, dev: str | None) -> torch.Tensor:
+        return t.to(self.device)
+
+
+def fixed_device(place: Placer | None) -> torch.device | None:
+    """The one device a placer sends every tensor to (``map_location="cuda:0"``), else ``None``.
+
+    Example:
+        >>> fixed_device(placer("cuda:1")), fixed_device(placer({"cuda:1": "cpu"}))
+        (device(type='cuda', index=1), None)
+    """
+    return getattr(place, "device", None)
 
 
 def checked_placer(path: str | Path, map_location: MapLocation) -> Placer | None:
@@ -61,4 +81,6 @@ def checked_placer(path: str | Path, map_location: MapLocation) -> Placer | None
         except (RuntimeError, AssertionError) as e:
             raise DeviceUnavailableError(path, dev or "cpu", map_location, str(e).splitlines()[0]) from None
 
+    if (device := fixed_device(place)) is not None:
+        run.device = device  # type: ignore[attr-defined]
     return run

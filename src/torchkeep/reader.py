@@ -26,6 +26,7 @@ from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, Inva
 from torchkeep.format.header import HashState, TensorSpec, digest
 from torchkeep.headers import HeaderFile
 from torchkeep.runtime import read_threads
+from torchkeep.staging import STAGE, Stage, device_bytes
 from torchkeep.storage.local import read_into
 from torchkeep.tree import SkeletonError, unflatten
 
@@ -37,6 +38,8 @@ _SMALL = 1 << 20  # tensors below this are read in batches of adjacent ones and 
 _SPLIT = 64 << 20  # tensors from this size are read by every thread at once, chunk by chunk
 _RUN = 4 << 20  # bytes per batch of small tensors
 _IOV = 1024  # buffers per batch (IOV_MAX)
+
+Dest = memoryview | torch.Tensor  # host bytes, or a device tensor's bytes (read through a Stage)
 
 
 class _Split:
@@ -88,9 +91,10 @@ class _Split:
         return self.state.hexdigest() if self.state is not None else ""
 
 
-def _units(specs: list[TensorSpec], bufs: list[memoryview]) -> list[tuple[int, list[int]]]:
+def _units(specs: list[TensorSpec], bufs: list[Dest]) -> list[tuple[int, list[int]]]:
     """``(bytes, tensor indices)`` work units: a large tensor alone, or a run of small ones adjacent
-    in the file; largest first, so that the threads pulling from one queue finish together."""
+    in the file (all in host memory, or all on devices); largest first, so that the threads
+    pulling from one queue finish together."""
     units: list[tuple[int, list[int]]] = []
     run: list[int] = []
     size = 0
@@ -100,7 +104,8 @@ def _units(specs: list[TensorSpec], bufs: list[memoryview]) -> list[tuple[int, l
         if n >= _SMALL:
             units.append((n, [i]))
             continue
-        if run and (s.start != end or size + n > _RUN or len(run) >= _IOV):
+        mixed = run and type(b) is not type(bufs[run[0]])
+        if run and (s.start != end or size + n > _RUN or len(run) >= _IOV or mixed):
             units.append((size, run))
             run, size = [], 0
         run.append(i)
@@ -112,10 +117,12 @@ def _units(specs: list[TensorSpec], bufs: list[memoryview]) -> list[tuple[int, l
     return units
 
 
-def read_hashed(
-    fd: int, base: int, specs: list[TensorSpec], bufs: list[memoryview], *, hashed: bool = True
-) -> list[str]:
+def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *, hashed: bool = True) -> list[str]:
     """Fill ``bufs[i]`` with tensor ``specs[i]``'s bytes (at ``base + start``); returns their digests.
+
+    A destination is host memory (a ``memoryview``) or a device tensor's bytes
+    (:func:`~torchkeep.staging.device_bytes`), which is read through the thread's
+    :class:`~torchkeep.staging.Stage`: hashed there, then copied to the device.
 
     Large tensors are read in ``_CHUNK`` pieces, each hashed right after it is read; runs of
     small adjacent tensors are read with one ``preadv`` and hashed inline. Work is split over
@@ -130,8 +137,9 @@ def read_hashed(
     digests = [""] * len(specs)
     queue: deque[list[int] | _Split] = deque()
     splits: list[tuple[int, _Split]] = []
+    local = threading.local()
     for n, idx in _units(specs, bufs):
-        if n >= _SPLIT and len(idx) == 1:
+        if n >= _SPLIT and len(idx) == 1 and isinstance(bufs[idx[0]], memoryview):
             job = _Split(bufs[idx[0]], base + specs[idx[0]].start, hashed)
             splits.append((idx[0], job))
             queue.append(job)
@@ -152,9 +160,14 @@ def read_hashed(
                     unit.run(fd, failed)
                     continue
                 idx = unit
-                if len(idx) == 1 and bufs[idx[0]].nbytes >= _SMALL:
+                first = bufs[idx[0]]
+                if not isinstance(first, memoryview):
+                    stages = local.__dict__.setdefault("stages", {})
+                    stage = stages.get(first.device) or stages.setdefault(first.device, Stage(first.device))
+                    _staged(fd, base, specs, bufs, idx, stage, digests, hashed)
+                elif len(idx) == 1 and first.nbytes >= _SMALL:
                     i = idx[0]
-                    b, off = bufs[i], base + specs[i].start
+                    b, off = first, base + specs[i].start
                     h = HashState() if hashed else None
                     for pos in range(0, b.nbytes, _CHUNK):
                         piece = b[pos : pos + _CHUNK]
@@ -170,6 +183,8 @@ def read_hashed(
             except BaseException as e:
                 failed.append(e)
                 raise
+        for stage in local.__dict__.get("stages", {}).values():
+            stage.drain()
 
     threads = min(read_threads(), len(queue) + sum(j.count for _, j in splits))
     if threads > 1:
@@ -186,6 +201,45 @@ def read_hashed(
     return digests
 
 
+def _staged(
+    fd: int,
+    base: int,
+    specs: list[TensorSpec],
+    bufs: list[Dest],
+    idx: list[int],
+    stage: Stage,
+    digests: list[str],
+    hashed: bool,
+) -> None:
+    """Read one unit into device destinations through ``stage``: a large tensor chunk by chunk,
+    or a run of small adjacent ones at once; each chunk hashed in the staging buffer, then sent."""
+    if len(idx) == 1 and bufs[idx[0]].nbytes > STAGE:
+        i = idx[0]
+        dst, off = bufs[i], base + specs[i].start
+        h = HashState() if hashed else None
+        for pos in range(0, dst.nbytes, STAGE):
+            n = min(STAGE, dst.nbytes - pos)
+            buf, view = stage.take()
+            read_into(fd, off + pos, [view[:n]])
+            if h is not None:
+                h.update(view[:n])
+            stage.send(dst[pos : pos + n], buf[:n])  # type: ignore[index]
+            stage.sent()
+        digests[i] = h.hexdigest() if h is not None else ""
+        return
+    first = specs[idx[0]].start
+    size = specs[idx[-1]].end - first
+    buf, view = stage.take()
+    read_into(fd, base + first, [view[:size]])
+    for i in idx:
+        lo, hi = specs[i].start - first, specs[i].end - first
+        if hashed:
+            digests[i] = digest(view[lo:hi])
+        if hi > lo:
+            stage.send(bufs[i], buf[lo:hi])  # type: ignore[arg-type]
+    stage.sent()
+
+
 def check_digests(path: Path, specs: list[TensorSpec], digests: list[str], sums: Mapping[str, str]) -> None:
     """Raise :class:`ChecksumMismatchError` for the first tensor (in file order) whose digest does not match."""
     for s, h in sorted(zip(specs, digests, strict=True), key=lambda p: p[0].start):
@@ -193,10 +247,11 @@ def check_digests(path: Path, specs: list[TensorSpec], digests: list[str], sums:
             raise ChecksumMismatchError(path, s.name, sums[s.name], h)
 
 
-def _checked_target(path: Path, s: TensorSpec, t: torch.Tensor) -> memoryview:
-    """The bytes of a caller's destination tensor for ``s``; it must be a contiguous CPU tensor of its dtype and size."""
+def _checked_target(path: Path, s: TensorSpec, t: torch.Tensor) -> Dest:
+    """The bytes of a caller's destination tensor for ``s``: a contiguous tensor of its dtype and
+    size, in host memory or on a CUDA device (read through a staging buffer)."""
     if not (
-        t.is_cpu
+        (t.is_cpu or t.is_cuda)
         and t.layout is torch.strided
         and t.dtype is ST_TO_DTYPE[s.dtype]
         and t.nbytes == s.nbytes
@@ -205,10 +260,13 @@ def _checked_target(path: Path, s: TensorSpec, t: torch.Tensor) -> memoryview:
         raise InvalidArgumentError(
             "into",
             f"{s.name}: {t.dtype} {tuple(t.shape)} on {t.device}",
-            f"a contiguous CPU tensor of dtype {ST_TO_DTYPE[s.dtype]} and {s.nbytes} bytes (the stored tensor "
-            f"in {path}), or leave {s.name!r} out of into=",
+            f"a contiguous CPU or CUDA tensor of dtype {ST_TO_DTYPE[s.dtype]} and {s.nbytes} bytes (the stored "
+            f"tensor in {path}), or leave {s.name!r} out of into=",
         )
-    return buffer_of(t.detach())
+    return buffer_of(t.detach()) if t.is_cpu and not _stage_host else device_bytes(t)
+
+
+_stage_host = False  # tests set it: host destinations then go through a Stage too (the CUDA path's logic, on a CPU)
 
 
 class Checkpoint(HeaderFile):
@@ -228,16 +286,22 @@ class Checkpoint(HeaderFile):
         return self.read([key])[key]
 
     def read(
-        self, keys: Iterable[str] | None = None, *, into: Mapping[str, torch.Tensor] | None = None
+        self,
+        keys: Iterable[str] | None = None,
+        *,
+        into: Mapping[str, torch.Tensor] | None = None,
+        device: torch.device | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read the named tensors (all when ``None``), verifying each checksum as its bytes arrive.
 
         Args:
             keys: the stored tensors to read.
-            into: destinations the caller already holds, by stored name (contiguous CPU tensors
-                of the stored dtype and size, e.g. a model's parameters); every other tensor is
-                read into fresh memory. A destination is written before its checksum is known:
-                on a mismatch it holds the file's (damaged) bytes.
+            into: destinations the caller already holds, by stored name (contiguous CPU or CUDA
+                tensors of the stored dtype and size, e.g. a model's parameters); every other
+                tensor is read into fresh memory. A destination is written before its checksum
+                is known: on a mismatch it holds the file's (damaged) bytes.
+            device: where fresh tensors go (default: host memory). A CUDA device gets them
+                through page-locked staging buffers, each chunk hashed there, then copied.
 
         Raises:
             ChecksumMismatchError: a tensor's bytes do not match its checksum (raised after every
@@ -251,15 +315,22 @@ class Checkpoint(HeaderFile):
             else list(self.header.tensors.values())
         )
         out: dict[str, torch.Tensor] = {}
-        bufs: list[memoryview] = []
+        bufs: list[Dest] = []
+        fresh_on = device if device is not None and device.type != "cpu" else None
         for s in specs:
             t = into.get(s.name) if into else None
             if t is None:
-                t = alloc.empty(s.shape, ST_TO_DTYPE[s.dtype])
-                bufs.append(buffer_of(t))
+                if fresh_on is None:
+                    t = alloc.empty(s.shape, ST_TO_DTYPE[s.dtype])
+                    bufs.append(device_bytes(t) if _stage_host else buffer_of(t))
+                else:
+                    t = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype], device=fresh_on)
+                    bufs.append(device_bytes(t))
             else:
                 bufs.append(_checked_target(self.path, s, t))
             out[s.name] = t
+        for dev in {b.device for b in bufs if isinstance(b, torch.Tensor) and b.is_cuda}:
+            torch.cuda.current_stream(dev).synchronize()  # the caller's queued work on the targets comes first
         sums = self.header.checksums if self.verify else None
         try:
             digests = read_hashed(self._fd, self.header.size, specs, bufs, hashed=sums is not None)

@@ -54,7 +54,7 @@ from torchkeep.format.limits import view_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY
 from torchkeep.hashing import Digests
 from torchkeep.legacy import load_legacy
-from torchkeep.placement import Placer
+from torchkeep.placement import Placer, fixed_device
 from torchkeep.reader import Checkpoint
 from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
@@ -389,7 +389,7 @@ def read_tree(
         return _read_sharded(found, place, verify, progress, trust_pickle, allow_globals, mmap)
     assert found.file is not None
     with paused_gc(), Checkpoint(found.file, verify=verify) as ck:
-        tensors = _read_all(ck, progress, mmap)
+        tensors = _read_all(ck, progress, mmap, place)
         return _build(found.file, ck.skeleton, tensors, place, tree=ck.has_tree), ck.metadata
 
 
@@ -451,15 +451,19 @@ def _check_mappable(found: kinds.Detected) -> None:
     )
 
 
-def _read_all(ck: Checkpoint, progress: Callable[[int], None] | None, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of ``ck`` (checksums verified), in ~64 MiB batches when progress is reported."""
+def _read_all(
+    ck: Checkpoint, progress: Callable[[int], None] | None, mmap: bool = False, place: Placer | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``ck`` (checksums verified), in ~64 MiB batches when progress is reported;
+    straight to the CUDA device ``place`` sends everything to, when it does (staged, no host copy)."""
     if mmap:  # views of a private map of the file, checked before they are made
         out = map_tensors(ck)
         if progress is not None:
             progress(sum(s.nbytes for s in ck.header.tensors.values()))
         return out
+    device = _cuda_target(place)
     if progress is None:
-        return ck.read()
+        return ck.read(device=device)
     out: dict[str, torch.Tensor] = {}
     batch: list[str] = []
     size = 0
@@ -468,10 +472,18 @@ def _read_all(ck: Checkpoint, progress: Callable[[int], None] | None, mmap: bool
         batch.append(spec.name)
         size += spec.nbytes
         if size >= _BATCH or i == len(specs) - 1:
-            out.update(ck.read(batch))
+            out.update(ck.read(batch, device=device))
             progress(size)
             batch, size = [], 0
     return out
+
+
+def _cuda_target(place: Placer | None) -> torch.device | None:
+    """The CUDA device every tensor goes to, where it exists here (else the placer reports the failure)."""
+    device = fixed_device(place)
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return device if device.index is None or device.index < torch.cuda.device_count() else None
 
 
 def _build(
@@ -512,7 +524,7 @@ def _read_sharded(
                 continue
             with Checkpoint(root / fname, verify=verify) as ck:
                 found.check_shard(fname, ck.keys())
-                got = _read_all(ck, progress, mmap)
+                got = _read_all(ck, progress, mmap, place)
                 tensors.update((n, got[n]) for n in wanted)
     meta = index.metadata
     raw_user = meta.get(USER_KEY)

@@ -1,0 +1,202 @@
+"""Reads into device memory through host staging buffers (:mod:`torchkeep.staging`).
+
+The CUDA path preads each chunk into a page-locked buffer of the reading thread, hashes it
+there, and copies it to the device while the thread fills its second buffer. Without a GPU, the
+same code runs with host destinations routed through the staging buffers (``reader._stage_host``):
+chunking, runs of small tensors, hashing, copies out, errors. The CUDA tests run where a GPU is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+import torchkeep as tk
+from torchkeep import reader, staging
+from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def staged(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Host destinations go through Stage buffers of 64 KiB (runs of small tensors: up to 16 KiB);
+    returns the byte counts sent out of them."""
+    sent: list[int] = []
+    send = staging.Stage.send
+
+    def counted(self: staging.Stage, dst: torch.Tensor, src: torch.Tensor) -> None:
+        sent.append(src.numel())
+        send(self, dst, src)
+
+    monkeypatch.setattr(staging.Stage, "send", counted)
+    monkeypatch.setattr(reader, "_stage_host", True)
+    monkeypatch.setattr(staging, "STAGE", 64 << 10)
+    monkeypatch.setattr(reader, "STAGE", 64 << 10)
+    monkeypatch.setattr(reader, "_SMALL", 8 << 10)
+    monkeypatch.setattr(reader, "_RUN", 16 << 10)
+    return sent
+
+
+def _tree() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tree = {f"small{i}": torch.randn(i * 37 + 1, generator=g) for i in range(60)}  # runs of adjacent tensors
+    tree["mid"] = torch.randn(5_000, generator=g)  # above _SMALL, within one staging buffer
+    tree["big"] = torch.randn(100_003, generator=g)  # ~400 KB: many staging buffers, a ragged last chunk
+    tree["half"] = torch.randn(3_000, generator=g).to(torch.bfloat16)
+    tree["mask"] = torch.rand(999, generator=g) > 0.5
+    tree["empty"] = torch.empty(0, 3)
+    tree["scalar"] = torch.tensor(7)
+    return tree
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def test_a_staged_load_is_exact(tmp_path: Path, staged: list[int]) -> None:
+    tree = _tree()
+    path = tk.save(tree, tmp_path / "c.safetensors")
+    got = tk.load(path)
+    assert list(got) == list(tree)
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tree.items())
+    assert sum(staged) == sum(t.nbytes for t in tree.values())  # every byte went through a staging buffer
+    assert max(staged) == 64 << 10  # the big tensor in full buffers
+
+
+@pytest.mark.usefixtures("staged")
+@pytest.mark.parametrize("where", ["run", "big_first_chunk", "big_last_byte"])
+def test_a_flipped_bit_in_a_staged_read_is_refused(tmp_path: Path, where: str) -> None:
+    tree = _tree()
+    path = tk.save(tree, tmp_path / "c.safetensors")
+    with tk.open(path) as ck:
+        base = ck.header.size
+        spec = ck.header.tensors["big" if where.startswith("big") else "small30"]
+    _flip(path, base + (spec.end - 1 if where == "big_last_byte" else spec.start))
+    with pytest.raises(ChecksumMismatchError, match="'big'" if where.startswith("big") else "'small30'"):
+        tk.load(path)
+
+
+@pytest.mark.usefixtures("staged")
+def test_a_staged_read_cut_short_is_a_typed_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tk.save(_tree(), tmp_path / "c.safetensors")
+    original = reader.read_into
+
+    def truncate_then_read(fd: int, offset: int, bufs: Any) -> Any:
+        os.truncate(path, path.stat().st_size // 2)
+        return original(fd, offset, bufs)
+
+    monkeypatch.setattr(reader, "read_into", truncate_then_read)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        tk.load(path)
+
+
+def test_restore_and_load_into_through_staging_write_into_the_live_tensors(tmp_path: Path, staged: list[int]) -> None:
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
+    opt = torch.optim.Adam(saved.parameters())
+    saved(torch.randn(2, 300)).sum().backward()
+    opt.step()
+    path = tk.save({"model": saved, "optimizer": opt}, tmp_path / "c.safetensors")
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
+    opt2 = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 300)).sum().backward()
+    opt2.step()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    tk.restore(path, {"model": model, "optimizer": opt2})
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved.parameters(), strict=True))
+    for s1, s2 in zip(opt2.state.values(), opt.state.values(), strict=True):
+        assert all(torch.equal(s1[k], s2[k]) for k in s2)
+    assert sum(staged) >= 3 * sum(p.nbytes for p in saved.parameters())  # weights, exp_avg, exp_avg_sq
+    other = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
+    assert tk.load_into(other, path, key="model").ok
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), saved.parameters(), strict=True))
+
+
+class _Event:
+    """A stand-in CUDA event: records when it is waited on."""
+
+    log: ClassVar[list[tuple[str, int]]] = []
+    count = 0
+
+    def __init__(self) -> None:
+        _Event.count += 1
+        self.n = _Event.count
+
+    def record(self, stream: Any = None) -> None:
+        _Event.log.append(("record", self.n))
+
+    def synchronize(self) -> None:
+        _Event.log.append(("wait", self.n))
+
+
+def test_a_staging_buffer_is_refilled_only_after_the_copy_out_of_it_finished(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    st = staging.Stage(torch.device("cpu"))
+    st.cuda = True  # the CUDA bookkeeping, with stand-in events (copies stay synchronous on the CPU)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    _Event.log, _Event.count = [], 0
+    dst = torch.zeros(8, dtype=torch.uint8)
+    first, view = st.take()
+    view[:4] = b"abcd"
+    st.send(dst[:4], first[:4])
+    st.sent()  # event 1 fences buffer 0
+    second, view = st.take()  # buffer 1: nothing in flight, no wait
+    assert second.data_ptr() != first.data_ptr() and _Event.log == [("record", 1)]
+    view[:4] = b"efgh"
+    st.send(dst[4:], second[:4])
+    st.sent()  # event 2 fences buffer 1
+    again, _ = st.take()  # buffer 0 again: its copy must have finished first
+    assert again.data_ptr() == first.data_ptr() and _Event.log[-1] == ("wait", 1)
+    st.drain()  # waits for what is still in flight (event 2), once
+    assert _Event.log[-1] == ("wait", 2) and _Event.log.count(("wait", 2)) == 1
+    assert bytes(dst.numpy()) == b"abcdefgh"
+
+
+@pytest.mark.cuda
+@cuda
+def test_load_to_cuda_reads_through_staging_exactly(tmp_path: Path) -> None:
+    tree = _tree()
+    tree["huge"] = torch.randn(3 << 20)  # 12 MiB: several staging buffers
+    path = tk.save(tree, tmp_path / "c.safetensors")
+    got = tk.load(path, map_location="cuda")
+    assert all(got[k].is_cuda and torch.equal(got[k].cpu(), v) for k, v in tree.items())
+    with tk.open(path) as ck:
+        at = ck.header.size + ck.header.tensors["huge"].end - 1
+    _flip(path, at)
+    with pytest.raises(ChecksumMismatchError, match="'huge'"):
+        tk.load(path, map_location="cuda")
+
+
+@pytest.mark.cuda
+@cuda
+def test_restore_and_load_into_write_straight_into_cuda_tensors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved = torch.nn.Sequential(torch.nn.Linear(1000, 1500), torch.nn.Linear(1500, 3)).cuda()
+    opt = torch.optim.Adam(saved.parameters())
+    saved(torch.randn(2, 1000, device="cuda")).sum().backward()
+    opt.step()
+    path = tk.save({"model": saved, "optimizer": opt}, tmp_path / "c.safetensors")
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1500), torch.nn.Linear(1500, 3)).cuda()
+    opt2 = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 1000, device="cuda")).sum().backward()
+    opt2.step()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    tk.restore(path, {"model": model, "optimizer": opt2})
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved.parameters(), strict=True))
+    for s1, s2 in zip(opt2.state.values(), opt.state.values(), strict=True):
+        assert all(torch.equal(s1[k], s2[k]) for k in s2)
+    other = torch.nn.Sequential(torch.nn.Linear(1000, 1500), torch.nn.Linear(1500, 3)).cuda()
+    assert tk.load_into(other, path, key="model").ok
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), saved.parameters(), strict=True))
