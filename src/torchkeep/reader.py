@@ -147,7 +147,7 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
             queue.append(idx)
     failed: list[BaseException] = []
 
-    def work() -> None:
+    def pull() -> None:
         while queue and not failed:
             try:
                 unit = queue.popleft()
@@ -183,8 +183,13 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
             except BaseException as e:
                 failed.append(e)
                 raise
-        for stage in local.__dict__.get("stages", {}).values():
-            stage.drain()
+
+    def work() -> None:
+        try:
+            pull()
+        finally:  # every copy to a device has landed before the read returns or raises
+            for stage in local.__dict__.get("stages", {}).values():
+                stage.drain()
 
     threads = min(read_threads(), len(queue) + sum(j.count for _, j in splits))
     if threads > 1:
