@@ -18,6 +18,7 @@ import torch
 import torchkeep as tk
 from torchkeep import reader, staging
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
+from torchkeep.format.header import TensorSpec
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -142,10 +143,9 @@ def test_a_staging_buffer_is_refilled_only_after_the_copy_out_of_it_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     st = staging.Stage(torch.device("cpu"))
-    st.cuda = True  # the CUDA bookkeeping, with stand-in events (copies stay synchronous on the CPU)
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     _Event.log, _Event.count = [], 0
+    st.cuda, st.events = True, [_Event(), _Event()]  # the CUDA bookkeeping with stand-in events
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     dst = torch.zeros(8, dtype=torch.uint8)
     first, view = st.take()
     view[:4] = b"abcd"
@@ -161,6 +161,27 @@ def test_a_staging_buffer_is_refilled_only_after_the_copy_out_of_it_finished(
     st.drain()  # waits for what is still in flight (event 2), once
     assert _Event.log[-1] == ("wait", 2) and _Event.log.count(("wait", 2)) == 1
     assert bytes(dst.numpy()) == b"abcdefgh"
+
+
+def test_a_run_of_small_tensors_stays_on_one_device() -> None:
+    specs = [TensorSpec(f"t{i}", "F32", (4,), 16 * i, 16 * i + 16) for i in range(5)]
+    host = memoryview(bytearray(16))
+    cpu, meta = torch.empty(16, dtype=torch.uint8), torch.empty(16, dtype=torch.uint8, device="meta")
+    units = reader._units(specs, [host, host, cpu, meta, meta])
+    assert sorted(sorted(idx) for _, idx in units) == [[0, 1], [2], [3, 4]]  # adjacent, but split by place
+
+
+def test_a_failed_copy_to_the_device_fails_the_read(
+    tmp_path: Path, staged: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tk.save(_tree(), tmp_path / "c.safetensors")
+
+    def broken(self: staging.Stage) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(staging.Stage, "drain", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tk.load(path)
 
 
 @pytest.mark.cuda

@@ -91,9 +91,14 @@ class _Split:
         return self.state.hexdigest() if self.state is not None else ""
 
 
+def _where(b: Dest) -> torch.device | None:
+    """The device a destination is on (``None``: host memory read into directly); one run, one place."""
+    return None if isinstance(b, memoryview) else b.device
+
+
 def _units(specs: list[TensorSpec], bufs: list[Dest]) -> list[tuple[int, list[int]]]:
     """``(bytes, tensor indices)`` work units: a large tensor alone, or a run of small ones adjacent
-    in the file (all in host memory, or all on devices); largest first, so that the threads
+    in the file (all in host memory, or all on one device); largest first, so that the threads
     pulling from one queue finish together."""
     units: list[tuple[int, list[int]]] = []
     run: list[int] = []
@@ -104,7 +109,7 @@ def _units(specs: list[TensorSpec], bufs: list[Dest]) -> list[tuple[int, list[in
         if n >= _SMALL:
             units.append((n, [i]))
             continue
-        mixed = run and type(b) is not type(bufs[run[0]])
+        mixed = run and _where(b) != _where(bufs[run[0]])
         if run and (s.start != end or size + n > _RUN or len(run) >= _IOV or mixed):
             units.append((size, run))
             run, size = [], 0
@@ -189,7 +194,10 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
             pull()
         finally:  # every copy to a device has landed before the read returns or raises
             for stage in local.__dict__.get("stages", {}).values():
-                stage.drain()
+                try:
+                    stage.drain()
+                except BaseException as e:  # a copy that failed on the device fails the read
+                    failed.append(e)
 
     threads = min(read_threads(), len(queue) + sum(j.count for _, j in splits))
     if threads > 1:
@@ -295,7 +303,7 @@ class Checkpoint(HeaderFile):
         keys: Iterable[str] | None = None,
         *,
         into: Mapping[str, torch.Tensor] | None = None,
-        device: torch.device | None = None,
+        device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Read the named tensors (all when ``None``), verifying each checksum as its bytes arrive.
 
@@ -321,6 +329,7 @@ class Checkpoint(HeaderFile):
         )
         out: dict[str, torch.Tensor] = {}
         bufs: list[Dest] = []
+        device = torch.device(device) if device is not None else None
         fresh_on = device if device is not None and device.type != "cpu" else None
         for s in specs:
             t = into.get(s.name) if into else None
@@ -335,7 +344,9 @@ class Checkpoint(HeaderFile):
                 bufs.append(_checked_target(self.path, s, t))
             out[s.name] = t
         for dev in {b.device for b in bufs if isinstance(b, torch.Tensor) and b.is_cuda}:
-            torch.cuda.current_stream(dev).synchronize()  # the caller's queued work on the targets comes first
+            # work queued on the targets, on any stream of the device, comes first: the copies go
+            # on the reading threads' own (default) streams, which do not wait for other streams
+            torch.cuda.synchronize(dev)
         sums = self.header.checksums if self.verify else None
         try:
             digests = read_hashed(self._fd, self.header.size, specs, bufs, hashed=sums is not None)

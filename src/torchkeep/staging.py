@@ -50,6 +50,9 @@ class Stage:
         self.device = device
         self.bufs = [torch.empty(STAGE, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
         self.views = [buffer_of(b) for b in self.bufs]
+        # one event per buffer, re-recorded for each fill; blocking: a waiting thread sleeps
+        # instead of spinning on a core the other readers need
+        self.events = [torch.cuda.Event(blocking=True) for _ in range(2)] if self.cuda else []
         self.fences: list[Any] = [None, None]
         self.k = 1
 
@@ -63,19 +66,30 @@ class Stage:
         return self.bufs[self.k], self.views[self.k]
 
     def send(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy ``src`` (a slice of the buffer last taken) into ``dst`` (device bytes)."""
+        """Copy ``src`` (a slice of the buffer last taken) into ``dst`` (bytes on this stage's device)."""
+        if dst.device != self.device:
+            raise ValueError(f"a staging buffer for {self.device} cannot send to {dst.device}")
         dst.copy_(src, non_blocking=self.cuda)
 
     def sent(self) -> None:
         """Every copy out of the buffer last taken is issued: fence it."""
         if self.cuda:
-            event = torch.cuda.Event()
+            event = self.events[self.k]
             event.record(torch.cuda.current_stream(self.device))
             self.fences[self.k] = event
 
     def drain(self) -> None:
-        """Wait for every copy issued: the device holds the bytes, both buffers are free."""
+        """Wait for every copy issued: the device holds the bytes, both buffers are free.
+
+        Both fences are waited for even if the first raises (a failed copy); then it re-raises.
+        """
+        error: BaseException | None = None
         for i, fence in enumerate(self.fences):
             if fence is not None:
-                fence.synchronize()
                 self.fences[i] = None
+                try:
+                    fence.synchronize()
+                except BaseException as e:
+                    error = error or e
+        if error is not None:
+            raise error
