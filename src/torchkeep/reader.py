@@ -91,11 +91,6 @@ class _Split:
         return self.state.hexdigest() if self.state is not None else ""
 
 
-def _where(b: Dest) -> torch.device | None:
-    """The device a destination is on (``None``: host memory read into directly); one run, one place."""
-    return None if isinstance(b, memoryview) else b.device
-
-
 def _units(specs: list[TensorSpec], bufs: list[Dest]) -> list[tuple[int, list[int]]]:
     """``(bytes, tensor indices)`` work units: a large tensor alone, or a run of small ones adjacent
     in the file (all in host memory, or all on one device); largest first, so that the threads
@@ -104,15 +99,17 @@ def _units(specs: list[TensorSpec], bufs: list[Dest]) -> list[tuple[int, list[in
     run: list[int] = []
     size = 0
     end = -1
+    here: torch.device | None = None
     for i, (s, b) in enumerate(zip(specs, bufs, strict=True)):
         n = b.nbytes
         if n >= _SMALL:
             units.append((n, [i]))
             continue
-        mixed = run and _where(b) != _where(bufs[run[0]])
-        if run and (s.start != end or size + n > _RUN or len(run) >= _IOV or mixed):
+        place = None if type(b) is memoryview else b.device  # type: ignore[union-attr]
+        if run and (s.start != end or size + n > _RUN or len(run) >= _IOV or place != here):
             units.append((size, run))
             run, size = [], 0
+        here = place
         run.append(i)
         size += n
         end = s.end
