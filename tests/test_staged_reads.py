@@ -98,28 +98,36 @@ def test_a_staged_read_cut_short_is_a_typed_error(tmp_path: Path, monkeypatch: p
         tk.load(path)
 
 
-def test_restore_and_load_into_through_staging_write_into_the_live_tensors(tmp_path: Path, staged: list[int]) -> None:
-    torch.manual_seed(0)
-    saved = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
-    opt = torch.optim.Adam(saved.parameters())
-    saved(torch.randn(2, 300)).sum().backward()
+def _trained(seed: int, device: str, width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.Linear(2 * width, 3)).to(device)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, width, device=device)).sum().backward()
     opt.step()
+    return model, opt
+
+
+def _restore_then_load_into(tmp_path: Path, device: str, width: int) -> torch.nn.Module:
+    """Restore into a model + Adam that stepped on ``device``, then ``load_into`` a fresh model:
+    both exact, the restored parameters still at their addresses. Returns the saved model."""
+    saved, opt = _trained(0, device, width)
     path = tk.save({"model": saved, "optimizer": opt}, tmp_path / "c.safetensors")
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
-    opt2 = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 300)).sum().backward()
-    opt2.step()
+    model, opt2 = _trained(1, device, width)
     ptrs = [p.data_ptr() for p in model.parameters()]
     tk.restore(path, {"model": model, "optimizer": opt2})
     assert [p.data_ptr() for p in model.parameters()] == ptrs
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved.parameters(), strict=True))
     for s1, s2 in zip(opt2.state.values(), opt.state.values(), strict=True):
         assert all(torch.equal(s1[k], s2[k]) for k in s2)
-    assert sum(staged) >= 3 * sum(p.nbytes for p in saved.parameters())  # weights, exp_avg, exp_avg_sq
-    other = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 3))
+    other = _trained(2, device, width)[0]
     assert tk.load_into(other, path, key="model").ok
     assert all(torch.equal(a, b) for a, b in zip(other.parameters(), saved.parameters(), strict=True))
+    return saved
+
+
+def test_restore_and_load_into_through_staging_write_into_the_live_tensors(tmp_path: Path, staged: list[int]) -> None:
+    saved = _restore_then_load_into(tmp_path, "cpu", 300)
+    assert sum(staged) >= 4 * sum(p.nbytes for p in saved.parameters())  # restore x3 (Adam), load_into x1
 
 
 class _Event:
@@ -202,22 +210,4 @@ def test_load_to_cuda_reads_through_staging_exactly(tmp_path: Path) -> None:
 @pytest.mark.cuda
 @cuda
 def test_restore_and_load_into_write_straight_into_cuda_tensors(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    saved = torch.nn.Sequential(torch.nn.Linear(1000, 1500), torch.nn.Linear(1500, 3)).cuda()
-    opt = torch.optim.Adam(saved.parameters())
-    saved(torch.randn(2, 1000, device="cuda")).sum().backward()
-    opt.step()
-    path = tk.save({"model": saved, "optimizer": opt}, tmp_path / "c.safetensors")
-    model = torch.nn.Sequential(torch.nn.Linear(1000, 1500), torch.nn.Linear(1500, 3)).cuda()
-    opt2 = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 1000, device="cuda")).sum().backward()
-    opt2.step()
-    ptrs = [p.data_ptr() for p in model.parameters()]
-    tk.restore(path, {"model": model, "optimizer": opt2})
-    assert [p.data_ptr() for p in model.parameters()] == ptrs
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved.parameters(), strict=True))
-    for s1, s2 in zip(opt2.state.values(), opt.state.values(), strict=True):
-        assert all(torch.equal(s1[k], s2[k]) for k in s2)
-    other = torch.nn.Sequential(torch.nn.Linear(1000, 1500), torch.nn.Linear(1500, 3)).cuda()
-    assert tk.load_into(other, path, key="model").ok
-    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), saved.parameters(), strict=True))
+    _restore_then_load_into(tmp_path, "cuda", 1000)
