@@ -3,9 +3,11 @@
 :func:`torchkeep.open` returns a :class:`Checkpoint`; :func:`torchkeep.load` uses one to read
 everything. Each tensor is read (``preadv``) straight into its destination, fresh memory
 (:mod:`torchkeep.alloc`) or a tensor the caller passes (``restore`` passes a model's live
-parameters), in chunks of 1 MiB, on several threads; each chunk is fed to the tensor's checksum right after it
-lands, while it is still in the CPU cache, so verifying costs no second pass over memory. The
-bytes hashed are the destination's own bytes: what was verified is what is used.
+parameters), in chunks of 1 MiB, on several threads; each chunk is fed to the tensor's
+checksum right after it lands, while it is still in the CPU cache, so verifying costs no second
+pass over memory. The bytes hashed are the destination's own bytes: what was verified is what
+is used. Device destinations are read through page-locked staging buffers
+(:mod:`torchkeep.staging`), hashed there, then copied.
 """
 
 from __future__ import annotations
@@ -129,9 +131,8 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
     Large tensors are read in ``_CHUNK`` pieces, each hashed right after it is read; runs of
     small adjacent tensors are read with one ``preadv`` and hashed inline. Work is split over
     :func:`~torchkeep.runtime.read_threads` threads by whole tensors (each tensor is hashed in
-    order by one thread), except tensors of ``_SPLIT`` bytes or more, which all threads read at
-    once (:class:`_Split`). Digests are
-    ``""`` when ``hashed`` is false.
+    order by one thread), except host tensors of ``_SPLIT`` bytes or more, which all threads
+    read at once (:class:`_Split`). Digests are ``""`` when ``hashed`` is false.
 
     Raises:
         EOFError: the file ended before a tensor's last byte.
@@ -165,8 +166,9 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
                 first = bufs[idx[0]]
                 if not isinstance(first, memoryview):
                     stages = local.__dict__.setdefault("stages", {})
-                    stage = stages.get(first.device) or stages.setdefault(first.device, Stage(first.device))
-                    _staged(fd, base, specs, bufs, idx, stage, digests, hashed)
+                    if first.device not in stages:
+                        stages[first.device] = Stage(first.device)
+                    _staged(fd, base, specs, bufs, idx, stages[first.device], digests, hashed)
                 elif len(idx) == 1 and first.nbytes >= _SMALL:
                     i = idx[0]
                     b, off = first, base + specs[i].start
