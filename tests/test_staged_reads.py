@@ -9,6 +9,8 @@ chunking, runs of small tensors, hashing, copies out, errors. The CUDA tests run
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -96,6 +98,42 @@ def test_a_staged_read_cut_short_is_a_typed_error(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(reader, "read_into", truncate_then_read)
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         tk.load(path)
+
+
+@pytest.mark.timeout(60)  # a lost turn would hang the readers: fail instead
+@pytest.mark.parametrize("damage", ["none", "first", "middle", "last", "truncated"])
+def test_a_large_device_tensor_is_read_by_every_thread_and_hashed_in_order(
+    tmp_path: Path, staged: list[int], monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setattr(reader, "_SPLIT", 128 << 10)
+    monkeypatch.setenv("TORCHKEEP_READ_THREADS", "3")
+    flat = torch.randn(300_007, generator=torch.Generator().manual_seed(3))  # 1.2 MB: 19 chunks, ragged last
+    path = tk.save({"flat": flat, "small": torch.arange(3)}, tmp_path / "c.safetensors")
+    with tk.open(path) as ck:
+        spec, base = ck.header.tensors["flat"], ck.header.size
+    threads: set[int] = set()
+    original = reader.read_into
+
+    def record(fd: int, offset: int, bufs: Any) -> Any:
+        threads.add(threading.get_ident())
+        time.sleep(0.001)  # every thread gets chunks
+        if damage == "truncated" and offset > base + spec.start + spec.nbytes // 2:
+            os.truncate(path, base + spec.start + spec.nbytes // 2)
+        return original(fd, offset, bufs)
+
+    monkeypatch.setattr(reader, "read_into", record)
+    if damage in ("first", "middle", "last"):
+        _flip(path, base + {"first": spec.start, "middle": spec.start + spec.nbytes // 2, "last": spec.end - 1}[damage])
+    if damage == "none":
+        got = tk.load(path)
+        assert torch.equal(got["flat"], flat) and len(threads) == 3
+        assert sum(staged) == flat.nbytes + 3 * 8
+    elif damage == "truncated":
+        with pytest.raises(CorruptCheckpointError, match="truncated"):
+            tk.load(path)
+    else:
+        with pytest.raises(ChecksumMismatchError, match="'flat'"):
+            tk.load(path)
 
 
 def _trained(seed: int, device: str, width: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
