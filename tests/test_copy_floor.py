@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -373,8 +374,12 @@ def test_read_threads_follow_the_cores_the_ranks_and_the_setting(monkeypatch: py
     assert runtime.read_threads() == 2  # one reads while the other hashes
     monkeypatch.setenv("TORCHKEEP_READ_THREADS", "3")
     assert runtime.read_threads() == 3
-    monkeypatch.setenv("TORCHKEEP_READ_THREADS", "lots")  # not a count: ignored
-    assert runtime.read_threads() == 2
+    monkeypatch.setenv("TORCHKEEP_READ_THREADS", "lots")  # not a count: ignored, said once
+    with pytest.warns(UserWarning, match="TORCHKEEP_READ_THREADS='lots' is not a count from 1 to 64"):
+        assert runtime.read_threads() == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.read_threads() == 2
 
 
 @pytest.mark.parametrize("threads", ["1", "5"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,6 +12,7 @@ __all__ = ["paused_gc", "read_threads"]
 
 #: Threads of one read, at most: past this, page-cache reads are bound by memory bandwidth, not cores.
 MAX_READ_THREADS = 8
+_warned: set[str] = set()  # TORCHKEEP_READ_THREADS values already warned about
 
 
 def read_threads() -> int:
@@ -28,6 +30,12 @@ def read_threads() -> int:
     forced = os.environ.get("TORCHKEEP_READ_THREADS", "").strip()
     if forced.isdigit() and 1 <= int(forced) <= 64:
         return int(forced)
+    if forced and forced not in _warned:
+        _warned.add(forced)
+        warnings.warn(
+            f"TORCHKEEP_READ_THREADS={forced!r} is not a count from 1 to 64; it is ignored (unset it, or set e.g. 4)",
+            stacklevel=2,
+        )
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
