@@ -3,6 +3,7 @@ its bytes as they land, fresh memory comes from :mod:`torchkeep.alloc`; integrit
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -405,3 +406,28 @@ def test_reads_are_exact_on_any_number_of_threads(
     assert all(torch.equal(got[k], v) for k, v in tree.items())
     assert len(seen) == int(threads)
     assert all(torch.equal(t, tree[k]) for k, t in tk.load(path, mmap=True).items())
+
+
+def test_an_interrupted_read_stops_its_threads_soon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reader, "_RUN", 4096)  # many small units
+    tree = {f"t{i}": torch.full((1000,), float(i)) for i in range(400)}
+    path = tk.save(tree, tmp_path / "c.safetensors")
+    reads: list[int] = []
+    original = reader.read_into
+
+    def slow(fd: int, offset: int, bufs: Any) -> Any:
+        reads.append(offset)
+        time.sleep(0.002)
+        return original(fd, offset, bufs)
+
+    monkeypatch.setattr(reader, "read_into", slow)
+    calls = []
+
+    def interrupted(self: Any, timeout: Any = None) -> Any:  # Ctrl-C arrives while the caller waits
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures.Future, "exception", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tk.load(path)
+    assert calls and len(reads) < 40  # of 400: the readers stopped instead of reading everything

@@ -266,8 +266,12 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
     if threads > 1:
         with ThreadPoolExecutor(threads) as pool:
             futures = [pool.submit(work) for _ in range(threads)]
-            for f in futures:
-                f.exception()
+            try:
+                for f in futures:
+                    f.exception()
+            except BaseException as e:  # Ctrl-C while waiting: the readers stop at their next piece
+                failed.append(e)
+                raise
     else:
         work()
     if failed:
