@@ -45,6 +45,7 @@ def readable_into(dst: Any, src: Any) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_LEAVES = frozenset({int, float, str, bool, type(None)})
 
 
 def disjoint(chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,16 +130,27 @@ def adopt(current: Any, loaded: Any) -> Any:
     """Copy ``loaded`` (tensors read from a checkpoint) into the tensors of ``current`` where they match.
 
     ``current`` is a target's ``state_dict()`` (an optimizer's holds its live state
-    tensors); where a path exists in both with the same shape, dtype and a CPU
-    contiguous tensor, the values are copied into the existing memory and that tensor
-    goes into the result, so ``load_state_dict`` keeps it without another copy.
-    Everything else goes into the result as loaded (in memory of its own already).
+    tensors); where a path exists in both with the same shape, dtype and a contiguous CPU
+    or CUDA tensor, the values are copied into the existing memory (nothing to copy where
+    the read already landed there) and that tensor goes into the result, so
+    ``load_state_dict`` keeps it without another copy. Everything else goes into the result
+    as loaded (in memory of its own already).
+
+    Example:
+        >>> live = torch.zeros(2)
+        >>> out = adopt({"state": {0: {"m": live}}}, {"state": {0: {"m": torch.ones(2), "lr": 0.1}}})
+        >>> out["state"][0]["m"] is live, live.tolist(), out["state"][0]["lr"]
+        (True, [1.0, 1.0], 0.1)
     """
-    live = {p: t for p, t in tensor_items(current) if t.device.type == "cpu" and t.is_contiguous()}
+    live = {p: t for p, t in tensor_items(current) if (t.is_cpu or t.is_cuda) and t.is_contiguous()}
     used: set[int] = set()
+    Tensor = torch.Tensor
 
     def walk(node: Any, prefix: tuple[Any, ...]) -> Any:
-        if isinstance(node, torch.Tensor):
+        kind = type(node)
+        if kind in _LEAVES:  # most nodes of an optimizer's state dict: hyperparameters, ids
+            return node
+        if isinstance(node, Tensor):
             dst = live.get(prefix)
             if dst is not None and id(dst) not in used and dst.shape == node.shape and dst.dtype == node.dtype:
                 used.add(id(dst))
@@ -147,13 +159,15 @@ def adopt(current: Any, loaded: Any) -> Any:
                         dst.copy_(node)
                 return dst
             return node
+        if kind is dict:
+            return {k: walk(v, (*prefix, k)) for k, v in node.items()}
         if isinstance(node, Mapping):
             return (
                 type(node)((k, walk(v, (*prefix, k))) for k, v in node.items())
                 if isinstance(node, dict)
                 else {k: walk(v, (*prefix, k)) for k, v in node.items()}
             )
-        if isinstance(node, list):
+        if kind is list or isinstance(node, list):
             return [walk(v, (*prefix, i)) for i, v in enumerate(node)]
         if isinstance(node, tuple):
             return tuple(walk(v, (*prefix, i)) for i, v in enumerate(node))
