@@ -362,13 +362,21 @@ def test_a_split_tensor_cut_short_is_a_typed_error(tmp_path: Path, monkeypatch: 
         tk.load(path)
 
 
-def test_read_threads_follow_the_cores_the_ranks_and_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_threads_follow_the_cores_the_ranks_and_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torchkeep import runtime
 
     monkeypatch.delenv("TORCHKEEP_READ_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "CPU_MAX", str(tmp_path / "cpu.max"))  # no cgroup limit: no such file
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(32)))
     assert runtime.read_threads() == runtime.MAX_READ_THREADS  # bounded: memory bandwidth, not cores
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # a cgroup without a limit
+    assert runtime.read_threads() == runtime.MAX_READ_THREADS
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # a container limited to 2.5 CPUs: 3 threads
+    assert runtime.read_threads() == 3
+    (tmp_path / "cpu.max").unlink()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's ranks on this machine share its cores
     assert runtime.read_threads() == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})

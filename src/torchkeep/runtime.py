@@ -18,9 +18,10 @@ _warned: set[str] = set()  # TORCHKEEP_READ_THREADS values already warned about
 def read_threads() -> int:
     """How many threads a read (``preadv`` + checksum) of one checkpoint uses.
 
-    The cores this process may run on (its CPU affinity), shared with the other ranks that
-    ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), at least 2 (one thread reads
-    while the other hashes) and at most :data:`MAX_READ_THREADS`. ``TORCHKEEP_READ_THREADS=N``
+    The cores this process may run on (its CPU affinity, and its container's CPU limit where
+    cgroup v2 sets one), shared with the other ranks that ``torchrun`` started on this machine
+    (``LOCAL_WORLD_SIZE``), at least 2 (one thread reads while the other hashes) and at most
+    :data:`MAX_READ_THREADS`. ``TORCHKEEP_READ_THREADS=N``
     sets it (1 to 64).
 
     Example:
@@ -40,9 +41,27 @@ def read_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 2
+    quota = _cpu_quota()
+    if quota is not None:  # a container's CPU limit (Kubernetes, docker --cpus): more threads would be throttled
+        cores = min(cores, quota)
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     ranks = int(local) if local.isdigit() and int(local) > 0 else 1
     return max(2, min(MAX_READ_THREADS, cores // ranks))
+
+
+CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" in microseconds, or "max <period>"
+
+
+def _cpu_quota() -> int | None:
+    """Whole CPUs this process's cgroup may use (rounded up), or ``None`` when it is not limited."""
+    try:
+        with open(CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 @contextmanager
