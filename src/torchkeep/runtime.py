@@ -21,8 +21,7 @@ def read_threads() -> int:
     The cores this process may run on (its CPU affinity, and its container's CPU limit where
     cgroup v2 sets one), shared with the other ranks that ``torchrun`` started on this machine
     (``LOCAL_WORLD_SIZE``), at least 2 (one thread reads while the other hashes) and at most
-    :data:`MAX_READ_THREADS`. ``TORCHKEEP_READ_THREADS=N``
-    sets it (1 to 64).
+    :data:`MAX_READ_THREADS`. ``TORCHKEEP_READ_THREADS=N`` sets it (1 to 64).
 
     Example:
         >>> 2 <= read_threads() <= MAX_READ_THREADS or "TORCHKEEP_READ_THREADS" in os.environ
