@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,6 +239,8 @@ def test_load_to_cuda_reads_through_staging_exactly(tmp_path: Path) -> None:
     path = tk.save(tree, tmp_path / "c.safetensors")
     got = tk.load(path, map_location="cuda")
     assert all(got[k].is_cuda and torch.equal(got[k].cpu(), v) for k, v in tree.items())
+    arrays = tk.load(tk.save({"w": torch.ones(3), "a": np.arange(4)}, tmp_path / "np.safetensors"), map_location="cuda")
+    assert arrays["w"].is_cuda and isinstance(arrays["a"], np.ndarray) and arrays["a"].tolist() == [0, 1, 2, 3]
     with tk.open(path) as ck:
         at = ck.header.size + ck.header.tensors["huge"].end - 1
     _flip(path, at)

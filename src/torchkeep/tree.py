@@ -475,8 +475,8 @@ def unflatten(
                 t = t.as_strided(shape, stride, t.storage_offset() + off)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise SkeletonError(f"bad view {str(view)[:80]} of {str(n['T'])[:80]!r}: {e}") from None
-        if n.get("np"):
-            return t.numpy()
+        if n.get("np"):  # a numpy array lives in host memory, wherever map_location sent the tensors
+            return (t if t.is_cpu else t.cpu()).numpy()
         if n.get("P"):
             return torch.nn.Parameter(t, requires_grad=bool(n.get("rg")))
         if n.get("rg") and (t.is_floating_point() or t.is_complex()):
