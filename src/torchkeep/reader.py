@@ -44,44 +44,60 @@ _IOV = 1024  # buffers per batch (IOV_MAX)
 Dest = memoryview | torch.Tensor  # host bytes, or a device tensor's bytes (read through a Stage)
 
 
-class _Split:
-    """One large tensor read by every thread at once: each claims the next chunk and reads it;
-    whoever completes the chunk at the hash frontier feeds it (and every completed chunk after
-    it) to the tensor's one checksum stream, in order. A lone huge tensor (a flat parameter
-    buffer, an embedding) so reads and faults in its memory on every core, not one."""
+class _Shared:
+    """One large tensor read by every thread at once, in ``piece``-byte chunks claimed in order;
+    its one checksum stream is fed in chunk order (``front``: chunks hashed so far)."""
 
-    def __init__(self, buf: memoryview, off: int, hashed: bool) -> None:
-        self.buf, self.off = buf, off
-        self.count = -(-buf.nbytes // _CHUNK)
+    def __init__(self, nbytes: int, off: int, piece: int, hashed: bool) -> None:
+        self.off, self.piece = off, piece
+        self.count = -(-nbytes // piece)
         self.claimed = 0
-        self.done = [False] * self.count
-        self.front = 0  # chunks hashed so far
-        self.hashing = False
+        self.front = 0
         self.state = HashState() if hashed else None
-        self.lock = threading.Lock()
+        self.turn = threading.Condition()
 
     def open(self) -> bool:
         return self.claimed < self.count
 
+    def claim(self) -> int | None:
+        """The next chunk to read, or ``None`` when every chunk is taken."""
+        with self.turn:
+            c = self.claimed
+            if c >= self.count:
+                return None
+            self.claimed += 1
+            return c
+
+    def digest(self) -> str:
+        return self.state.hexdigest() if self.state is not None else ""
+
+
+class _Split(_Shared):
+    """A large tensor in host memory: each thread reads the chunks it claims straight into place;
+    whoever completes the chunk at the hash frontier feeds it (and every completed chunk after
+    it) to the checksum. A lone huge tensor (a flat parameter buffer, an embedding) so reads and
+    faults in its memory on every core, not one."""
+
+    def __init__(self, buf: memoryview, off: int, hashed: bool) -> None:
+        super().__init__(buf.nbytes, off, _CHUNK, hashed)
+        self.buf = buf
+        self.done = [False] * self.count
+        self.hashing = False
+
     def run(self, fd: int, failed: list[BaseException]) -> None:
         """Read (and hash, in order) chunks until none is left to claim, or another thread failed."""
-        while not failed:
-            with self.lock:
-                c = self.claimed
-                if c >= self.count:
-                    return
-                self.claimed += 1
+        while not failed and (c := self.claim()) is not None:
             read_into(fd, self.off + c * _CHUNK, [self.buf[c * _CHUNK : (c + 1) * _CHUNK]])
             self._hash_from(c)
 
     def _hash_from(self, c: int) -> None:
-        with self.lock:
+        with self.turn:
             self.done[c] = True
             if self.hashing or self.state is None:
                 return
             self.hashing = True
         while True:
-            with self.lock:
+            with self.turn:
                 c = self.front
                 if c >= self.count or not self.done[c]:
                     self.hashing = False
@@ -89,40 +105,25 @@ class _Split:
                 self.front += 1
             self.state.update(self.buf[c * _CHUNK : (c + 1) * _CHUNK])
 
-    def digest(self) -> str:
-        return self.state.hexdigest() if self.state is not None else ""
 
+class _DeviceSplit(_Shared):
+    """A large tensor on a device, read through the threads' staging buffers.
 
-class _DeviceSplit:
-    """One large tensor on a device read by every thread at once, through their staging buffers.
-
-    Each thread claims the next chunk and reads it into its own buffer; the chunks are hashed
-    in order (a thread waits for its chunk's turn: the bytes are in its buffer, which it needs
-    back), then each thread sends its chunk to the device. Reads and copies overlap across
-    threads; only the hashing is one at a time, and it is the fastest of the three.
+    Each thread reads the chunks it claims into its own buffer; the chunks are hashed in order
+    (a thread waits for its chunk's turn: the bytes are in its buffer, which it needs back),
+    then each thread sends its chunk to the device. Reads and copies overlap across threads;
+    only the hashing is one at a time, and it is the fastest of the three.
     """
 
     def __init__(self, dst: torch.Tensor, off: int, hashed: bool) -> None:
-        self.dst, self.off = dst, off
-        self.count = -(-dst.nbytes // STAGE)
-        self.claimed = 0
-        self.front = 0  # chunks hashed so far
+        super().__init__(dst.nbytes, off, STAGE, hashed)
+        self.dst = dst
         self.broken = False  # a thread failed: the others stop waiting for its turn
-        self.state = HashState() if hashed else None
-        self.turn = threading.Condition()
-
-    def open(self) -> bool:
-        return self.claimed < self.count
 
     def run(self, fd: int, failed: list[BaseException], stage: Stage) -> None:
         """Read, hash (in order) and send chunks until none is left to claim, or a thread failed."""
         try:
-            while not failed:
-                with self.turn:
-                    c = self.claimed
-                    if c >= self.count or self.broken:
-                        return
-                    self.claimed += 1
+            while not failed and not self.broken and (c := self.claim()) is not None:
                 lo = c * STAGE
                 n = min(STAGE, self.dst.nbytes - lo)
                 buf, view = stage.take()
@@ -144,9 +145,6 @@ class _DeviceSplit:
                 self.broken = True
                 self.turn.notify_all()
             raise
-
-    def digest(self) -> str:
-        return self.state.hexdigest() if self.state is not None else ""
 
 
 def _units(specs: list[TensorSpec], bufs: list[Dest]) -> list[tuple[int, list[int]]]:
@@ -194,8 +192,8 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
         EOFError: the file ended before a tensor's last byte.
     """
     digests = [""] * len(specs)
-    queue: deque[list[int] | _Split | _DeviceSplit] = deque()
-    splits: list[tuple[int, _Split | _DeviceSplit]] = []
+    queue: deque[list[int] | _Shared] = deque()
+    splits: list[tuple[int, _Shared]] = []
     local = threading.local()
     for n, idx in _units(specs, bufs):
         if n >= _SPLIT and len(idx) == 1:
@@ -221,13 +219,14 @@ def read_hashed(fd: int, base: int, specs: list[TensorSpec], bufs: list[Dest], *
             except IndexError:
                 return
             try:
-                if isinstance(unit, (_Split, _DeviceSplit)):  # left queued for the others while chunks remain
+                if isinstance(unit, _Shared):  # left queued for the others while chunks remain
                     if unit.open():
                         queue.appendleft(unit)
-                    if isinstance(unit, _Split):
-                        unit.run(fd, failed)
-                    else:
+                    if isinstance(unit, _DeviceSplit):
                         unit.run(fd, failed, stage_for(unit.dst.device))
+                    else:
+                        assert isinstance(unit, _Split)
+                        unit.run(fd, failed)
                     continue
                 idx = unit
                 first = bufs[idx[0]]
@@ -343,7 +342,14 @@ def _checked_target(path: Path, s: TensorSpec, t: torch.Tensor) -> Dest:
             f"a contiguous CPU or CUDA tensor of dtype {ST_TO_DTYPE[s.dtype]} and {s.nbytes} bytes (the stored "
             f"tensor in {path}), or leave {s.name!r} out of into=",
         )
-    return buffer_of(t.detach()) if t.is_cpu and not _stage_host else device_bytes(t)
+    return _bytes_of(t)
+
+
+def _bytes_of(t: torch.Tensor) -> Dest:
+    """Where a read puts ``t``'s bytes: a host view of them, or (on a device) the tensor read through a Stage."""
+    if t.is_cpu and not _stage_host:
+        return buffer_of(t.detach() if t.requires_grad else t)
+    return device_bytes(t)
 
 
 _stage_host = False  # tests set it: host destinations then go through a Stage too (the CUDA path's logic, on a CPU)
@@ -396,17 +402,19 @@ class Checkpoint(HeaderFile):
         )
         out: dict[str, torch.Tensor] = {}
         bufs: list[Dest] = []
-        device = torch.device(device) if device is not None else None
-        fresh_on = device if device is not None and device.type != "cpu" else None
+        fresh_on = torch.device(device) if device is not None else None
+        if fresh_on is not None and fresh_on.type == "cpu":
+            fresh_on = None
         for s in specs:
             t = into.get(s.name) if into else None
             if t is None:
-                if fresh_on is None:
-                    t = alloc.empty(s.shape, ST_TO_DTYPE[s.dtype])
-                    bufs.append(device_bytes(t) if _stage_host else buffer_of(t))
-                else:
-                    t = torch.empty(s.shape, dtype=ST_TO_DTYPE[s.dtype], device=fresh_on)
-                    bufs.append(device_bytes(t))
+                dtype = ST_TO_DTYPE[s.dtype]
+                t = (
+                    alloc.empty(s.shape, dtype)
+                    if fresh_on is None
+                    else torch.empty(s.shape, dtype=dtype, device=fresh_on)
+                )
+                bufs.append(_bytes_of(t))
             else:
                 bufs.append(_checked_target(self.path, s, t))
             out[s.name] = t
