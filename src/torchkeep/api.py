@@ -268,12 +268,12 @@ def restore(
 
     Every target is checked (keys, shapes, dtypes, optimizer groups) before any is
     modified, so a mismatch leaves your objects as they were. Tensors are then read
-    straight into the targets' existing contiguous CPU tensors (model parameters and
-    buffers, an optimizer's existing state), each chunk hashed right after it lands, so
-    a restore costs about one copy of the data. Everything else (tensors no target takes,
-    state of schedulers and other objects, targets on other devices) is read into memory
-    of its own and verified before any target is touched; untargeted tensors are
-    returned in that memory.
+    straight into the targets' existing contiguous CPU or CUDA tensors (model parameters
+    and buffers, an optimizer's existing state; CUDA through small page-locked buffers),
+    each chunk hashed right after it lands, so a restore costs about one copy of the data.
+    Everything else (tensors no target takes, state of schedulers and other objects,
+    targets on other devices) is read into memory of its own and verified before any
+    target is touched; untargeted tensors are returned in that memory.
 
     A checksum mismatch (a damaged file, or one rewritten in place while it is read) is
     always raised before ``restore`` returns; when it is found while reading into the
@@ -433,12 +433,9 @@ def _live_destinations(
             for p, src in tensor_items(sub):
                 offer(current.get(p), src)
     chosen = disjoint(chosen)  # two targets sharing memory would race: those keep the copying path
-    with torch.no_grad():
-        for k, dst in chosen.items():
-            if dst.is_cpu:
-                fresh[k].set_(dst.untyped_storage(), dst.storage_offset(), dst.shape, dst.stride())
-            else:  # a CUDA target: set_() cannot cross devices, a shallow .data swap can
-                fresh[k].data = dst.detach()
+    for k, dst in chosen.items():
+        # a shallow swap: the placeholder now shows dst's memory (on any device; set_() cannot cross devices)
+        fresh[k].data = dst.detach()
     return chosen
 
 
