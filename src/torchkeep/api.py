@@ -373,7 +373,8 @@ def _restore(
             stored.read(list(live), into=live)
         except CorruptCheckpointError as e:  # damaged, truncated or rewritten in place while read
             raise partly_overwritten(e) from None
-        results += [(tpath, _apply(target, sub, live=True)) for tpath, target, sub in found if _prechecked(target)]
+        read = {id(t) for t in live.values()}
+        results += [(tpath, _apply(target, sub, read=read)) for tpath, target, sub in found if _prechecked(target)]
         if place is None:
             tree: Any = views  # the placeholders now hold the verified bytes (or share the targets' memory)
         elif skeleton is None:
@@ -483,23 +484,24 @@ def _match_targets(
     return found
 
 
-def _apply(target: Any, sub: Any, *, live: bool = False) -> Any:
+def _apply(target: Any, sub: Any, *, read: set[int] | None = None) -> Any:
     """Load ``sub`` (tensors in memory of their own) into ``target``; returns what the returned tree shows for it.
 
-    ``live``: tensors of ``sub`` may already be an optimizer's own state tensors (read into them).
+    ``read``: ``id``s of the target's own tensors (parameters, buffers, optimizer state) the
+    checkpoint was read straight into; ``None`` when nothing was (they are not copied again).
     """
     if isinstance(target, torch.Generator):
         target.set_state(sub.get_state())
         return target
     if isinstance(target, torch.nn.Module):
         plan, report = sub
-        copy_plan(plan)  # validated above; what restore read straight into a parameter is not copied again
+        copy_plan(plan, skip=read)  # validated above; what restore read straight into a parameter is not copied again
         if not report.ok:
             warnings.warn(f"loaded what matched (strict=False): {report}", stacklevel=3)
         return target.state_dict()
     if isinstance(target, torch.optim.Optimizer):
         # the loaded tensors are memory of their own: the optimizer keeps them, no copy into its old state
-        target.load_state_dict(adopt(target.state_dict() if live else {}, sub))
+        target.load_state_dict(adopt(target.state_dict(), sub, read) if read is not None else adopt({}, sub))
         return target.state_dict()
     sub = adopt({}, sub)
     # schedulers pop keys from the dict they get: hand them a copy, keep ours intact

@@ -10,7 +10,7 @@ The steps, in order (nothing in the model changes before the last one):
    dtype-mismatched; raise if the load cannot be complete (``strict``) or matches too little
    (``min_matched``), with the options that make it pass (each one tried before it is offered);
 4. verify, then copy: a tensor stored whole, in the model tensor's dtype and shape, for a
-   contiguous CPU model tensor, has its checksum checked over a map of the file (no copy), then
+   contiguous CPU or CUDA model tensor, has its checksum checked over a map of the file (no copy), then
    is read straight into the model tensor and hashed again as it lands (what was verified is
    what is used: a file rewritten in place between the two raises, saying the model was partly
    overwritten); every other tensor is read into memory of its own, verified there, then copied.
@@ -37,7 +37,7 @@ from torchkeep.errors import (
     InvalidArgumentError,
     KeyMismatchError,
 )
-from torchkeep.mapped import disjoint, partly_overwritten, readable_into, same_memory
+from torchkeep.mapped import disjoint, partly_overwritten, readable_into
 from torchkeep.matching import (
     MIN_MATCHED,
     LoadReport,
@@ -202,7 +202,7 @@ def load_into(
     parameters and buffers (optimizers keep pointing at them; tied weights stay tied),
     each onto the device it already lives on. A damaged file is refused before the model
     changes: checksums are checked over a map of the file, then each tensor is read
-    straight into a contiguous CPU parameter of the stored dtype (one copy, hashed again as
+    straight into a contiguous CPU or CUDA parameter of the stored dtype (one copy, hashed again as
     the bytes land: a file rewritten in place meanwhile raises
     :class:`~torchkeep.errors.ChecksumMismatchError` saying the model was partly
     overwritten); other tensors are read and verified in memory of their own first.
@@ -320,7 +320,7 @@ def _direct_reads(
     plan: _Plan,
 ) -> dict[int, tuple[Callable[[list[str]], None], Callable[[dict[str, torch.Tensor]], None], dict[str, torch.Tensor]]]:
     """Per source file, ``{stored name: model tensor}`` that can be read straight into the model:
-    whole stored tensors (no views) into contiguous CPU tensors of their shape and dtype, each model
+    whole stored tensors (no views) into contiguous CPU or CUDA tensors of their shape and dtype, each model
     tensor and each stored tensor once (tied weights: the first), no two overlapping."""
     chosen: dict[str, torch.Tensor] = {}
     sources: dict[str, LazyTensor] = {}
@@ -394,5 +394,4 @@ def copy_plan(
             t = s.load() if isinstance(s, LazyTensor) else s
             if place is not None:
                 t = place(t, s.device if isinstance(s, LazyTensor) else str(s.device))
-            if not same_memory(dst, t):  # restore read it straight into this parameter already
-                dst.copy_(t)
+            dst.copy_(t)

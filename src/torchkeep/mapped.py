@@ -17,7 +17,7 @@ import torch
 
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError
 
-__all__ = ["adopt", "disjoint", "partly_overwritten", "readable_into", "same_memory", "tensor_items"]
+__all__ = ["adopt", "disjoint", "partly_overwritten", "readable_into", "tensor_items"]
 
 
 def readable_into(dst: Any, src: Any) -> bool:
@@ -84,17 +84,6 @@ def partly_overwritten(e: CorruptCheckpointError) -> CorruptCheckpointError:
     return out
 
 
-def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` are the same bytes (same address, dtype, shape and strides): copying one into the other is a no-op."""
-    return (
-        a.device == b.device
-        and a.data_ptr() == b.data_ptr()
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-    )
-
-
 def tensor_items(tree: Any) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
     """``(path, tensor)`` for every tensor in nested dicts (mappings), lists and tuples, in order.
 
@@ -126,13 +115,13 @@ def tensor_items(tree: Any) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
     return out
 
 
-def adopt(current: Any, loaded: Any) -> Any:
+def adopt(current: Any, loaded: Any, read: set[int] | frozenset[int] = frozenset()) -> Any:
     """Copy ``loaded`` (tensors read from a checkpoint) into the tensors of ``current`` where they match.
 
     ``current`` is a target's ``state_dict()`` (an optimizer's holds its live state
     tensors); where a path exists in both with the same shape, dtype and a contiguous CPU
-    or CUDA tensor, the values are copied into the existing memory (nothing to copy where
-    the read already landed there) and that tensor goes into the result, so
+    or CUDA tensor, the values are copied into the existing memory (not those whose ``id``
+    is in ``read``: the read landed there already) and that tensor goes into the result, so
     ``load_state_dict`` keeps it without another copy. Everything else goes into the result
     as loaded (in memory of its own already).
 
@@ -154,7 +143,7 @@ def adopt(current: Any, loaded: Any) -> Any:
             dst = live.get(prefix)
             if dst is not None and id(dst) not in used and dst.shape == node.shape and dst.dtype == node.dtype:
                 used.add(id(dst))
-                if not same_memory(dst, node):
+                if id(dst) not in read:
                     with torch.no_grad():
                         dst.copy_(node)
                 return dst
