@@ -94,8 +94,8 @@ class LazyTensor:
             so a later :meth:`load` hands out those very bytes; raises on damage. Shared by all
             tensors of a file.
         read_into: ``read_into({stored name: destination})`` reads stored tensors of the same file
-            straight into tensors the caller holds (contiguous CPU tensors of the stored shape and
-            dtype), each checksum verified as its bytes land (on a mismatch the destinations hold
+            straight into tensors the caller holds (contiguous CPU or CUDA tensors of the stored shape
+            and dtype), each checksum verified as its bytes land (on a mismatch the destinations hold
             part of the file); ``None`` for a view of a stored tensor or a source that cannot
             (legacy pickles, tensors in memory).
         precheck: ``precheck(stored_names)`` compares those tensors' checksums with their bytes in

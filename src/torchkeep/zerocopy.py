@@ -89,10 +89,7 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int | No
             assert want is not None  # checked above
             bufs = [buffer_of(own[s.name]) if s.name in own else whole[lo:hi] for s, lo, hi in full]
             views.extend(bufs)
-            n = threads or read_threads()
-            with ThreadPoolExecutor(n) as pool:
-                sums = Digests(bufs, pool, threads=n).result()
-            check_digests(hf.path, [s for s, _, _ in full], sums, want)
+            check_digests(hf.path, [s for s, _, _ in full], _digests(bufs, threads), want)
     except BaseException:
         _release(views)
         if mm is not None:
@@ -146,13 +143,18 @@ def check_mapped(hf: HeaderFile, names: list[str], *, threads: int | None = None
     whole = memoryview(mm)
     bufs = [whole[base + s.start : base + s.end] for s in specs]
     try:
-        n = threads or read_threads()
-        with ThreadPoolExecutor(n) as pool:
-            sums = Digests(bufs, pool, threads=n).result()
+        sums = _digests(bufs, threads)
     finally:
         _release([whole, *bufs])
         mm.close()
     check_digests(hf.path, specs, sums, want)
+
+
+def _digests(bufs: list[memoryview], threads: int | None) -> list[str]:
+    """The checksums of ``bufs`` over ``threads`` threads (default :func:`~torchkeep.runtime.read_threads`)."""
+    n = threads or read_threads()
+    with ThreadPoolExecutor(n) as pool:
+        return Digests(bufs, pool, threads=n).result()
 
 
 def _check_size(hf: HeaderFile, end: int) -> None:
