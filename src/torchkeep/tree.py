@@ -391,8 +391,8 @@ def flatten(obj: Any) -> Flat:
     return Flat(tensors=f.resolve(), skeleton=skeleton)
 
 
-def tensor_nodes(skeleton: Any) -> list[dict]:
-    """Every tensor node of a skeleton (for inspection), depth first."""
+def _nodes(skeleton: Any, hit: Callable[[dict], bool]) -> list[dict]:
+    """The dict nodes of a skeleton for which ``hit`` is true, depth first (not looking inside them)."""
     out: list[dict] = []
 
     def walk(n: Any) -> None:
@@ -400,7 +400,7 @@ def tensor_nodes(skeleton: Any) -> list[dict]:
             for v in n:
                 walk(v)
         elif isinstance(n, dict):
-            if "T" in n:
+            if hit(n):
                 out.append(n)
                 return
             for v in n.values():
@@ -410,6 +410,11 @@ def tensor_nodes(skeleton: Any) -> list[dict]:
     return out
 
 
+def tensor_nodes(skeleton: Any) -> list[dict]:
+    """Every tensor node of a skeleton (for inspection), depth first."""
+    return _nodes(skeleton, lambda n: "T" in n)
+
+
 def generator_keys(skeleton: Any) -> list[str]:
     """Stored names of the ``torch.Generator`` states in a skeleton (``{"G": dev, "s": {"T": key}}``).
 
@@ -417,20 +422,11 @@ def generator_keys(skeleton: Any) -> list[str]:
         >>> generator_keys({"d": {"rng": {"G": "cpu", "s": {"T": "rng/state"}}, "w": {"T": "w"}}})
         ['rng/state']
     """
-    out: list[str] = []
 
-    def walk(n: Any) -> None:
-        if isinstance(n, dict):
-            if "G" in n and isinstance(n.get("s"), dict) and isinstance(n["s"].get("T"), str):
-                out.append(n["s"]["T"])
-            for v in n.values():
-                walk(v)
-        elif isinstance(n, list):
-            for v in n:
-                walk(v)
+    def generator(n: dict) -> bool:
+        return "G" in n and isinstance(n.get("s"), dict) and isinstance(n["s"].get("T"), str)
 
-    walk(skeleton)
-    return out
+    return [n["s"]["T"] for n in _nodes(skeleton, generator)]
 
 
 def unflatten(
