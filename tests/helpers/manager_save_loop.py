@@ -26,6 +26,20 @@ from forkserver import serve
 import torchkeep as tk
 
 
+def _write_step(p: torch.Tensor, step: int) -> None:
+    """Fill ``p`` with ``arange + step``: every element encodes the step."""
+    with torch.no_grad():
+        p.copy_(torch.arange(p.numel(), dtype=torch.float32) + step)
+
+
+def _read_step(p: torch.Tensor, what: str) -> int:
+    """The step ``p`` encodes; raises AssertionError if its elements do not all agree (a torn state)."""
+    step = int(p[0].item())
+    want = torch.arange(p.numel(), dtype=torch.float32) + step
+    assert torch.equal(p.detach(), want), f"{what} is not a complete saved state"
+    return step
+
+
 class Model(torch.nn.Module):
     """Holds a parameter derived from the step, so a restore can be checked exactly."""
 
@@ -34,15 +48,11 @@ class Model(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(numel), requires_grad=False)
 
     def set_step(self, step: int) -> None:
-        with torch.no_grad():
-            self.w.copy_(torch.arange(self.w.numel(), dtype=torch.float32) + step)
+        _write_step(self.w, step)
 
     def step_of(self) -> int:
         """The step the parameter encodes; raises AssertionError if it is not a consistent one."""
-        step = int(self.w[0].item())
-        want = torch.arange(self.w.numel(), dtype=torch.float32) + step
-        assert torch.equal(self.w.detach(), want), "parameter is not a complete saved state"
-        return step
+        return _read_step(self.w, "parameter")
 
 
 class FrozenBaseModel(torch.nn.Module):
@@ -54,13 +64,10 @@ class FrozenBaseModel(torch.nn.Module):
         self.head = torch.nn.Parameter(torch.zeros(numel // 8))
 
     def set_step(self, step: int) -> None:
-        with torch.no_grad():
-            self.head.copy_(torch.arange(self.head.numel(), dtype=torch.float32) + step)
+        _write_step(self.head, step)
 
     def step_of(self) -> int:
-        step = int(self.head[0].item())
-        want = torch.arange(self.head.numel(), dtype=torch.float32) + step
-        assert torch.equal(self.head.detach(), want), "head is not a complete saved state"
+        step = _read_step(self.head, "head")
         base = torch.arange(self.base.numel(), dtype=torch.float32) * 0.5
         assert torch.equal(self.base.detach(), base), "base is not the saved base"
         return step
