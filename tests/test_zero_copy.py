@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 import torchkeep as tk
-from torchkeep import zerocopy
+from torchkeep import hashing, zerocopy
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, InvalidArgumentError
 from torchkeep.headers import HeaderFile
 
@@ -196,7 +196,7 @@ def test_a_flipped_bit_in_any_tensor_is_refused_and_nothing_is_returned(tmp_path
 def test_checksums_are_checked_before_any_tensor_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = tk.save({"a": torch.randn(300_000), "b": torch.randn(10)}, tmp_path / "c.safetensors")
     events: list[str] = []
-    real_result, real_frombuffer = zerocopy.Digests.result, torch.frombuffer
+    real_result, real_frombuffer = hashing.Digests.result, torch.frombuffer
 
     def result(self: Any) -> list[str]:
         events.append("hashed")
@@ -206,7 +206,7 @@ def test_checksums_are_checked_before_any_tensor_is_made(tmp_path: Path, monkeyp
         events.append("tensor")
         return real_frombuffer(*a, **k)
 
-    monkeypatch.setattr(zerocopy.Digests, "result", result)
+    monkeypatch.setattr(hashing.Digests, "result", result)
     monkeypatch.setattr(zerocopy.torch, "frombuffer", frombuffer)
     tk.load(p, mmap=True)
     assert events == ["hashed", "tensor", "tensor"]
@@ -225,7 +225,7 @@ def test_verify_false_does_not_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         def __init__(self, *a: Any, **k: Any) -> None:
             raise AssertionError("hashed")
 
-    monkeypatch.setattr(zerocopy, "Digests", NoHashing)
+    monkeypatch.setattr(hashing, "Digests", NoHashing)
     assert torch.equal(tk.load(p, mmap=True, verify=False)["w"], want)
     with pytest.raises(AssertionError, match="hashed"):  # the same load verifies by default
         tk.load(p, mmap=True)

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from torchkeep.format.header import digest
 
-__all__ = ["Digests"]
+__all__ = ["Digests", "digests_of"]
 
 LARGE = 1 << 20  # bytes from which a buffer is hashed in a pool thread
 
@@ -59,3 +59,14 @@ class Digests:
             for i, h in zip(indices, fut.result(), strict=True):
                 out[i] = h
         return out
+
+
+def digests_of(bufs: Sequence[memoryview], threads: int = 1) -> list[str]:
+    """The checksums of ``bufs``, now, in their order; large buffers over ``threads`` pool threads.
+
+    Example:
+        >>> digests_of([memoryview(b"abc"), memoryview(b"")]) == [digest(b"abc"), digest(b"")]
+        True
+    """
+    with ThreadPoolExecutor(threads) as pool:
+        return Digests(bufs, pool, threads=threads).result()

@@ -30,7 +30,6 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -52,7 +51,7 @@ from torchkeep.errors import (
 from torchkeep.format.header import parse_header
 from torchkeep.format.limits import view_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY
-from torchkeep.hashing import Digests
+from torchkeep.hashing import digests_of
 from torchkeep.legacy import load_legacy
 from torchkeep.placement import Placer, fixed_device
 from torchkeep.reader import Checkpoint
@@ -422,11 +421,9 @@ def read_buffer(data: bytes | bytearray | memoryview, label: str, *, place: Plac
         buffer_of(t)[:] = view[header.size + s.start : header.size + s.end]
         tensors[s.name] = t
     if verify and header.checksums is not None:
-        bufs = [buffer_of(tensors[s.name]) for s in specs]
-        with ThreadPoolExecutor(1) as pool:
-            for s, h in zip(specs, Digests(bufs, pool).result(), strict=True):
-                if h != header.checksums[s.name]:
-                    raise ChecksumMismatchError(label, s.name, header.checksums[s.name], h)
+        for s, h in zip(specs, digests_of([buffer_of(tensors[s.name]) for s in specs]), strict=True):
+            if h != header.checksums[s.name]:
+                raise ChecksumMismatchError(label, s.name, header.checksums[s.name], h)
     raw = header.metadata.get(TREE_KEY)
     try:
         skeleton = json.loads(raw) if raw is not None else None

@@ -33,7 +33,7 @@ from torchkeep.format.header import HeaderBuilder
 from torchkeep.format.limits import MAX_RANK, check_header_size, shape_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY, provenance, tree_json, user_json
 from torchkeep.format.shards import index_bytes, shard_names, split_shards
-from torchkeep.hashing import Digests
+from torchkeep.hashing import Digests, digests_of
 from torchkeep.runtime import paused_gc
 from torchkeep.storage.local import AtomicFile, fsync_dir, write_buffers
 from torchkeep.storage.paths import as_path
@@ -189,8 +189,7 @@ def stream_checksummed(
     """
     builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
     bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
-    with ThreadPoolExecutor(1) as pool:
-        head = builder.seal(Digests(bufs, pool).result())
+    head = builder.seal(digests_of(bufs))
     write(memoryview(head))
     for b in bufs:
         if b.nbytes:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -42,7 +41,7 @@ from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
 from torchkeep.errors import CorruptCheckpointError
 from torchkeep.format.dtypes import ITEMSIZE
 from torchkeep.format.header import TensorSpec
-from torchkeep.hashing import Digests
+from torchkeep.hashing import digests_of
 from torchkeep.headers import HeaderFile
 from torchkeep.reader import check_digests
 from torchkeep.runtime import read_threads
@@ -89,7 +88,7 @@ def map_tensors(hf: HeaderFile, *, verify: bool | None = None, threads: int | No
             assert want is not None  # checked above
             bufs = [buffer_of(own[s.name]) if s.name in own else whole[lo:hi] for s, lo, hi in full]
             views.extend(bufs)
-            check_digests(hf.path, [s for s, _, _ in full], _digests(bufs, threads), want)
+            check_digests(hf.path, [s for s, _, _ in full], digests_of(bufs, threads or read_threads()), want)
     except BaseException:
         _release(views)
         if mm is not None:
@@ -143,18 +142,11 @@ def check_mapped(hf: HeaderFile, names: list[str], *, threads: int | None = None
     whole = memoryview(mm)
     bufs = [whole[base + s.start : base + s.end] for s in specs]
     try:
-        sums = _digests(bufs, threads)
+        sums = digests_of(bufs, threads or read_threads())
     finally:
         _release([whole, *bufs])
         mm.close()
     check_digests(hf.path, specs, sums, want)
-
-
-def _digests(bufs: list[memoryview], threads: int | None) -> list[str]:
-    """The checksums of ``bufs`` over ``threads`` threads (default :func:`~torchkeep.runtime.read_threads`)."""
-    n = threads or read_threads()
-    with ThreadPoolExecutor(n) as pool:
-        return Digests(bufs, pool, threads=n).result()
 
 
 def _check_size(hf: HeaderFile, end: int) -> None:

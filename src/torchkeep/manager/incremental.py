@@ -60,7 +60,7 @@ from torchkeep.dtypes import DTYPE_TO_ST, buffer_of
 from torchkeep.errors import CorruptCheckpointError, TorchkeepError
 from torchkeep.format.meta import FORMAT_KEY, TREE_KEY, USER_KEY
 from torchkeep.format.shards import index_bytes, shard_names, split_shards
-from torchkeep.hashing import Digests
+from torchkeep.hashing import digests_of
 from torchkeep.manager import manifest, readback
 from torchkeep.manager.manifest import CheckpointInfo
 from torchkeep.manager.shardset import SHARDS_KEY, ShardSet, head_of, open_set
@@ -216,9 +216,7 @@ def _shape_key(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
 
 
 def _hash(tensors: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, Key]:
-    bufs = [buffer_of(tensors[n]) for n in names]
-    with ThreadPoolExecutor(2) as pool:
-        digests = Digests(bufs, pool, threads=2).result()
+    digests = digests_of([buffer_of(tensors[n]) for n in names], threads=2)
     return {n: (*_shape_key(tensors[n]), d) for n, d in zip(names, digests, strict=True)}
 
 
