@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from damage import flip
 
 import torchkeep as tk
 from torchkeep import alloc, reader
@@ -98,12 +99,6 @@ def test_restore_of_tied_and_viewed_tensors_takes_the_copying_path(tmp_path: Pat
     assert torch.equal(m.a, base[:6].view(2, 3)) and torch.equal(m.b, base[6:].view(2, 3))
 
 
-def _flip_last_data_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x10
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("how", ["load", "restore", "restore_sharded", "load_into"])
 def test_a_flipped_bit_is_refused_on_every_copying_path(tmp_path: Path, how: str) -> None:
     saved, saved_opt = _trained(0)
@@ -111,11 +106,11 @@ def test_a_flipped_bit_is_refused_on_every_copying_path(tmp_path: Path, how: str
     if how == "restore_sharded":
         index = _sharded(tmp_path, tree)
         shard = sorted(index.parent.glob("*-of-*.safetensors"))[-1]
-        _flip_last_data_byte(shard)
+        flip(shard, -1)
         path = index
     else:
         path = tk.save(tree if how != "load_into" else {"model": saved}, tmp_path / "c.safetensors")
-        _flip_last_data_byte(path)
+        flip(path, -1)
     model, opt = _trained(1)
     with pytest.raises(ChecksumMismatchError, match="checksum mismatch in tensor") as err:
         if how == "load":
@@ -152,7 +147,7 @@ def test_load_into_reads_straight_into_the_model(
 def test_load_into_with_a_cast_verifies_before_touching_the_model(tmp_path: Path) -> None:
     saved, _ = _trained(0)
     path = tk.save({"model": saved}, tmp_path / "c.safetensors")
-    _flip_last_data_byte(path)
+    flip(path, -1)
     model = _trained(1)[0].double()  # float64 parameters: every tensor is cast, so none is read in place
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ChecksumMismatchError, match="Nothing was loaded"):
@@ -337,10 +332,8 @@ def test_a_flipped_bit_in_a_split_tensor_is_refused(
     path = tk.save({"model": torch.nn.Linear(600, 500, bias=False)}, tmp_path / "c.safetensors")  # 1.2 MB weight
     with tk.open(path) as ck:
         start = ck.header.size
-    data = bytearray(path.read_bytes())
-    at = {"first": start, "middle": (start + len(data)) // 2, "last": len(data) - 1}[where]
-    data[at] ^= 0x01
-    path.write_bytes(bytes(data))
+    size = path.stat().st_size
+    flip(path, {"first": start, "middle": (start + size) // 2, "last": size - 1}[where], 0x01)
     with pytest.raises(ChecksumMismatchError, match="'model/weight'"):
         tk.load(path)
     with pytest.raises(ChecksumMismatchError, match="partly overwritten"):

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
+from damage import flip
 
 import torchkeep as tk
 from torchkeep import reader, staging
@@ -58,12 +59,6 @@ def _tree() -> dict[str, torch.Tensor]:
     return tree
 
 
-def _flip(path: Path, at: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0x04
-    path.write_bytes(bytes(data))
-
-
 def test_a_staged_load_is_exact(tmp_path: Path, staged: list[int]) -> None:
     tree = _tree()
     path = tk.save(tree, tmp_path / "c.safetensors")
@@ -82,7 +77,7 @@ def test_a_flipped_bit_in_a_staged_read_is_refused(tmp_path: Path, where: str) -
     with tk.open(path) as ck:
         base = ck.header.size
         spec = ck.header.tensors["big" if where.startswith("big") else "small30"]
-    _flip(path, base + (spec.end - 1 if where == "big_last_byte" else spec.start))
+    flip(path, base + (spec.end - 1 if where == "big_last_byte" else spec.start), 0x04)
     with pytest.raises(ChecksumMismatchError, match="'big'" if where.startswith("big") else "'small30'"):
         tk.load(path)
 
@@ -124,7 +119,11 @@ def test_a_large_device_tensor_is_read_by_every_thread_and_hashed_in_order(
 
     monkeypatch.setattr(reader, "read_into", record)
     if damage in ("first", "middle", "last"):
-        _flip(path, base + {"first": spec.start, "middle": spec.start + spec.nbytes // 2, "last": spec.end - 1}[damage])
+        flip(
+            path,
+            base + {"first": spec.start, "middle": spec.start + spec.nbytes // 2, "last": spec.end - 1}[damage],
+            0x04,
+        )
     if damage == "none":
         got = tk.load(path)
         assert torch.equal(got["flat"], flat) and len(threads) == 3
@@ -243,7 +242,7 @@ def test_load_to_cuda_reads_through_staging_exactly(tmp_path: Path) -> None:
     assert arrays["w"].is_cuda and isinstance(arrays["a"], np.ndarray) and arrays["a"].tolist() == [0, 1, 2, 3]
     with tk.open(path) as ck:
         at = ck.header.size + ck.header.tensors["huge"].end - 1
-    _flip(path, at)
+    flip(path, at, 0x04)
     with pytest.raises(ChecksumMismatchError, match="'huge'"):
         tk.load(path, map_location="cuda")
 

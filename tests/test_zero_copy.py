@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from damage import flip
 from safetensors.torch import save_file
 
 import torchkeep as tk
@@ -45,14 +46,6 @@ def _maps_of(path: Path) -> list[tuple[int, int, str]]:
 def _in_private_map(t: torch.Tensor, maps: list[tuple[int, int, str]]) -> bool:
     ptr = t.data_ptr()
     return any(lo <= ptr and ptr + t.nbytes <= hi and perms.endswith("p") for lo, hi, perms in maps)
-
-
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
 
 
 def _data_offset(path: Path, key: str) -> int:
@@ -184,7 +177,7 @@ def test_misaligned_tensors_are_checked_in_their_copies(tmp_path: Path, make_saf
 @pytest.mark.parametrize("key", ["f32", "bf16", "bool", "scalar", "i64"])
 def test_a_flipped_bit_in_any_tensor_is_refused_and_nothing_is_returned(tmp_path: Path, key: str) -> None:
     p = tk.save(_tree(), tmp_path / "c.safetensors")
-    _flip(p, _data_offset(p, key))
+    flip(p, _data_offset(p, key))
     with pytest.raises(ChecksumMismatchError) as e:
         tk.load(p, mmap=True)
     assert e.value.key == key and e.value.path == str(p)
@@ -211,7 +204,7 @@ def test_checksums_are_checked_before_any_tensor_is_made(tmp_path: Path, monkeyp
     tk.load(p, mmap=True)
     assert events == ["hashed", "tensor", "tensor"]
     events.clear()
-    _flip(p, _data_offset(p, "b"))
+    flip(p, _data_offset(p, "b"))
     with pytest.raises(ChecksumMismatchError):
         tk.load(p, mmap=True)
     assert events == ["hashed"]
@@ -233,7 +226,7 @@ def test_verify_false_does_not_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_verify_false_hands_out_damaged_bytes(tmp_path: Path) -> None:
     p = tk.save({"w": torch.zeros(100, dtype=torch.uint8)}, tmp_path / "c.safetensors")
-    _flip(p, _data_offset(p, "w") + 3)
+    flip(p, _data_offset(p, "w") + 3)
     assert tk.load(p, mmap=True, verify=False)["w"][3].item() == 0x10
 
 
@@ -294,7 +287,7 @@ def test_plain_safetensors_file_maps_unverified_as_the_copying_load_reads_it(tmp
     got = tk.load(p, mmap=True)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert all(_in_private_map(t, _maps_of(p)) for t in got.values())
-    _flip(p, _data_offset(p, "b"))  # no checksums to catch it: both loads return the same bytes
+    flip(p, _data_offset(p, "b"))  # no checksums to catch it: both loads return the same bytes
     assert torch.equal(tk.load(p, mmap=True)["b"], tk.load(p)["b"])
 
 
@@ -311,7 +304,7 @@ def test_shard_sets_map_every_shard(tmp_path: Path, same_tree: Callable) -> None
     assert all(_in_private_map(t, maps) for t in got["model"].values())
     with tk.open(shards[-1]) as ck:
         first = ck.keys()[0]
-    _flip(shards[-1], _data_offset(shards[-1], first))
+    flip(shards[-1], _data_offset(shards[-1], first))
     with pytest.raises(ChecksumMismatchError) as e:
         tk.load(index, mmap=True)
     assert e.value.path == str(shards[-1])
