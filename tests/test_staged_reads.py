@@ -251,3 +251,11 @@ def test_load_to_cuda_reads_through_staging_exactly(tmp_path: Path) -> None:
 @cuda
 def test_restore_and_load_into_write_straight_into_cuda_tensors(tmp_path: Path) -> None:
     _restore_then_load_into(tmp_path, "cuda", 1000)
+
+
+def test_a_read_to_a_device_that_is_not_one_is_a_typed_error(tmp_path: Path) -> None:
+    path = tk.save({"w": torch.ones(2)}, tmp_path / "c.safetensors")
+    with tk.open(path) as ck, pytest.raises(tk.errors.InvalidArgumentError, match="device"):
+        ck.read(device="gpu7")
+    with tk.open(path) as ck:
+        assert torch.equal(ck.read(device="cpu")["w"], torch.ones(2))

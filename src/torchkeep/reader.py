@@ -393,7 +393,7 @@ class Checkpoint(HeaderFile):
             ChecksumMismatchError: a tensor's bytes do not match its checksum (raised after every
                 requested tensor was read).
             CorruptCheckpointError: the file ended early.
-            InvalidArgumentError: a destination in ``into`` does not fit its tensor.
+            InvalidArgumentError: a destination in ``into`` does not fit its tensor, or ``device`` is not a device.
         """
         specs = (
             sorted((self.spec(k) for k in keys), key=lambda s: s.start)
@@ -402,7 +402,10 @@ class Checkpoint(HeaderFile):
         )
         out: dict[str, torch.Tensor] = {}
         bufs: list[Dest] = []
-        fresh_on = torch.device(device) if device is not None else None
+        try:
+            fresh_on = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError):
+            raise InvalidArgumentError("device", device, "a device such as 'cpu' or 'cuda:0'") from None
         if fresh_on is not None and fresh_on.type == "cpu":
             fresh_on = None
         for s in specs:

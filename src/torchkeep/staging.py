@@ -32,7 +32,12 @@ STAGE = 4 << 20  # bytes per staging buffer (a run of small tensors must fit: re
 
 
 def device_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes as a flat ``uint8`` tensor on its device (no copy)."""
+    """A contiguous tensor's bytes as a flat ``uint8`` tensor on its device (no copy).
+
+    Example:
+        >>> device_bytes(torch.ones(2, dtype=torch.float16)).tolist()
+        [0, 60, 0, 60]
+    """
     flat = t.detach().reshape(-1)
     return flat if flat.dtype is torch.uint8 else flat.view(torch.uint8)
 
