@@ -5,7 +5,9 @@ torchkeep ``save`` from the device (``durable=False``: the page cache, not the d
 compared) vs ``torch.save`` and ``safetensors.save_file``; loads onto the device
 (``map_location="cuda"``) vs ``torch.load(map_location="cuda")`` and
 ``safetensors.load_file(device="cuda")``; and ``tk.restore`` into the model on the device
-vs ``torch.load`` + ``load_state_dict``. Prints a table of medians and ratios.
+vs ``torch.load`` + ``load_state_dict``. Prints a table of medians and ratios, and the
+page-locked host memory one torchkeep save used at its peak (two staging buffers, not a copy
+of the model).
 
 Run it where CUDA is available (``bash bench/gpu_check.sh`` does, with the CUDA tests)::
 
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             for name, fn in {**saves, **loads}.items():
                 rows.setdefault(name, []).append(timed(fn, sync))
+        pinned = pinned_peak(lambda: tk.save({"model": model}, tkp, durable=False)) if dev.type == "cuda" else None
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"torchkeep {tk.__version__} | torch {torch.__version__} | device {dev}", end="")
     print(f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
@@ -86,7 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         ours = next(v for k, v in med.items() if k.startswith(kind) and "torchkeep" in k)
         ratio = f"{s / ours:.2f}x" if "torchkeep" not in name else ""
         print(f"| {name:<40} | {s:8.3f} | {nbytes / s / 1e9:5.2f} | {ratio:>19} |")
+    if pinned is not None:
+        print(f"\npage-locked host memory in use at the peak of one torchkeep save: {pinned / 2**20:.1f} MiB")
     return 0
+
+
+def pinned_peak(fn: Callable[[], object]) -> int:
+    """The most page-locked host memory (PyTorch's caching host allocator, blocks in use) while ``fn`` runs."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_host_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.host_memory_stats().get("active_bytes.peak", 0))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ result, inside the timed region, the same for all; see ``bench/load_contenders.p
 - W1 ``tk.load_into(model, p)`` into a live model vs ``load_file`` + xxh3 pass +
   ``model.load_state_dict``.
 - W3 ``tk.restore(p, {"model", "optimizer"})`` into a model + Adam that already stepped vs a
-  plain ``copy_`` of the same bytes, already in memory, into those live tensors.
+  plain ``copy_`` of the same bytes, already in memory, into those live tensors (the goal's
+  floor, which verifies nothing); also beside a verified read with no restore around it: each
+  live tensor pread from the file in 1 MiB pieces on both cores, each piece hashed (xxh3-128)
+  right after it is read. That row divided by ``copy_`` is what verifying costs on its own.
 - W4: copying ``tk.load`` + touch vs the same floor as W1's (the data section read on both
   cores), and zero-copy vs its floor; one tensor is one checksum stream, so this shows
   whether a lone tensor is read by one thread or by all.
@@ -103,6 +106,7 @@ LOAD_INTO = "tk.load_into(model)"
 LOAD_INTO_FLOOR = "floor: load_file + xxh3 pass + load_state_dict"
 RESTORE = "tk.restore(model + Adam)"
 RESTORE_FLOOR = "floor: copy_ into the live tensors"
+RESTORE_READ = "pread + xxh3 into the live tensors"
 TK_LOAD = "tk.load + touch"
 ST_LOAD = "safetensors load_file + touch"
 GPU_TK = "tk.load(map_location=dev)"
@@ -263,6 +267,7 @@ def contenders(args: argparse.Namespace, counts: dict[str, int], gpu: str | None
         out += [
             Contender("W3", RESTORE, "restore", "W3.tk", RESTORE_FLOOR),
             Contender("W3", RESTORE_FLOOR, "restore_floor", "W3.tk"),
+            Contender("W3", RESTORE_READ, "restore_read_floor", "W3.tk", RESTORE_FLOOR),
         ]
     for wl in ("W2", "tiny"):
         if wl in wanted:
@@ -452,6 +457,7 @@ ALSO = [
     ("W1 huge pages vs torch.empty (the two floors)", f"W1: {HUGE_FLOOR}", f"W1: {COPY_FLOOR}"),
     ("W1 copying tk.load vs torch.load", f"W1: {COPY}", f"W1: {TORCH_LOAD}"),
     ("W1 zero-copy tk.load vs torch.load", f"W1: {ZC}", f"W1: {TORCH_LOAD}"),
+    ("W3 tk.restore vs pread + xxh3 into the live tensors", f"W3: {RESTORE}", f"W3: {RESTORE_READ}"),
     ("W2 tk.load vs safetensors load_file", f"W2: {TK_LOAD}", f"W2: {ST_LOAD}"),
     ("tiny tk.load vs torch.load", f"tiny: {TK_LOAD}", f"tiny: {TORCH_LOAD}"),
     ("GPU tk.load vs torch.load(map_location=dev)", f"GPU: {GPU_TK}", f"GPU: {GPU_TORCH}"),

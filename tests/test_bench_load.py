@@ -27,7 +27,7 @@ CONTENDERS = {
         "tk.load_into(model)",
         "floor: load_file + xxh3 pass + load_state_dict",
     ],
-    "W3": ["tk.restore(model + Adam)", "floor: copy_ into the live tensors"],
+    "W3": ["tk.restore(model + Adam)", "floor: copy_ into the live tensors", "pread + xxh3 into the live tensors"],
     "W4": [
         "tk.load (copying) + touch",
         "floor: torch.empty + pread + xxh3 + touch",
@@ -74,3 +74,34 @@ def test_tiny_run_times_every_contender(tmp_path: Path) -> None:
     assert len(data["goals"]) == 11
     # the benchmark's files are gone: only its (empty) parent directory is left
     assert list(files.iterdir()) == []
+
+
+def test_restore_read_floor_reads_the_stored_bytes(tmp_path: Path) -> None:
+    """The verified-read floor puts each stored tensor's bytes into its live tensor and hashes them."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        import load_contenders as lc
+        import torchkeep as tk
+        from workloads import adam_for, build_model
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    model = build_model(1e-4)
+    opt = adam_for(model)
+    path = tk.save({"model": model, "optimizer": opt}, tmp_path / "w3.safetensors")
+    spec = {"path": str(path), "scale": 1e-4}
+    jobs, (live_model, live_opt) = lc._restore_read_setup(spec, warm=False)
+    with torch.no_grad():
+        for p in live_model.parameters():
+            p.zero_()
+    with ThreadPoolExecutor(2) as pool:
+        digests = lc._restore_read_floor(spec, (jobs, (live_model, live_opt)), pool)
+    # each parameter, and its step, exp_avg and exp_avg_sq: every tensor of the file
+    assert len(digests) == len(jobs) == 4 * len(list(model.parameters()))
+    for a, b in zip(model.parameters(), live_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with tk.open(path) as ck:
+        assert sorted(digests) == sorted(ck.header.checksums.values())

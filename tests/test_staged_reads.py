@@ -12,11 +12,12 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from cuda_events import Events
 from damage import flip
 
 import torchkeep as tk
@@ -168,29 +169,12 @@ def test_restore_and_load_into_through_staging_write_into_the_live_tensors(tmp_p
     assert sum(staged) >= 4 * sum(p.nbytes for p in saved.parameters())  # restore x3 (Adam), load_into x1
 
 
-class _Event:
-    """A stand-in CUDA event: records when it is waited on."""
-
-    log: ClassVar[list[tuple[str, int]]] = []
-    count = 0
-
-    def __init__(self) -> None:
-        _Event.count += 1
-        self.n = _Event.count
-
-    def record(self, stream: Any = None) -> None:
-        _Event.log.append(("record", self.n))
-
-    def synchronize(self) -> None:
-        _Event.log.append(("wait", self.n))
-
-
 def test_a_staging_buffer_is_refilled_only_after_the_copy_out_of_it_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     st = staging.Stage(torch.device("cpu"))
-    _Event.log, _Event.count = [], 0
-    st.cuda, st.events = True, [_Event(), _Event()]  # the CUDA bookkeeping with stand-in events
+    events = Events()
+    st.cuda, st.events = True, [events(), events()]  # the CUDA bookkeeping with stand-in events
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     dst = torch.zeros(8, dtype=torch.uint8)
     first, view = st.take()
@@ -198,14 +182,14 @@ def test_a_staging_buffer_is_refilled_only_after_the_copy_out_of_it_finished(
     st.send(dst[:4], first[:4])
     st.sent()  # event 1 fences buffer 0
     second, view = st.take()  # buffer 1: nothing in flight, no wait
-    assert second.data_ptr() != first.data_ptr() and _Event.log == [("record", 1)]
+    assert second.data_ptr() != first.data_ptr() and events.log == [("record", 1)]
     view[:4] = b"efgh"
     st.send(dst[4:], second[:4])
     st.sent()  # event 2 fences buffer 1
     again, _ = st.take()  # buffer 0 again: its copy must have finished first
-    assert again.data_ptr() == first.data_ptr() and _Event.log[-1] == ("wait", 1)
+    assert again.data_ptr() == first.data_ptr() and events.log[-1] == ("wait", 1)
     st.drain()  # waits for what is still in flight (event 2), once
-    assert _Event.log[-1] == ("wait", 2) and _Event.log.count(("wait", 2)) == 1
+    assert events.log[-1] == ("wait", 2) and events.log.count(("wait", 2)) == 1
     assert bytes(dst.numpy()) == b"abcdefgh"
 
 

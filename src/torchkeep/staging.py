@@ -1,11 +1,16 @@
-"""Host staging for reads into device memory: each reading thread preads a chunk into a host
-buffer of its own (page-locked for CUDA), hashes it there, and copies it to the device while
-it reads the next chunk into its second buffer.
+"""Host staging between files and device memory, through two small page-locked buffers.
 
-A CUDA destination never gets pageable host memory of its own: no fresh allocation (no page
-faults), no second pass, and the host-to-device copy of one chunk overlaps the read of the
+Reads (:class:`Stage`): each reading thread preads a chunk into a host buffer of its own,
+hashes it there, and copies it to the device while it reads the next chunk into its second
+buffer. A CUDA destination never gets pageable host memory of its own: no fresh allocation (no
+page faults), no second pass, and the host-to-device copy of one chunk overlaps the read of the
 next. The bytes hashed are the staging buffer's, the very bytes copied; a buffer is filled again
 only after the copy out of it has finished (:meth:`Stage.take`).
+
+Saves (:class:`Fetch`): device tensors come to the host a piece at a time, into the same kind
+of buffers; the copy of the next piece runs while the last one is hashed and written. A save
+of a model on the GPU so holds 2 x :data:`STAGE` bytes of page-locked memory, not a host copy
+of the whole model (which the caching host allocator would keep for the life of the process).
 
 Example:
     >>> import torch
@@ -20,13 +25,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from torchkeep.dtypes import buffer_of
 
-__all__ = ["STAGE", "Stage", "device_bytes"]
+__all__ = ["STAGE", "Fetch", "Segment", "Stage", "device_bytes", "pieces"]
 
 STAGE = 4 << 20  # bytes per staging buffer (a run of small tensors must fit: reader._RUN)
 
@@ -98,3 +104,87 @@ class Stage:
                     error = error or e
         if error is not None:
             raise error
+
+
+Segment = tuple[int, int, int, int]  # (tensor index, offset in its bytes, bytes, offset in the buffer)
+
+
+def pieces(sizes: list[int], piece: int | None = None) -> list[list[Segment]]:
+    """The bytes of tensors of ``sizes``, back to back, cut into pieces of at most ``piece`` bytes
+    (default :data:`STAGE`, a staging buffer).
+
+    Small tensors share a piece; a large one spans several. Empty tensors are left out.
+
+    Example:
+        >>> pieces([3, 10, 0, 2], piece=8)
+        [[(0, 0, 3, 0), (1, 0, 5, 3)], [(1, 5, 5, 0), (3, 0, 2, 5)]]
+    """
+    piece = piece or STAGE
+    out: list[list[Segment]] = []
+    cur: list[Segment] = []
+    used = 0
+    for i, n in enumerate(sizes):
+        pos = 0
+        while pos < n:
+            take = min(n - pos, piece - used)
+            cur.append((i, pos, take, used))
+            pos += take
+            used += take
+            if used == piece:
+                out.append(cur)
+                cur, used = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+class Fetch:
+    """Device tensors' bytes into host memory, a piece at a time, one piece ahead (for saves).
+
+    On CUDA the two buffers are page-locked, the copies asynchronous (each on its source
+    device's current stream) and waited for with blocking events. Elsewhere the buffers are
+    plain and the copies synchronous (the CPU stand-in the tests use).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.bufs = [torch.empty(STAGE, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.views = [buffer_of(b) for b in self.bufs]
+
+    def run(self, srcs: list[torch.Tensor], plan: list[list[Segment]]) -> Iterator[memoryview]:
+        """For each piece of ``plan`` (over ``srcs``, flat ``uint8`` device tensors), the buffer
+        holding its bytes once they have all landed. Meanwhile the next piece is being copied
+        into the other buffer, so a view is good until the next one is asked for.
+
+        Work already queued on the sources' devices, on any stream, finishes first.
+        """
+        if self.cuda:
+            for dev in {t.device for t in srcs}:
+                torch.cuda.synchronize(dev)
+        fences: list[list[Any]] = [[], []]
+
+        def issue(j: int) -> None:
+            buf = self.bufs[j % 2]
+            for i, lo, n, at in plan[j]:
+                buf[at : at + n].copy_(srcs[i][lo : lo + n], non_blocking=self.cuda)
+            if self.cuda:
+                events = []
+                for dev in {srcs[i].device for i, _, _, _ in plan[j]}:
+                    ev = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, it does not spin
+                    ev.record(torch.cuda.current_stream(dev))
+                    events.append(ev)
+                fences[j % 2] = events
+
+        try:
+            if plan:
+                issue(0)
+            for j in range(len(plan)):
+                if j + 1 < len(plan):
+                    issue(j + 1)  # into the buffer the caller finished with when it asked for this one
+                for ev in fences[j % 2]:
+                    ev.synchronize()
+                fences[j % 2] = []
+                yield self.views[j % 2]
+        finally:  # stopped early (an error): copies still in flight must land before the buffers go
+            for ev in fences[0] + fences[1]:
+                ev.synchronize()

@@ -21,6 +21,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,12 +30,13 @@ import torch
 from torchkeep.dtypes import DTYPE_TO_ST, buffer_of
 from torchkeep.errors import ConversionError, InvalidArgumentError
 from torchkeep.format.dtypes import ITEMSIZE
-from torchkeep.format.header import HeaderBuilder
+from torchkeep.format.header import HashState, HeaderBuilder
 from torchkeep.format.limits import MAX_RANK, check_header_size, shape_error
 from torchkeep.format.meta import TREE_KEY, USER_KEY, provenance, tree_json, user_json
 from torchkeep.format.shards import index_bytes, shard_names, split_shards
 from torchkeep.hashing import Digests, digests_of
 from torchkeep.runtime import paused_gc
+from torchkeep.staging import Fetch, Segment, device_bytes, pieces
 from torchkeep.storage.local import AtomicFile, fsync_dir, write_buffers
 from torchkeep.storage.paths import as_path
 from torchkeep.tree import Flat, flatten
@@ -52,6 +54,7 @@ __all__ = [
     "sharded_paths",
     "stream_checksummed",
     "tensor_sizes",
+    "writable",
     "write_checksummed",
     "write_file",
     "write_model_dir",
@@ -91,7 +94,8 @@ def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor as contiguous CPU memory ready to write (a copy only when needed).
 
     Accelerator tensors are copied into pinned host memory without blocking; the caller
-    synchronises once (:func:`host_copies`) before the bytes are read.
+    synchronises once (:func:`host_copies`) before the bytes are read. (The checksummed files
+    of ``save`` and the manager take CUDA tensors through :func:`writable` instead: staged.)
     """
     if t.is_cpu and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
         return t.detach() if t.requires_grad else t  # the common case, no copy
@@ -114,6 +118,27 @@ def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def writable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What :func:`write_checksummed` takes: CUDA tensors as they are (it stages them, a piece at
+    a time), every other tensor as :func:`host_copies` makes it."""
+    # no CUDA tensor is copied here, so none of these copies is asynchronous: nothing to wait for
+    return {k: t if _staged(t) else _cpu_bytes(t) for k, t in tensors.items()}
+
+
+def _staged(t: torch.Tensor) -> bool:
+    """Whether a write brings ``t`` to the host through :class:`~torchkeep.staging.Fetch`."""
+    return t.is_cuda or _stage_host
+
+
+_stage_host = False  # tests set it: host tensors then go through a Fetch too (the CUDA path's logic, on a CPU)
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A staged tensor's bytes, flat ``uint8`` on its device (resolved and contiguous: a copy only when needed)."""
+    t = resolved(t)
+    return device_bytes(t if t.is_contiguous() else t.contiguous())
+
+
 def tensor_sizes(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
     """``(name, bytes)`` of each tensor, in order (for :func:`torchkeep.format.shards.split_shards`)."""
     return [(k, t.numel() * t.element_size()) for k, t in tensors.items()]
@@ -123,11 +148,11 @@ def tensor_sizes(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
 
 
 def prepared(flat: Flat, metadata: Mapping[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The host tensors and header metadata a file of ``flat`` holds (what every writer writes)."""
+    """The tensors (:func:`writable`) and header metadata a file of ``flat`` holds (what every writer writes)."""
     meta = {**provenance_metadata(), TREE_KEY: tree_json(flat.skeleton)}
     if metadata:
         meta[USER_KEY] = user_json(metadata)
-    return host_copies(flat.tensors), meta
+    return writable(flat.tensors), meta
 
 
 def save_flat(
@@ -163,19 +188,79 @@ def save_stream(obj: Any, write: Callable[[memoryview], Any], *, metadata: Mappi
 
 
 def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> dict[str, str]:
-    """A checksummed torchkeep/safetensors file of host ``tensors`` (see :func:`host_copies`) into ``fd``.
+    """A checksummed torchkeep/safetensors file of ``tensors`` (see :func:`writable`) into ``fd``.
 
     The data goes first, hashed beside the writes; the sealed header goes last, at offset 0.
-    Returns ``{name: xxh3-128 hex}``, the checksums the header now holds.
+    CUDA tensors come to the host through two small page-locked buffers, a piece at a time
+    (:func:`_write_staged`). Returns ``{name: xxh3-128 hex}``, the checksums the header now holds.
     """
     builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
+    base = builder.header_size
+    if any(_staged(t) for t in tensors.values()):
+        digests = _write_staged(fd, [(s.name, base + s.start) for s in builder.specs], tensors)
+        os.pwrite(fd, builder.seal(digests), 0)
+        return {s.name: d for s, d in zip(builder.specs, digests, strict=True)}
     bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
     with ThreadPoolExecutor(1) as pool:
         hashes = Digests(bufs, pool)  # large tensors hash beside the writes (both drop the GIL)
-        write_buffers(fd, builder.header_size, bufs)
+        write_buffers(fd, base, bufs)
         digests = hashes.result()
         os.pwrite(fd, builder.seal(digests), 0)
     return {s.name: d for s, d in zip(builder.specs, digests, strict=True)}
+
+
+def _write_staged(fd: int, places: list[tuple[str, int]], tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Write each tensor at its file offset (``places``: ``(name, offset)``), hashing each; returns the digests.
+
+    Host tensors go out as :func:`write_checksummed` writes them. Staged (CUDA) tensors come
+    through a :class:`~torchkeep.staging.Fetch`: back to back, in pieces of at most
+    :data:`~torchkeep.staging.STAGE` bytes; each piece is hashed (on a second thread) and written
+    while the next one is copied from the device. The bytes hashed are the bytes written.
+    """
+    digests = [""] * len(places)
+    staged = [i for i, (name, _) in enumerate(places) if _staged(tensors[name])]
+    host = sorted(set(range(len(places))) - set(staged))
+    with ThreadPoolExecutor(1) as pool:
+        bufs = [buffer_of(tensors[places[i][0]]) for i in host]
+        hashes = Digests(bufs, pool)
+        _write_runs(fd, [(places[i][1], b) for i, b in zip(host, bufs, strict=True)])
+        for i, h in zip(host, hashes.result(), strict=True):
+            digests[i] = h
+        srcs = [_flat_bytes(tensors[places[i][0]]) for i in staged]
+        states = [HashState() for _ in staged]
+        plan = pieces([t.numel() for t in srcs])
+        fetch = Fetch(torch.device("cuda" if any(t.is_cuda for t in srcs) else "cpu"))
+        with closing(fetch.run(srcs, plan)) as fetched:  # stopped by an error: the copies in flight land first
+            for segs, view in zip(plan, fetched, strict=True):
+
+                def hash_piece(segs: list[Segment] = segs, view: memoryview = view) -> None:
+                    for k, _, n, at in segs:
+                        states[k].update(view[at : at + n])
+
+                hashed = pool.submit(hash_piece)
+                try:
+                    _write_runs(fd, [(places[staged[k]][1] + lo, view[at : at + n]) for k, lo, n, at in segs])
+                finally:
+                    hashed.result()  # the buffer is refilled only once its hash is done
+    for k, i in enumerate(staged):
+        digests[i] = states[k].hexdigest()
+    return digests
+
+
+def _write_runs(fd: int, parts: list[tuple[int, memoryview]]) -> None:
+    """Write ``(file offset, bytes)`` parts, in file order; parts that meet go out in one ``pwritev``."""
+    run: list[memoryview] = []
+    start = end = 0
+    for off, b in parts:
+        if run and off != end:
+            write_buffers(fd, start, run)
+            run = []
+        if not run:
+            start = off
+        run.append(b)
+        end = off + b.nbytes
+    if run:
+        write_buffers(fd, start, run)
 
 
 def stream_checksummed(
@@ -187,6 +272,7 @@ def stream_checksummed(
     memory, ~40 ms/GiB) and the sealed header goes out before it. Returns the header bytes
     (length prefix included).
     """
+    tensors = host_copies(tensors)  # two passes over the data (hash, then send): whole host copies
     builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
     bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
     head = builder.seal(digests_of(bufs))
