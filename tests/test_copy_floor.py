@@ -99,6 +99,40 @@ def test_restore_of_tied_and_viewed_tensors_takes_the_copying_path(tmp_path: Pat
     assert torch.equal(m.a, base[:6].view(2, 3)) and torch.equal(m.b, base[6:].view(2, 3))
 
 
+def test_targets_whose_memory_overlaps_are_loaded_in_order_not_read_at_once(tmp_path: Path) -> None:
+    """A flat parameter and buffers that are views into it, one far from the other: read at once
+    they would race, and one read before the flat parameter's copy would be overwritten by it. All
+    take the copying path, in state-dict order, as ``load_state_dict`` would."""
+
+    class Flat(torch.nn.Module):
+        def __init__(self, aliased: bool) -> None:
+            super().__init__()
+            self.flat = torch.nn.Parameter(torch.zeros(400))
+            store = self.flat.data if aliased else torch.zeros(400)
+            self.register_buffer("x", store[10:20])
+            self.register_buffer("y", store[300:360])
+
+    saved = Flat(aliased=False)
+    with torch.no_grad():
+        saved.flat.copy_(torch.arange(400.0))
+        saved.x.fill_(-1.0)
+        saved.y.fill_(-2.0)
+    path = tk.save({"model": saved}, tmp_path / "c.safetensors")
+    target = Flat(aliased=True)
+    tk.restore(path, {"model": target})
+    expected = Flat(aliased=True)
+    expected.load_state_dict(saved.state_dict())
+    assert torch.equal(expected.y, torch.full((60,), -2.0))  # flat first, then the views over it
+    assert torch.equal(target.flat, expected.flat)
+    assert torch.equal(target.x, expected.x) and torch.equal(target.y, expected.y)
+    assert target.y.data_ptr() == target.flat.data_ptr() + 1200  # still views of the flat parameter
+    into = Flat(aliased=True)
+    tk.load_into(into, tk.save(saved.state_dict(), tmp_path / "sd.safetensors"))
+    assert all(
+        torch.equal(a, b) for a, b in zip(into.state_dict().values(), expected.state_dict().values(), strict=True)
+    )
+
+
 @pytest.mark.parametrize("how", ["load", "restore", "restore_sharded", "load_into"])
 def test_a_flipped_bit_is_refused_on_every_copying_path(tmp_path: Path, how: str) -> None:
     saved, saved_opt = _trained(0)
@@ -432,3 +466,20 @@ def test_an_interrupted_read_stops_its_threads_soon(tmp_path: Path, monkeypatch:
     with pytest.raises(KeyboardInterrupt):
         tk.load(path)
     assert calls and len(reads) < 40  # of 400: the readers stopped instead of reading everything
+
+
+def test_read_into_refuses_a_destination_that_cannot_take_the_bytes(tmp_path: Path) -> None:
+    path = tk.save({"x": torch.ones(6, dtype=torch.complex64), "w": torch.arange(6.0)}, tmp_path / "c.safetensors")
+    bad = {
+        "x": torch.zeros(6, dtype=torch.complex64).conj(),  # a lazy conjugate: its memory is not its values
+        "w": torch.zeros(12)[::2],  # not contiguous
+    }
+    with tk.open(path) as ck:
+        for key, dst in [*bad.items(), ("w", torch.zeros(6, dtype=torch.float64)), ("w", torch.zeros(5))]:
+            before = dst.clone()
+            with pytest.raises(tk.errors.InvalidArgumentError, match=rf"into=.*{key}: .*leave '{key}' out of into="):
+                ck.read([key], into={key: dst})
+            assert torch.equal(dst, before)  # refused before anything was read
+        param = torch.nn.Parameter(torch.zeros(6))  # a parameter that requires grad is fine
+        ck.read(["w"], into={"w": param})
+        assert torch.equal(param.detach(), torch.arange(6.0))

@@ -9,7 +9,6 @@ what is used.)
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,13 +55,25 @@ def disjoint(chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         >>> flat = torch.zeros(10)
         >>> sorted(disjoint({"a": flat[:6], "b": flat[4:], "c": torch.zeros(3)}))
         ['c']
+        >>> sorted(disjoint({"all": flat, "x": flat[1:2], "y": flat[7:9], "own": torch.zeros(3)}))
+        ['own']
     """
     out = dict(chosen)
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k) for k, t in chosen.items())
-    for (_, end, k), (start, _, k2) in itertools.pairwise(spans):
-        if start < end:
-            out.pop(k, None)
-            out.pop(k2, None)
+    # runs of spans, in address order, each starting before the furthest end so far: every span
+    # of a run of two or more overlaps another (the one reaching furthest when it starts)
+    run: list[str] = []
+    end = -1
+    for start, n, k in sorted((t.data_ptr(), t.nbytes, k) for k, t in chosen.items()):
+        if start >= end:
+            if len(run) > 1:
+                for r in run:
+                    del out[r]
+            run = []
+        run.append(k)
+        end = max(end, start + n)
+    if len(run) > 1:
+        for r in run:
+            del out[r]
     return out
 
 
@@ -98,12 +109,16 @@ def tensor_items(tree: Any) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
         kind = type(node)  # exact types first: an isinstance() against Mapping is slow, and this sees every node
         if kind is dict or (kind is not list and kind is not tuple and isinstance(node, Mapping)):
             for k, v in node.items():
+                if type(v) in _LEAVES:  # most values of an optimizer's state dict are numbers (and an
+                    continue  # isinstance() of a non-tensor against torch.Tensor is slow)
                 if isinstance(v, Tensor):
                     out.append(((*prefix, k), v))
                 else:
                     walk(v, (*prefix, k))
         elif kind is list or kind is tuple or isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
+                if type(v) in _LEAVES:  # e.g. a param group's list of parameter ids
+                    continue
                 if isinstance(v, Tensor):
                     out.append(((*prefix, i), v))
                 else:
@@ -148,8 +163,8 @@ def adopt(current: Any, loaded: Any, read: set[int] | frozenset[int] = frozenset
                         dst.copy_(node)
                 return dst
             return node
-        if kind is dict:
-            return {k: walk(v, (*prefix, k)) for k, v in node.items()}
+        if kind is dict:  # leaves kept without a call: most of an optimizer's state dict
+            return {k: v if type(v) in _LEAVES else walk(v, (*prefix, k)) for k, v in node.items()}
         if isinstance(node, Mapping):
             return (
                 type(node)((k, walk(v, (*prefix, k))) for k, v in node.items())
@@ -157,7 +172,7 @@ def adopt(current: Any, loaded: Any, read: set[int] | frozenset[int] = frozenset
                 else {k: walk(v, (*prefix, k)) for k, v in node.items()}
             )
         if kind is list or isinstance(node, list):
-            return [walk(v, (*prefix, i)) for i, v in enumerate(node)]
+            return [v if type(v) in _LEAVES else walk(v, (*prefix, i)) for i, v in enumerate(node)]
         if isinstance(node, tuple):
             return tuple(walk(v, (*prefix, i)) for i, v in enumerate(node))
         return node

@@ -335,12 +335,13 @@ def _checked_target(path: Path, s: TensorSpec, t: torch.Tensor) -> Dest:
         and t.dtype is ST_TO_DTYPE[s.dtype]
         and t.nbytes == s.nbytes
         and t.is_contiguous()
+        and not (t.is_conj() or t.is_neg())  # a lazy conjugate or negation: its memory does not hold its values
     ):
         raise InvalidArgumentError(
             "into",
             f"{s.name}: {t.dtype} {tuple(t.shape)} on {t.device}",
             f"a contiguous CPU or CUDA tensor of dtype {ST_TO_DTYPE[s.dtype]} and {s.nbytes} bytes (the stored "
-            f"tensor in {path}), or leave {s.name!r} out of into=",
+            f"tensor in {path}; not a lazy .conj() or negative view), or leave {s.name!r} out of into=",
         )
     return _bytes_of(t)
 
@@ -402,6 +403,7 @@ class Checkpoint(HeaderFile):
         )
         out: dict[str, torch.Tensor] = {}
         bufs: list[Dest] = []
+        devices: set[torch.device] = set()  # the CUDA devices read into
         try:
             fresh_on = torch.device(device) if device is not None else None
         except (RuntimeError, TypeError):
@@ -417,11 +419,14 @@ class Checkpoint(HeaderFile):
                     if fresh_on is None
                     else torch.empty(s.shape, dtype=dtype, device=fresh_on)
                 )
-                bufs.append(_bytes_of(t))
+                b = _bytes_of(t)
             else:
-                bufs.append(_checked_target(self.path, s, t))
+                b = _checked_target(self.path, s, t)
+            if type(b) is not memoryview and b.is_cuda:
+                devices.add(b.device)
+            bufs.append(b)
             out[s.name] = t
-        for dev in {b.device for b in bufs if isinstance(b, torch.Tensor) and b.is_cuda}:
+        for dev in devices:
             # work queued on the targets, on any stream of the device, comes first: the copies go
             # on the reading threads' own (default) streams, which do not wait for other streams
             torch.cuda.synchronize(dev)

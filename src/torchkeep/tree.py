@@ -398,13 +398,15 @@ def _nodes(skeleton: Any, hit: Callable[[dict], bool]) -> list[dict]:
     def walk(n: Any) -> None:
         if isinstance(n, list):
             for v in n:
-                walk(v)
+                if isinstance(v, (dict, list)):  # not into the numbers and strings, most of a skeleton
+                    walk(v)
         elif isinstance(n, dict):
             if hit(n):
                 out.append(n)
                 return
             for v in n.values():
-                walk(v)
+                if isinstance(v, (dict, list)):
+                    walk(v)
 
     walk(skeleton)
     return out

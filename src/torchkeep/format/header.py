@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import xxhash
 
 from torchkeep.errors import ChecksumMismatchError, CorruptCheckpointError, InvalidArgumentError, UnsupportedDtypeError
 from torchkeep.format.dtypes import ITEMSIZE
-from torchkeep.format.limits import MAX_HEADER_SIZE, MAX_RANK, check_header_size, shape_error
+from torchkeep.format.limits import MAX_DIM, MAX_HEADER_SIZE, MAX_RANK, check_header_size, shape_error
 
 __all__ = [
     "FORMAT_NAME",
@@ -258,6 +259,9 @@ def parse_header(read: Callable[[int, int], bytes], file_size: int, path: str) -
     return Header(size=8 + n, tensors=specs, metadata=meta, checksums=checksums, file_size=file_size)
 
 
+_OFFSETS = operator.itemgetter(3, 4)  # a TensorSpec's (start, end)
+
+
 def _validate_entries(head: dict, data_size: int, path: str) -> dict[str, TensorSpec]:
     specs: list[TensorSpec] = []
     itemsize = ITEMSIZE
@@ -266,11 +270,16 @@ def _validate_entries(head: dict, data_size: int, path: str) -> dict[str, Tensor
             st = info["dtype"]
             shape = info["shape"]
             start, end = info["data_offsets"]
-            n = itemsize[st]
-            if shape_error(shape, n):
+            size = n = itemsize[st]
+            if type(shape) is list and len(shape) <= MAX_RANK:  # what JSON gives: checked inline, one pass
+                for d in shape:
+                    if type(d) is not int or d < 0:
+                        raise ValueError
+                    n *= d
+                if (n == 0 or n > MAX_DIM) and shape_error(shape, size):  # the limit is on the nonzero dims
+                    raise ValueError
+            else:
                 raise ValueError
-            for d in shape:
-                n *= d
             if type(start) is not int or type(end) is not int:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
@@ -282,7 +291,7 @@ def _validate_entries(head: dict, data_size: int, path: str) -> dict[str, Tensor
         if end - start != n:
             raise CorruptCheckpointError(path, f"tensor {name!r}: {end - start} bytes stored for shape {shape} of {st}")
         specs.append(TensorSpec(name, st, tuple(shape), start, end))
-    specs.sort(key=lambda s: (s.start, s.end))
+    specs.sort(key=_OFFSETS)
     pos = 0
     for s in specs:
         if s.start < pos:
