@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import registered_models as rm
 import torch
 from cuda_events import Events
 
@@ -129,6 +130,25 @@ def test_staged_saves_from_the_manager_and_to_a_file_object(tmp_path: Path, stag
     with open(tmp_path / "stream.safetensors", "wb") as f:  # a stream: whole host copies, not staged
         tk.save({"w": model.weight}, f)
     assert torch.equal(tk.load(tmp_path / "stream.safetensors")["w"], model.weight.detach())
+
+
+def test_model_files_and_shard_sets_are_staged_too(
+    tmp_path: Path, staged: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole: list[int] = []  # tensors copied to the host whole, before any staging
+    host_copies = writer.host_copies
+    monkeypatch.setattr(writer, "host_copies", lambda ts: whole.append(len(ts)) or host_copies(ts))
+    torch.manual_seed(0)
+    model = rm.TinyNet(sizes=(64, 300, 8), opts={"act": "tanh"}, names=("x",)).eval()
+    x = torch.randn(3, 64)
+    one = tk.save_model(model, tmp_path / "m.safetensors")
+    assert sum(staged) == sum(t.nbytes for t in model.state_dict().values())
+    shards = tk.save_model(model, f"{tmp_path / 'sharded'}/", max_shard_size=40_000)
+    assert len(list(shards.glob("model-*.safetensors"))) > 1
+    assert sum(staged) == 2 * sum(t.nbytes for t in model.state_dict().values())
+    for path in (one, shards):
+        assert torch.equal(tk.load_model(path)(x), model(x))
+    assert whole == []
 
 
 def test_a_failed_copy_from_the_device_leaves_the_old_file(

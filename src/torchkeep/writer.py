@@ -392,10 +392,10 @@ def _write_tensors(
     if source is not None:
         _stream_tensors(fd, tensors, meta, checksums=checksums, source=source)
         return
-    keep = host_copies(tensors)
-    if checksums:
-        write_checksummed(fd, keep, meta)
+    if checksums:  # CUDA tensors staged a piece at a time (write_checksummed), not copied whole
+        write_checksummed(fd, writable(tensors), meta)
         return
+    keep = host_copies(tensors)
     head, layout = _plain_layout(keep, meta)
     os.pwrite(fd, head, 0)
     write_buffers(fd, len(head), [buffer_of(keep[name]) for name, _, _ in layout])
