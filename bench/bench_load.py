@@ -35,7 +35,8 @@ result, inside the timed region, the same for all; see ``bench/load_contenders.p
   plain ``copy_`` of the same bytes, already in memory, into those live tensors (the goal's
   floor, which verifies nothing); also beside a verified read with no restore around it: each
   live tensor pread from the file in 1 MiB pieces on both cores, each piece hashed (xxh3-128)
-  right after it is read. That row divided by ``copy_`` is what verifying costs on its own.
+  right after it is read. That row divided by ``copy_`` is what verifying costs on its own; and
+  ``tk.restore(verify=False)``, the same restore without the checksums, beside them.
 - W4: copying ``tk.load`` + touch vs the same floor as W1's (the data section read on both
   cores), and zero-copy vs its floor; one tensor is one checksum stream, so this shows
   whether a lone tensor is read by one thread or by all.
@@ -107,6 +108,7 @@ LOAD_INTO_FLOOR = "floor: load_file + xxh3 pass + load_state_dict"
 RESTORE = "tk.restore(model + Adam)"
 RESTORE_FLOOR = "floor: copy_ into the live tensors"
 RESTORE_READ = "pread + xxh3 into the live tensors"
+RESTORE_UNVERIFIED = "tk.restore(verify=False)"
 TK_LOAD = "tk.load + touch"
 ST_LOAD = "safetensors load_file + touch"
 GPU_TK = "tk.load(map_location=dev)"
@@ -268,6 +270,7 @@ def contenders(args: argparse.Namespace, counts: dict[str, int], gpu: str | None
             Contender("W3", RESTORE, "restore", "W3.tk", RESTORE_FLOOR),
             Contender("W3", RESTORE_FLOOR, "restore_floor", "W3.tk"),
             Contender("W3", RESTORE_READ, "restore_read_floor", "W3.tk", RESTORE_FLOOR),
+            Contender("W3", RESTORE_UNVERIFIED, "restore_unverified", "W3.tk", RESTORE_FLOOR),
         ]
     for wl in ("W2", "tiny"):
         if wl in wanted:

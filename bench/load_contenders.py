@@ -337,6 +337,10 @@ KINDS: dict[str, tuple[Setup, Timed]] = {
     "load_into_floor": (live_model, _load_into_floor),
     "restore": (model_and_adam, lambda s, st, p: tk.restore(s["path"], {"model": st[0], "optimizer": st[1]})),
     "restore_floor": (_restore_floor_setup, lambda s, st, p: _copy_pairs(st[0])),
+    "restore_unverified": (
+        model_and_adam,
+        lambda s, st, p: tk.restore(s["path"], {"model": st[0], "optimizer": st[1]}, verify=False),
+    ),
     "restore_read_floor": (_restore_read_setup, _restore_read_floor),
     "gpu_tk": (_no_setup, lambda s, _, p: _gpu_sync(tk.load(s["path"], map_location=s["device"]))),
     "gpu_st": (_no_setup, lambda s, _, p: _gpu_sync(safetensors.torch.load_file(s["path"], device=s["device"]))),

@@ -328,6 +328,13 @@ def test_other_kinds_and_file_objects_are_refused(tmp_path: Path) -> None:
         tk.load(shards, mmap=True)
 
 
+def test_mmap_takes_a_bool_or_none(tmp_path: Path) -> None:
+    p = tk.save({"w": torch.ones(2)}, tmp_path / "c.safetensors")
+    with pytest.raises(tk.errors.ArgumentTypeError, match="mmap must be True or False, not str"):
+        tk.load(p, mmap="yes")
+    assert torch.equal(tk.load(p, mmap=None)["w"], torch.ones(2))  # torch.load's default: a copying load
+
+
 def test_map_location_off_the_cpu_copies_the_verified_map(tmp_path: Path) -> None:
     p = tk.save({"w": torch.randn(10)}, tmp_path / "c.safetensors")
     got = tk.load(p, mmap=True, map_location="meta")

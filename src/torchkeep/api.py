@@ -127,7 +127,7 @@ def load(
     trust_pickle: bool = False,
     weights_only: bool | None = None,
     allow_globals: Sequence[str] | None = None,
-    mmap: bool = False,
+    mmap: bool | None = False,
 ) -> Any:
     """Load a checkpoint and return its state tree (Stateful leaves come back as state dicts).
 
@@ -157,6 +157,7 @@ def load(
             shows through, and truncating it crashes on access (SIGBUS): keep the default copying
             load for files that may change under you. Other kinds raise ``InvalidArgumentError``;
             with a ``map_location`` off the CPU the verified map is copied to the device.
+            ``None`` (``torch.load``'s default) is ``False``.
 
     Raises:
         CheckpointNotFoundError, CorruptCheckpointError, ChecksumMismatchError,
@@ -177,6 +178,9 @@ def load(
             "torchkeep never unpickles arbitrary objects on that flag alone; if, and only if, you trust the file, "
             "pass trust_pickle=True",
         )
+    if mmap is not None and not isinstance(mmap, bool):  # a truthy string would map silently
+        raise ArgumentTypeError("mmap", mmap, "True or False")
+    mmap = bool(mmap)
     if _is_file_object(path, "read"):
         label = str(getattr(path, "name", "<file object>"))
         if mmap:
