@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             for name, fn in {**saves, **loads}.items():
                 rows.setdefault(name, []).append(timed(fn, sync))
-        pinned = pinned_peak(lambda: tk.save({"model": model}, tkp, durable=False)) if dev.type == "cuda" else None
+        counted = dev.type == "cuda" and hasattr(torch.cuda, "reset_peak_host_memory_stats")  # newer torch only
+        pinned = pinned_peak(lambda: tk.save({"model": model}, tkp, durable=False)) if counted else None
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"torchkeep {tk.__version__} | torch {torch.__version__} | device {dev}", end="")
     print(f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")

@@ -9,8 +9,8 @@ only after the copy out of it has finished (:meth:`Stage.take`).
 
 Saves (:class:`Fetch`): device tensors come to the host a piece at a time, into the same kind
 of buffers; the copy of the next piece runs while the last one is hashed and written. A save
-of a model on the GPU so holds 2 x :data:`STAGE` bytes of page-locked memory, not a host copy
-of the whole model (which the caching host allocator would keep for the life of the process).
+of a model on the GPU so holds 2 x :data:`STAGE` bytes of page-locked memory, not a pinned host
+copy of the whole model (which PyTorch's caching host allocator keeps cached after the save).
 
 Example:
     >>> import torch
