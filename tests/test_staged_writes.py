@@ -9,8 +9,10 @@ digests, the file's bytes, errors. The CUDA tests run where a GPU is.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 import registered_models as rm
 import torch
-from cuda_events import Events
+from cuda_events import Event, Events
 
 import torchkeep as tk
 from torchkeep import staging, writer
@@ -34,8 +36,10 @@ def staged(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     fetched: list[int] = []
     run = staging.Fetch.run
 
-    def counted(self: staging.Fetch, srcs: list[torch.Tensor], plan: list[list[staging.Segment]]) -> Iterator[Any]:
-        for segs, view in zip(plan, run(self, srcs, plan), strict=True):
+    def counted(
+        self: staging.Fetch, srcs: list[torch.Tensor], plan: list[list[staging.Segment]], flat: Any
+    ) -> Iterator[Any]:
+        for segs, view in zip(plan, run(self, srcs, plan, flat), strict=True):
             fetched.append(sum(n for _, _, n, _ in segs))
             yield view
 
@@ -158,8 +162,10 @@ def test_a_failed_copy_from_the_device_leaves_the_old_file(
     before = path.read_bytes()
     run = staging.Fetch.run
 
-    def broken(self: staging.Fetch, srcs: list[torch.Tensor], plan: list[list[staging.Segment]]) -> Iterator[Any]:
-        gen = run(self, srcs, plan)
+    def broken(
+        self: staging.Fetch, srcs: list[torch.Tensor], plan: list[list[staging.Segment]], flat: Any
+    ) -> Iterator[Any]:
+        gen = run(self, srcs, plan, flat)
         yield next(gen)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
@@ -182,7 +188,7 @@ def test_a_piece_is_handed_out_after_its_copy_and_refilled_after_its_use(monkeyp
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     src = torch.arange(3 * staging.STAGE // 2, dtype=torch.int64).to(torch.uint8)  # a piece and a half
     plan = staging.pieces([src.numel()])
-    gen = fetch.run([src], plan)
+    gen = fetch.run([src], plan, staging.device_bytes)
     first = next(gen)
     assert events.log == [("record", 1), ("record", 2), ("wait", 1)]  # both issued; only the first waited for
     assert bytes(first[:4]) == bytes(src[:4].numpy())
@@ -191,10 +197,73 @@ def test_a_piece_is_handed_out_after_its_copy_and_refilled_after_its_use(monkeyp
     with pytest.raises(StopIteration):
         next(gen)
     events.log.clear()
-    gen = fetch.run([src], plan)
+    gen = fetch.run([src], plan, staging.device_bytes)
     next(gen)
     gen.close()  # the consumer failed: the copy of the second piece is still in flight
     assert events.log == [("record", 3), ("record", 4), ("wait", 3), ("wait", 4)]
+
+
+def test_a_failed_wait_still_waits_for_every_copy_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    fetch = staging.Fetch(torch.device("cpu"))
+    fetch.cuda = True
+    events = Events()
+
+    class Failing(Event):
+        def synchronize(self) -> None:
+            super().synchronize()
+            if self.n == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "Event", lambda blocking=False: Failing(events, events(blocking).n))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    src = torch.zeros(3 * staging.STAGE // 2, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        list(fetch.run([src], staging.pieces([src.numel()]), staging.device_bytes))
+    assert ("wait", 2) in events.log  # the second piece's copy, issued before the first was waited for
+
+
+def test_contiguous_copies_live_only_while_their_pieces_are_copied(staged: list[int]) -> None:
+    """A non-contiguous tensor gets a contiguous copy on its device to send from: made when its
+    first piece is copied and dropped after its last, not all of them for the whole save."""
+    made: list[weakref.ref[torch.Tensor]] = []
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        out = staging.device_bytes(t.contiguous())
+        made.append(weakref.ref(out))
+        return out
+
+    srcs = [torch.randn(96, 128).t() for _ in range(6)]  # 48 KiB each: 3 in 2 staging buffers of 64 KiB
+    plan = staging.pieces([t.nbytes for t in srcs])
+    alive = []
+    got = b""
+    for view in staging.Fetch(torch.device("cpu")).run(srcs, plan, flat):
+        alive.append(sum(r() is not None for r in made))
+        got += bytes(view[: sum(n for _, _, n, _ in plan[len(alive) - 1])])
+    assert len(made) == 6 and max(alive) <= 2  # not 6
+    assert got == b"".join(bytes(staging.device_bytes(t.contiguous()).numpy()) for t in srcs)
+
+
+def test_a_full_disk_during_a_staged_save_says_what_the_whole_file_needs(
+    tmp_path: Path, staged: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = {f"w{i}": torch.randn(64 << 10) for i in range(4)}  # 1 MiB, in 16 pieces
+    pwritev = os.pwritev
+    written = [0]
+
+    def full_after_256k(fd: int, buffers: list[Any], offset: int) -> int:
+        if written[0] >= 256 << 10:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = pwritev(fd, buffers, offset)
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(os, "pwritev", full_after_256k)
+    with pytest.raises(OSError) as info:
+        tk.save(tree, tmp_path / "c.safetensors")
+    assert info.value.errno == errno.ENOSPC
+    assert getattr(info.value, "needed", 0) >= 1 << 20  # the file, not the piece that failed (~64 KiB)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.cuda

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from damage import flip
@@ -333,6 +334,9 @@ def test_mmap_takes_a_bool_or_none(tmp_path: Path) -> None:
     with pytest.raises(tk.errors.ArgumentTypeError, match="mmap must be True or False, not str"):
         tk.load(p, mmap="yes")
     assert torch.equal(tk.load(p, mmap=None)["w"], torch.ones(2))  # torch.load's default: a copying load
+    assert torch.equal(tk.load(p, mmap=np.True_)["w"], torch.ones(2)) and torch.equal(
+        tk.load(p, mmap=0)["w"], torch.ones(2)
+    )
 
 
 def test_map_location_off_the_cpu_copies_the_verified_map(tmp_path: Path) -> None:

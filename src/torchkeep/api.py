@@ -178,7 +178,7 @@ def load(
             "torchkeep never unpickles arbitrary objects on that flag alone; if, and only if, you trust the file, "
             "pass trust_pickle=True",
         )
-    if mmap is not None and not isinstance(mmap, bool):  # a truthy string would map silently
+    if mmap is not None and mmap not in (True, False):  # 0/1 and numpy bools pass; a string would map silently
         raise ArgumentTypeError("mmap", mmap, "True or False")
     mmap = bool(mmap)
     if _is_file_object(path, "read"):

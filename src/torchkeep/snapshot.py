@@ -47,7 +47,7 @@ class Snapshotter:
         """Flatten ``obj`` (calling ``state_dict()`` on Stateful leaves now) and copy its tensors."""
         flat = flatten(obj)
         copies: dict[str, torch.Tensor] = {}
-        cuda = False
+        devices: set[torch.device] = set()
         for key, t in flat.tensors.items():
             src = resolved(t)
             buf = self._buffers.get(key)
@@ -56,12 +56,13 @@ class Snapshotter:
                 buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pinned)
                 self._buffers[key] = buf
             buf.copy_(src, non_blocking=src.is_cuda)
-            cuda = cuda or src.is_cuda
+            if src.is_cuda:
+                devices.add(src.device)
             copies[key] = buf
         for key in set(self._buffers) - set(copies):  # keys gone from the tree: free their buffers
             del self._buffers[key]
-        if cuda:
-            torch.cuda.synchronize()  # the snapshot is complete before submit returns
+        for dev in devices:  # the snapshot is complete before submit returns; each copy ran on
+            torch.cuda.synchronize(dev)  # its source device's stream, so every device is waited for
         return Flat(tensors=copies, skeleton=flat.skeleton)
 
 

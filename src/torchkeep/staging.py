@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -151,29 +151,44 @@ class Fetch:
         self.bufs = [torch.empty(STAGE, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
         self.views = [buffer_of(b) for b in self.bufs]
 
-    def run(self, srcs: list[torch.Tensor], plan: list[list[Segment]]) -> Iterator[memoryview]:
-        """For each piece of ``plan`` (over ``srcs``, flat ``uint8`` device tensors), the buffer
-        holding its bytes once they have all landed. Meanwhile the next piece is being copied
-        into the other buffer, so a view is good until the next one is asked for.
+    def run(
+        self, srcs: list[torch.Tensor], plan: list[list[Segment]], flat: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[memoryview]:
+        """For each piece of ``plan`` (over ``srcs``, device tensors of ``flat(t).numel()`` bytes), the
+        buffer holding its bytes once they have all landed. Meanwhile the next piece is being
+        copied into the other buffer, so a view is good until the next one is asked for.
 
-        Work already queued on the sources' devices, on any stream, finishes first.
+        ``flat(t)``: ``t``'s bytes as a flat ``uint8`` tensor on its device, made when its first
+        piece is copied and dropped after its last (a non-contiguous tensor's contiguous copy so
+        lives for its own pieces only, on the stream its copies run on). Work already queued on
+        the sources' devices, on any stream, finishes first.
         """
         if self.cuda:
             for dev in {t.device for t in srcs}:
                 torch.cuda.synchronize(dev)
         fences: list[list[Any]] = [[], []]
+        live: dict[int, torch.Tensor] = {}  # flat bytes of the tensors the current piece reaches
 
         def issue(j: int) -> None:
             buf = self.bufs[j % 2]
-            for i, lo, n, at in plan[j]:
-                buf[at : at + n].copy_(srcs[i][lo : lo + n], non_blocking=self.cuda)
-            if self.cuda:
-                events = []
-                for dev in {srcs[i].device for i, _, _, _ in plan[j]}:
-                    ev = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, it does not spin
-                    ev.record(torch.cuda.current_stream(dev))
-                    events.append(ev)
-                fences[j % 2] = events
+            devices: set[torch.device] = set()
+            try:
+                for i, lo, n, at in plan[j]:
+                    src = live.get(i)
+                    if src is None:
+                        src = live[i] = flat(srcs[i])
+                    buf[at : at + n].copy_(src[lo : lo + n], non_blocking=self.cuda)
+                    devices.add(src.device)
+                    if lo + n == src.numel():
+                        del live[i]
+            finally:  # fence what was issued, also when a copy failed part of the way through
+                if self.cuda:
+                    events = []
+                    for dev in devices:
+                        ev = torch.cuda.Event(blocking=True)  # a waiting thread sleeps, it does not spin
+                        ev.record(torch.cuda.current_stream(dev))
+                        events.append(ev)
+                    fences[j % 2] = events
 
         try:
             if plan:
@@ -181,10 +196,22 @@ class Fetch:
             for j in range(len(plan)):
                 if j + 1 < len(plan):
                     issue(j + 1)  # into the buffer the caller finished with when it asked for this one
-                for ev in fences[j % 2]:
-                    ev.synchronize()
-                fences[j % 2] = []
+                events, fences[j % 2] = fences[j % 2], []
+                _wait(events)
                 yield self.views[j % 2]
         finally:  # stopped early (an error): copies still in flight must land before the buffers go
-            for ev in fences[0] + fences[1]:
-                ev.synchronize()
+            events = fences[0] + fences[1]
+            fences[0], fences[1] = [], []
+            _wait(events)
+
+
+def _wait(events: list[Any]) -> None:
+    """Wait for every event, even if one raises (a failed copy); then raise the first error."""
+    error: BaseException | None = None
+    for ev in events:
+        try:
+            ev.synchronize()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error

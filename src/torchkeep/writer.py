@@ -37,7 +37,7 @@ from torchkeep.format.shards import index_bytes, shard_names, split_shards
 from torchkeep.hashing import Digests, digests_of
 from torchkeep.runtime import paused_gc
 from torchkeep.staging import Fetch, Segment, device_bytes, pieces
-from torchkeep.storage.local import AtomicFile, fsync_dir, write_buffers
+from torchkeep.storage.local import SPACE_ERRNOS, AtomicFile, fsync_dir, write_buffers
 from torchkeep.storage.paths import as_path
 from torchkeep.tree import Flat, flatten
 
@@ -111,10 +111,13 @@ def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``_cpu_bytes`` of every tensor, with one synchronisation for all device-to-host copies."""
+    """``_cpu_bytes`` of every tensor, then one synchronisation of each device copied from."""
     out = {k: _cpu_bytes(t) for k, t in tensors.items()}
-    if torch.cuda.is_available() and any(t.is_cuda for t in tensors.values()):
-        torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        # each copy runs on its source device's stream: waiting for the current device alone
+        # would leave the copies from a model's other GPUs in flight
+        for dev in {t.device for t in tensors.values() if t.is_cuda}:
+            torch.cuda.synchronize(dev)
     return out
 
 
@@ -197,7 +200,12 @@ def write_checksummed(fd: int, tensors: Mapping[str, torch.Tensor], meta: dict[s
     builder = HeaderBuilder([(k, DTYPE_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()], meta)
     base = builder.header_size
     if any(_staged(t) for t in tensors.values()):
-        digests = _write_staged(fd, [(s.name, base + s.start) for s in builder.specs], tensors)
+        try:
+            digests = _write_staged(fd, [(s.name, base + s.start) for s in builder.specs], tensors)
+        except OSError as e:  # a full disk: what the whole file needs, not the piece that failed
+            if e.errno in SPACE_ERRNOS:
+                e.needed_bytes = max(getattr(e, "needed_bytes", 0), base + builder.data_size)  # type: ignore[attr-defined]
+            raise
         os.pwrite(fd, builder.seal(digests), 0)
         return {s.name: d for s, d in zip(builder.specs, digests, strict=True)}
     bufs = [buffer_of(tensors[s.name]) for s in builder.specs]
@@ -226,11 +234,13 @@ def _write_staged(fd: int, places: list[tuple[str, int]], tensors: Mapping[str, 
         _write_runs(fd, [(places[i][1], b) for i, b in zip(host, bufs, strict=True)])
         for i, h in zip(host, hashes.result(), strict=True):
             digests[i] = h
-        srcs = [_flat_bytes(tensors[places[i][0]]) for i in staged]
+        srcs = [tensors[places[i][0]] for i in staged]
         states = [HashState() for _ in staged]
-        plan = pieces([t.numel() for t in srcs])
+        plan = pieces([t.nbytes for t in srcs])
         fetch = Fetch(torch.device("cuda" if any(t.is_cuda for t in srcs) else "cpu"))
-        with closing(fetch.run(srcs, plan)) as fetched:  # stopped by an error: the copies in flight land first
+        with closing(
+            fetch.run(srcs, plan, _flat_bytes)
+        ) as fetched:  # stopped by an error: the copies in flight land first
             for segs, view in zip(plan, fetched, strict=True):
 
                 def hash_piece(segs: list[Segment] = segs, view: memoryview = view) -> None:
