@@ -94,16 +94,9 @@ class Stage:
 
         Both fences are waited for even if the first raises (a failed copy); then it re-raises.
         """
-        error: BaseException | None = None
-        for i, fence in enumerate(self.fences):
-            if fence is not None:
-                self.fences[i] = None
-                try:
-                    fence.synchronize()
-                except BaseException as e:
-                    error = error or e
-        if error is not None:
-            raise error
+        fences = [f for f in self.fences if f is not None]
+        self.fences = [None, None]
+        _wait(fences)
 
 
 Segment = tuple[int, int, int, int]  # (tensor index, offset in its bytes, bytes, offset in the buffer)
