@@ -238,9 +238,8 @@ def _write_staged(fd: int, places: list[tuple[str, int]], tensors: Mapping[str, 
         states = [HashState() for _ in staged]
         plan = pieces([t.nbytes for t in srcs])
         fetch = Fetch(torch.device("cuda" if any(t.is_cuda for t in srcs) else "cpu"))
-        with closing(
-            fetch.run(srcs, plan, _flat_bytes)
-        ) as fetched:  # stopped by an error: the copies in flight land first
+        # closing(): a write that fails stops the fetch, whose copies in flight then land first
+        with closing(fetch.run(srcs, plan, _flat_bytes)) as fetched:
             for segs, view in zip(plan, fetched, strict=True):
 
                 def hash_piece(segs: list[Segment] = segs, view: memoryview = view) -> None:
