@@ -266,6 +266,25 @@ def test_a_full_disk_during_a_staged_save_says_what_the_whole_file_needs(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_whole_host_copies_wait_for_every_gpu_they_copy_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device-to-host copy runs on its source device's stream: a model spread over two GPUs
+    needs both waited for, not only the current one (stand-in tensors and devices, no GPU)."""
+
+    class OnGpu:
+        is_cuda = True
+
+        def __init__(self, index: int) -> None:
+            self.device = torch.device("cuda", index)
+
+    waited: list[Any] = []
+    monkeypatch.setattr(writer, "_cpu_bytes", lambda t: t)  # the copies themselves are not the point here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    tensors: dict[str, Any] = {"a": OnGpu(0), "b": OnGpu(1), "c": OnGpu(1), "d": torch.ones(2)}
+    writer.host_copies(tensors)
+    assert sorted(d.index for d in waited) == [0, 1]
+
+
 @pytest.mark.cuda
 @cuda
 def test_a_cuda_save_holds_two_staging_buffers_of_pinned_memory(tmp_path: Path) -> None:
