@@ -319,7 +319,7 @@ def _staged(
     stage.sent()
 
 
-def check_digests(path: Path, specs: list[TensorSpec], digests: list[str], sums: Mapping[str, str]) -> None:
+def check_digests(path: str | Path, specs: list[TensorSpec], digests: list[str], sums: Mapping[str, str]) -> None:
     """Raise :class:`ChecksumMismatchError` for the first tensor (in file order) whose digest does not match."""
     for s, h in sorted(zip(specs, digests, strict=True), key=lambda p: p[0].start):
         if h != sums[s.name]:

@@ -43,7 +43,6 @@ from torchkeep.dcp import read_dcp
 from torchkeep.dtypes import ST_TO_DTYPE, buffer_of
 from torchkeep.errors import (
     ArgumentTypeError,
-    ChecksumMismatchError,
     CorruptCheckpointError,
     InvalidArgumentError,
     UnsupportedSourceError,
@@ -54,7 +53,7 @@ from torchkeep.format.meta import TREE_KEY, USER_KEY
 from torchkeep.hashing import digests_of
 from torchkeep.legacy import load_legacy
 from torchkeep.placement import Placer, fixed_device
-from torchkeep.reader import Checkpoint
+from torchkeep.reader import Checkpoint, check_digests
 from torchkeep.runtime import paused_gc
 from torchkeep.tree import SkeletonError, is_stateful, unflatten
 from torchkeep.zerocopy import check_mapped, map_tensors
@@ -421,9 +420,7 @@ def read_buffer(data: bytes | bytearray | memoryview, label: str, *, place: Plac
         buffer_of(t)[:] = view[header.size + s.start : header.size + s.end]
         tensors[s.name] = t
     if verify and header.checksums is not None:
-        for s, h in zip(specs, digests_of([buffer_of(tensors[s.name]) for s in specs]), strict=True):
-            if h != header.checksums[s.name]:
-                raise ChecksumMismatchError(label, s.name, header.checksums[s.name], h)
+        check_digests(label, specs, digests_of([buffer_of(tensors[s.name]) for s in specs]), header.checksums)
     raw = header.metadata.get(TREE_KEY)
     try:
         skeleton = json.loads(raw) if raw is not None else None
