@@ -137,6 +137,13 @@ class Fetch:
     On CUDA the two buffers are page-locked, the copies asynchronous (each on its source
     device's current stream) and waited for with blocking events. Elsewhere the buffers are
     plain and the copies synchronous (the CPU stand-in the tests use).
+
+    Example:
+        >>> srcs = [torch.arange(3, dtype=torch.uint8), torch.arange(5, dtype=torch.uint8)]
+        >>> plan = pieces([3, 5], piece=4)
+        >>> fetched = Fetch(torch.device("cpu")).run(srcs, plan, device_bytes)
+        >>> [list(view[: sum(n for _, _, n, _ in p)]) for p, view in zip(plan, fetched)]
+        [[0, 1, 2, 0], [1, 2, 3, 4]]
     """
 
     def __init__(self, device: torch.device) -> None:

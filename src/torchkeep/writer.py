@@ -123,7 +123,14 @@ def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def writable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What :func:`write_checksummed` takes: CUDA tensors as they are (it stages them, a piece at
-    a time), every other tensor as :func:`host_copies` makes it."""
+    a time), every other tensor as :func:`host_copies` makes it.
+
+    Example:
+        >>> w = torch.ones(2, 3, requires_grad=True)
+        >>> out = writable({"w": w, "t": w.detach().t()})
+        >>> out["w"].requires_grad, out["t"].is_contiguous(), out["t"].shape
+        (False, True, torch.Size([3, 2]))
+    """
     # no CUDA tensor is copied here, so none of these copies is asynchronous: nothing to wait for
     return {k: t if _staged(t) else _cpu_bytes(t) for k, t in tensors.items()}
 
